@@ -1,0 +1,593 @@
+"""Settings: defaults, then the TOML file, then the environment (`METERD_<NAME>`).
+
+Every setting is declared once in `SETTINGS`; `config/meterd.toml` documents each with its default
+(a test keeps the two in step). Secrets (tokens, keys) are never read from the TOML file: they come
+from the environment, from systemd credentials (`$CREDENTIALS_DIRECTORY/<name>`), or, for the tokens
+meterd itself issues, from a file generated once in the state directory.
+
+A bad value raises `ConfigError` naming the setting; `meterd run` turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+ENV_PREFIX = "METERD_"
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names the setting and where it came from."""
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port_text)
+
+
+def _check_database_url(value: str) -> str:
+    if not value:
+        return value
+    scheme = value.split("://", 1)[0]
+    if scheme not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        raise ValueError("expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+    return value
+
+
+def _check_public_base_url(value: str) -> str:
+    if not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(
+            "expected an absolute http(s) URL with no query, e.g. https://calls.example.com"
+        )
+    return value.rstrip("/")
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as error:
+        raise ValueError(f"unknown time zone {value!r}") from error
+    return value
+
+
+def _check_currency(value: str) -> str:
+    if len(value) != 3 or not value.isalpha() or not value.isupper():
+        raise ValueError("expected an ISO 4217 code in capitals, e.g. USD")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _check_cron(value: str) -> str:
+    if len(value.split()) != 5:
+        raise ValueError("expected a five-field crontab expression, e.g. '30 0 * * *'")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    section: str
+    kind: type  # int, str, bool or list
+    default: Any
+    doc: str
+    minimum: int | None = None
+    maximum: int | None = None
+    check: Callable[[str], Any] | None = None
+
+    @property
+    def env_name(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # [server]
+    Setting(
+        "listen",
+        "server",
+        str,
+        "127.0.0.1:8080",
+        "address the HTTP server binds, host:port",
+        check=_parse_listen,
+    ),
+    Setting(
+        "public_base_url",
+        "server",
+        str,
+        "",
+        "the public URL Twilio calls (scheme, host, optional port and path prefix); "
+        "signatures are checked against it. Empty: http://<listen>",
+        check=_check_public_base_url,
+    ),
+    Setting(
+        "request_body_bytes_max",
+        "server",
+        int,
+        64 * 1024,
+        "largest request body accepted; larger gets 413",
+        minimum=1024,
+        maximum=16 * 1024 * 1024,
+    ),
+    Setting(
+        "shutdown_timeout_seconds",
+        "server",
+        int,
+        20,
+        "how long a stop waits for in-flight requests and the running tick",
+        minimum=1,
+        maximum=600,
+    ),
+    # [storage]
+    Setting(
+        "state_dir",
+        "storage",
+        str,
+        "",
+        "where meterd keeps its SQLite file, generated tokens and usage files. "
+        "Empty: $STATE_DIRECTORY if systemd set it, else ./var",
+    ),
+    Setting(
+        "database_url",
+        "storage",
+        str,
+        "",
+        "SQLAlchemy URL. Empty: sqlite+aiosqlite:///<state_dir>/meterd.sqlite3. "
+        "PostgreSQL: postgresql+asyncpg://user@host/db",
+        check=_check_database_url,
+    ),
+    Setting(
+        "sqlite_busy_timeout_ms",
+        "storage",
+        int,
+        5000,
+        "how long a SQLite writer waits for another writer's lock",
+        minimum=0,
+        maximum=600_000,
+    ),
+    # [billing]
+    Setting(
+        "currency", "billing", str, "USD", "default currency of new accounts", check=_check_currency
+    ),
+    Setting(
+        "increment_seconds",
+        "billing",
+        int,
+        60,
+        "billable time is charged in whole increments of this many seconds, rounded up",
+        minimum=1,
+        maximum=3600,
+    ),
+    Setting(
+        "included_minutes",
+        "billing",
+        int,
+        45,
+        "minutes banked once per account by its first main product (Desktop or Web)",
+        minimum=0,
+        maximum=100_000,
+    ),
+    Setting(
+        "rate_per_agent_minute_minor",
+        "billing",
+        int,
+        100,
+        "price of one agent-minute taken from the deposit, in minor units",
+        minimum=0,
+        maximum=10**9,
+    ),
+    Setting(
+        "incident_price_minor",
+        "billing",
+        int,
+        5000,
+        "price of one per_incident incident (up to 2 hours), in minor units",
+        minimum=0,
+        maximum=10**9,
+    ),
+    Setting(
+        "incident_link_days",
+        "billing",
+        int,
+        14,
+        "how long after an incident a follow-up call may be linked to it",
+        minimum=0,
+        maximum=3650,
+    ),
+    Setting(
+        "card_mode",
+        "billing",
+        str,
+        "block",
+        "card funding: block (charge a block of "
+        "minutes) or authorize (authorisation hold, captured at completion)",
+        check=_one_of("block", "authorize"),
+    ),
+    Setting(
+        "block_minutes",
+        "billing",
+        int,
+        30,
+        "minutes bought by one card block",
+        minimum=1,
+        maximum=10_000,
+    ),
+    Setting(
+        "block_price_minor",
+        "billing",
+        int,
+        3000,
+        "price of one card block, minor units",
+        minimum=0,
+        maximum=10**9,
+    ),
+    Setting(
+        "authorize_minutes",
+        "billing",
+        int,
+        30,
+        "minutes' worth held by one card authorisation",
+        minimum=1,
+        maximum=10_000,
+    ),
+    Setting(
+        "on_exhausted",
+        "billing",
+        str,
+        "announce",
+        "when a per_minute caller runs out mid-call: card, announce or allow_debt",
+        check=_one_of("card", "announce", "allow_debt"),
+    ),
+    Setting(
+        "warn_minutes_left",
+        "billing",
+        int,
+        2,
+        "announce this many minutes before funds run out",
+        minimum=0,
+        maximum=60,
+    ),
+    Setting(
+        "grace_seconds",
+        "billing",
+        int,
+        60,
+        "how long a call goes on after funds ran out, under announce",
+        minimum=0,
+        maximum=3600,
+    ),
+    Setting(
+        "pay_attempts",
+        "billing",
+        int,
+        3,
+        "card attempts before a polite goodbye",
+        minimum=1,
+        maximum=10,
+    ),
+    Setting(
+        "research_max_minutes",
+        "billing",
+        int,
+        120,
+        "an open research interval closes itself after this long",
+        minimum=1,
+        maximum=24 * 60,
+    ),
+    Setting(
+        "waiver_days",
+        "billing",
+        int,
+        30,
+        "how long after a call its charges may be waived",
+        minimum=0,
+        maximum=3650,
+    ),
+    Setting(
+        "waiver_reasons",
+        "billing",
+        list,
+        ["software_defect", "documentation_error", "service_outage", "goodwill"],
+        "reasons an agent may give for a waiver",
+    ),
+    Setting(
+        "stale_call_hours",
+        "billing",
+        int,
+        12,
+        "a call with no end event for this long is closed by the sweeper and flagged",
+        minimum=1,
+        maximum=24 * 14,
+    ),
+    # [schedule]
+    Setting(
+        "business_timezone",
+        "schedule",
+        str,
+        "UTC",
+        "time zone of the business day used by the nightly usage",
+        check=_check_timezone,
+    ),
+    Setting(
+        "usage_cron",
+        "schedule",
+        str,
+        "30 0 * * *",
+        "when the nightly usage of the previous business day is built (crontab, business "
+        "time zone)",
+        check=_check_cron,
+    ),
+    Setting(
+        "tick_interval_seconds",
+        "schedule",
+        int,
+        1,
+        "how often the metering tick runs",
+        minimum=1,
+        maximum=60,
+    ),
+    Setting(
+        "tick_batch_max",
+        "schedule",
+        int,
+        2000,
+        "most due minutes one metering tick posts",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    # [log]
+    Setting(
+        "log_level",
+        "log",
+        str,
+        "info",
+        "debug, info, warning or error",
+        check=_one_of("debug", "info", "warning", "error"),
+    ),
+)
+
+SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Secret:
+    name: str
+    env_name: str
+    doc: str
+    generated: bool  # generated once into the state directory when missing
+
+
+SECRETS: tuple[Secret, ...] = (
+    Secret("admin_token", "METERD_ADMIN_TOKEN", "bearer token for /admin/*", generated=True),
+    Secret("agents_token", "METERD_AGENTS_TOKEN", "bearer token for /agents/*", generated=True),
+    Secret("finance_token", "METERD_FINANCE_TOKEN", "bearer token for /finance/*", generated=True),
+    Secret(
+        "pin_secret",
+        "METERD_PIN_SECRET",
+        "HMAC key under which account PINs are stored",
+        generated=True,
+    ),
+    Secret(
+        "twilio_auth_token",
+        "METERD_TWILIO_AUTH_TOKEN",
+        "Twilio auth token: signs webhooks and authenticates REST calls",
+        generated=False,
+    ),
+    Secret("stripe_secret_key", "METERD_STRIPE_SECRET_KEY", "Stripe secret key", generated=False),
+)
+
+SECRET_MIN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: Mapping[str, Any]
+    secrets: Mapping[str, str]
+    state_dir: Path
+    database_url: str
+    listen_host: str
+    listen_port: int
+    public_base_url: str
+    generated_secret_files: tuple[Path, ...] = field(default=())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def secret(self, name: str) -> str:
+        return self.secrets.get(name, "")
+
+
+def _coerce(setting: Setting, raw: Any, origin: str) -> Any:
+    def bad(reason: str) -> ConfigError:
+        return ConfigError(f"bad setting {setting.name} ({origin}): {reason}")
+
+    value: Any
+    if setting.kind is bool:
+        if isinstance(raw, bool):
+            value = raw
+        elif isinstance(raw, str) and raw.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            value = raw.lower() in ("1", "true", "yes", "on")
+        else:
+            raise bad("expected true or false")
+    elif setting.kind is int:
+        if isinstance(raw, bool):
+            raise bad("expected a whole number")
+        if isinstance(raw, str):
+            text = raw.strip()
+            if not text.lstrip("-").isdigit() or len(text) > 19:
+                raise bad(f"expected a whole number, got {raw!r}")
+            raw = int(text)
+        if not isinstance(raw, int):
+            raise bad(f"expected a whole number, got {raw!r}")
+        if setting.minimum is not None and raw < setting.minimum:
+            raise bad(f"{raw} is below the minimum {setting.minimum}")
+        if setting.maximum is not None and raw > setting.maximum:
+            raise bad(f"{raw} is above the maximum {setting.maximum}")
+        value = raw
+    elif setting.kind is list:
+        if isinstance(raw, str):
+            raw = [item.strip() for item in raw.split(",") if item.strip()]
+        if not isinstance(raw, list) or not all(isinstance(i, str) and i for i in raw) or not raw:
+            raise bad("expected a non-empty list of names")
+        value = list(raw)
+    else:
+        if not isinstance(raw, str):
+            raise bad(f"expected text, got {raw!r}")
+        value = raw.strip()
+    if setting.check is not None:
+        try:
+            setting.check(value)
+        except ValueError as error:
+            raise bad(str(error)) from None
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
+    flat: dict[str, Any] = {}
+    for section, body in document.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"config file {path}: {section!r} must be a [section]")
+        for name, raw in body.items():
+            setting = SETTINGS_BY_NAME.get(name)
+            if any(secret.name == name for secret in SECRETS):
+                raise ConfigError(
+                    f"config file {path}: {name} is a secret; set it in the environment "
+                    f"or as a systemd credential, never in a file"
+                )
+            if setting is None or setting.section != section:
+                raise ConfigError(f"config file {path}: unknown setting [{section}] {name}")
+            flat[name] = raw
+    return flat
+
+
+def load_settings(
+    config_path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve every setting. Secrets are resolved too, generating missing tokens."""
+    env = os.environ if environ is None else environ
+    from_file = _read_toml(config_path) if config_path is not None else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.env_name in env:
+            values[setting.name] = _coerce(setting, env[setting.env_name], setting.env_name)
+        elif setting.name in from_file:
+            values[setting.name] = _coerce(setting, from_file[setting.name], str(config_path))
+        else:
+            values[setting.name] = setting.default
+    for name in env:
+        if (
+            name.startswith(ENV_PREFIX)
+            and name[len(ENV_PREFIX) :].lower() not in SETTINGS_BY_NAME
+            and name not in {s.env_name for s in SECRETS}
+            and name != "METERD_CONFIG"
+        ):
+            raise ConfigError(f"unknown setting {name} in the environment")
+
+    state_dir = Path(
+        values["state_dir"] or env.get("STATE_DIRECTORY", "").split(":")[0] or "var"
+    ).resolve()
+    database_url = values["database_url"] or f"sqlite+aiosqlite:///{state_dir}/meterd.sqlite3"
+    host, port = _parse_listen(values["listen"])
+    public_base_url = values["public_base_url"] or f"http://{values['listen']}"
+    resolved, generated = _resolve_secrets(env, state_dir)
+    return Settings(
+        values=values,
+        secrets=resolved,
+        state_dir=state_dir,
+        database_url=database_url,
+        listen_host=host,
+        listen_port=port,
+        public_base_url=public_base_url,
+        generated_secret_files=tuple(generated),
+    )
+
+
+def _resolve_secrets(env: Mapping[str, str], state_dir: Path) -> tuple[dict[str, str], list[Path]]:
+    resolved: dict[str, str] = {}
+    generated: list[Path] = []
+    credentials_dir = env.get("CREDENTIALS_DIRECTORY")
+    for secret in SECRETS:
+        value: str | None = None
+        origin = secret.env_name
+        if secret.env_name in env:
+            value = env[secret.env_name]
+        elif credentials_dir and (Path(credentials_dir) / secret.name).is_file():
+            origin = f"systemd credential {secret.name}"
+            value = (Path(credentials_dir) / secret.name).read_text().strip()
+        elif secret.generated:
+            path = state_dir / "secrets" / secret.name
+            origin = str(path)
+            if not path.exists():
+                _write_new_secret(path)
+                generated.append(path)
+            value = path.read_text().strip()
+        if value is None:
+            continue
+        if len(value) < SECRET_MIN_CHARS or any(ch.isspace() for ch in value):
+            raise ConfigError(
+                f"bad setting {secret.name} ({origin}): must be at least "
+                f"{SECRET_MIN_CHARS} characters with no spaces"
+            )
+        resolved[secret.name] = value
+    return resolved, generated
+
+
+def _write_new_secret(path: Path) -> None:
+    """Write a fresh random token to `path` (mode 0600) unless another process already did.
+
+    The token is written to a private temporary file first and linked into place, so a reader
+    never sees a half-written token and two processes starting together agree on one token.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process made it first; read theirs
+        finally:
+            temporary.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write a generated token to {path}: {error}") from None

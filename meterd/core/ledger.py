@@ -1,0 +1,214 @@
+"""The ledger's vocabulary: books, postings, balanced transactions and their idempotency keys.
+
+Double entry in two units: agent-minutes (`MINUTES`) and money (an ISO 4217 code, amounts in
+minor units). A transaction's postings sum to zero per unit, by construction: `Transaction`
+refuses to exist otherwise. A balance is the sum of its book's postings; a customer's bank or
+deposit is positive when meterd owes the customer (minutes banked, money deposited).
+
+Books (ledger accounts):
+- `customer:<account_id>:bank`      the customer's banked agent-minutes
+- `customer:<account_id>:deposit`   the customer's prepaid deposit, in the account's currency
+- `system:minutes:issued`           where granted, included and purchased minutes come from
+- `system:minutes:used`             where minutes taken for calls go
+- `system:<CUR>:deposits_received`  where deposited money comes from (cash received)
+- `system:<CUR>:usage_revenue`      where money taken from deposits for calls goes
+
+A correction never edits: it is a new transaction, e.g. `reversal_of(t)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import StrEnum
+
+from meterd.core.money import MONEY_MINOR_MAX, check_currency
+
+MINUTES = "agent_minute"  # the unit of the minute bank
+IDEMPOTENCY_KEY_CHARS_MAX = 255  # Stripe's limit too, so a key can be passed through unchanged
+MINUTES_MAX = 10**9
+
+
+class LedgerError(Exception):
+    """A transaction that cannot be posted as built."""
+
+
+class UnbalancedTransaction(LedgerError):
+    """Postings that do not sum to zero per unit: a programming error, never bad input."""
+
+
+class BookKind(StrEnum):
+    BANK = "bank"
+    DEPOSIT = "deposit"
+    SYSTEM = "system"
+
+
+def bank_book(account_id: str) -> str:
+    return f"customer:{account_id}:bank"
+
+
+def deposit_book(account_id: str) -> str:
+    return f"customer:{account_id}:deposit"
+
+
+MINUTES_ISSUED = "system:minutes:issued"
+MINUTES_USED = "system:minutes:used"
+
+
+def deposits_received_book(currency: str) -> str:
+    return f"system:{check_currency(currency)}:deposits_received"
+
+
+def usage_revenue_book(currency: str) -> str:
+    return f"system:{check_currency(currency)}:usage_revenue"
+
+
+def system_book_unit(book: str) -> str:
+    """The unit of a system book, read from its name."""
+    parts = book.split(":")
+    if len(parts) != 3 or parts[0] != "system":
+        raise LedgerError(f"{book!r} is not a system book")
+    return MINUTES if parts[1] == "minutes" else check_currency(parts[1])
+
+
+@dataclass(frozen=True, order=True)
+class Posting:
+    book: str
+    unit: str
+    amount: int  # signed: + raises the book's balance, - lowers it
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amount, bool) or not isinstance(self.amount, int):
+            raise LedgerError(f"posting amount must be an integer, got {self.amount!r}")
+        if self.amount == 0:
+            raise LedgerError(f"zero posting to {self.book}")
+        limit = MINUTES_MAX if self.unit == MINUTES else MONEY_MINOR_MAX
+        if abs(self.amount) > limit:
+            raise LedgerError(f"posting of {self.amount} {self.unit} is beyond {limit}")
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A balanced set of postings under one idempotency key.
+
+    `key` is derived from what caused the transaction (e.g. `account:A1:deposit:<reference>`), so
+    the same cause can only ever be posted once. `fingerprint` covers everything that matters
+    about the content: the same key with a different fingerprint is refused.
+    """
+
+    key: str
+    kind: str
+    postings: tuple[Posting, ...]
+    account_id: str | None = None
+    call_sid: str | None = None
+    memo: str = ""
+    reverses_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.key or len(self.key) > IDEMPOTENCY_KEY_CHARS_MAX:
+            raise LedgerError(f"idempotency key must be 1 to {IDEMPOTENCY_KEY_CHARS_MAX} chars")
+        if not self.postings:
+            raise LedgerError(f"transaction {self.key} has no postings")
+        totals: dict[str, int] = defaultdict(int)
+        units_by_book: dict[str, str] = {}
+        for posting in self.postings:
+            totals[posting.unit] += posting.amount
+            if units_by_book.setdefault(posting.book, posting.unit) != posting.unit:
+                raise UnbalancedTransaction(f"{self.key}: book {posting.book} in two units")
+        unbalanced = {unit: total for unit, total in totals.items() if total != 0}
+        if unbalanced:
+            raise UnbalancedTransaction(f"{self.key}: postings do not balance: {unbalanced}")
+
+    @property
+    def fingerprint(self) -> str:
+        content = {
+            "kind": self.kind,
+            "account_id": self.account_id,
+            "call_sid": self.call_sid,
+            "reverses_key": self.reverses_key,
+            "postings": sorted([p.book, p.unit, p.amount] for p in self.postings),
+        }
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def transfer(
+    key: str,
+    kind: str,
+    *,
+    unit: str,
+    amount: int,
+    from_book: str,
+    to_book: str,
+    account_id: str | None = None,
+    call_sid: str | None = None,
+    memo: str = "",
+) -> Transaction:
+    """Move `amount` of `unit` from one book to another: the common two-legged transaction."""
+    if amount <= 0:
+        raise LedgerError(f"transfer amount must be positive, got {amount}")
+    return Transaction(
+        key=key,
+        kind=kind,
+        account_id=account_id,
+        call_sid=call_sid,
+        memo=memo,
+        postings=(Posting(from_book, unit, -amount), Posting(to_book, unit, amount)),
+    )
+
+
+def reversal_of(original: Transaction, key: str, memo: str = "") -> Transaction:
+    """The compensating transaction that undoes `original` exactly."""
+    return Transaction(
+        key=key,
+        kind="reversal",
+        account_id=original.account_id,
+        call_sid=original.call_sid,
+        memo=memo or f"reverses {original.key}",
+        reverses_key=original.key,
+        postings=tuple(Posting(p.book, p.unit, -p.amount) for p in original.postings),
+    )
+
+
+def deposit(account_id: str, currency: str, amount_minor: int, reference: str) -> Transaction:
+    """Money paid into an account's prepaid deposit; the reference names the payment."""
+    return transfer(
+        f"account:{account_id}:deposit:{reference}",
+        "deposit",
+        unit=currency,
+        amount=amount_minor,
+        from_book=deposits_received_book(currency),
+        to_book=deposit_book(account_id),
+        account_id=account_id,
+        memo=reference,
+    )
+
+
+def grant_minutes(account_id: str, minutes: int, reference: str) -> Transaction:
+    """Minutes put into an account's bank by an operator (a purchase, a goodwill grant)."""
+    return transfer(
+        f"account:{account_id}:minutes:{reference}",
+        "minutes_granted",
+        unit=MINUTES,
+        amount=minutes,
+        from_book=MINUTES_ISSUED,
+        to_book=bank_book(account_id),
+        account_id=account_id,
+        memo=reference,
+    )
+
+
+def included_minutes(account_id: str, minutes: int) -> Transaction:
+    """The minutes a first main product brings; the key makes it once per account, ever."""
+    return transfer(
+        f"account:{account_id}:included-minutes",
+        "included_minutes",
+        unit=MINUTES,
+        amount=minutes,
+        from_book=MINUTES_ISSUED,
+        to_book=bank_book(account_id),
+        account_id=account_id,
+        memo="included minutes of the first main product",
+    )

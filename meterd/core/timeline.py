@@ -1,0 +1,434 @@
+"""A call's time, from its recorded conference events and research marks (billing-rules.md, Time).
+
+One pure function, `build_timeline`, turns what Twilio told us about a conference (and what agents
+flagged as research) into, per agent, active / research / billable intervals, and the customer's
+hold intervals. No I/O, no clock: the caller passes `now_seconds`. All times are integer seconds
+since the Unix epoch; every interval is half-open `[start_seconds, end_seconds)`.
+
+The result depends only on the *set* of events and marks: any arrival order, with any repeats,
+gives the same `Timeline`. Decisions taken where billing-rules.md is silent:
+
+- Events are de-duplicated by equality and applied in order of (sequence_number, at_seconds), ties
+  broken by the remaining fields, so two *different* events that share a sequence number are both
+  applied, in a fixed order.
+- Time never runs backwards: an event stamped earlier than one before it in sequence order takes
+  effect at the earlier one's time, so no interval is negative.
+- A participant's label is the first non-empty label on any of its events, in sequence order.
+  `agent:<id>` (non-empty id) names agent `<id>`; the label equal to `customer_label` is the
+  customer; every other participant is an agent named by its CallSid and is listed in
+  `unlabelled_agents`. Several legs with the same label are one person (a re-dialled agent, or a
+  re-joined customer): their times are united.
+- Only conference-start/-end and participant-join/-leave/-hold/-unhold/-modify are read; other kinds
+  (mute, speech, announcement) are ignored, Hold field included. A hold/unhold event means what its
+  kind says; on join and modify the Hold field, when sent, sets the hold state (join without it:
+  not on hold). An event for a participant not in the conference, other than a join, changes
+  nothing (no join on record: no time is counted). A join while already in only updates the hold.
+- conference-end takes everyone out. `call_ended_at_seconds` cuts the customer's presence there
+  (whatever the events say afterwards); open legs then close at that time, else at `now_seconds`.
+- Research marks are de-duplicated, each clipped to `research_max_seconds` (closed marks too), an
+  open one ends at min(now, start + limit); a mark ending before it starts counts nothing. Research
+  is not cut by the call's end or the customer's hold. An agent with research but no conference
+  leg is still listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from meterd.core.money import ceil_div
+
+__all__ = [
+    "AGENT_LABEL_PREFIX",
+    "AgentTime",
+    "ConferenceEvent",
+    "Interval",
+    "ResearchMark",
+    "Timeline",
+    "TimelineEntry",
+    "agent_minutes",
+    "build_timeline",
+    "ceil_div",
+    "difference",
+    "intersection",
+    "union",
+]
+
+AGENT_LABEL_PREFIX = "agent:"
+
+CONFERENCE_START = "conference-start"
+CONFERENCE_END = "conference-end"
+PARTICIPANT_JOIN = "participant-join"
+PARTICIPANT_LEAVE = "participant-leave"
+PARTICIPANT_HOLD = "participant-hold"
+PARTICIPANT_UNHOLD = "participant-unhold"
+PARTICIPANT_MODIFY = "participant-modify"
+_PARTICIPANT_KINDS = frozenset(
+    {PARTICIPANT_JOIN, PARTICIPANT_LEAVE, PARTICIPANT_HOLD, PARTICIPANT_UNHOLD, PARTICIPANT_MODIFY}
+)
+
+
+# --- input -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class ConferenceEvent:
+    """One conference status callback, as recorded."""
+
+    sequence_number: int  # Twilio's SequenceNumber, per conference
+    at_seconds: int  # Twilio's Timestamp, epoch seconds
+    kind: str  # StatusCallbackEvent, e.g. "participant-join"
+    call_sid: str = ""  # the participant's CallSid ("" for conference-start/end)
+    label: str = ""  # ParticipantLabel ("" if none)
+    hold: bool | None = None  # the Hold field, if sent
+
+
+@dataclass(frozen=True)
+class ResearchMark:
+    """An interval agent `agent_id` flagged as research on this call."""
+
+    agent_id: str
+    start_seconds: int
+    end_seconds: int | None  # None = still open
+
+
+# --- intervals ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Interval:
+    """Half-open `[start_seconds, end_seconds)`; never negative."""
+
+    start_seconds: int
+    end_seconds: int
+
+    def __post_init__(self) -> None:
+        if self.end_seconds < self.start_seconds:
+            raise ValueError(f"interval ends before it starts: {self}")
+
+    @property
+    def seconds(self) -> int:
+        return self.end_seconds - self.start_seconds
+
+
+def union(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
+    """Sorted, disjoint, non-empty intervals covering the same time; touching ones are merged."""
+    merged: list[Interval] = []
+    for interval in sorted(i for i in intervals if i.seconds > 0):
+        if merged and interval.start_seconds <= merged[-1].end_seconds:
+            last = merged[-1]
+            if interval.end_seconds > last.end_seconds:
+                merged[-1] = Interval(last.start_seconds, interval.end_seconds)
+        else:
+            merged.append(interval)
+    return tuple(merged)
+
+
+def intersection(left: Iterable[Interval], right: Iterable[Interval]) -> tuple[Interval, ...]:
+    """Time covered by both."""
+    a, b = union(left), union(right)
+    out: list[Interval] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        start = max(a[i].start_seconds, b[j].start_seconds)
+        end = min(a[i].end_seconds, b[j].end_seconds)
+        if start < end:
+            out.append(Interval(start, end))
+        if a[i].end_seconds <= b[j].end_seconds:
+            i += 1
+        else:
+            j += 1
+    return tuple(out)
+
+
+def difference(minuend: Iterable[Interval], subtrahend: Iterable[Interval]) -> tuple[Interval, ...]:
+    """Time covered by `minuend` and not by `subtrahend`."""
+    cuts = union(subtrahend)
+    out: list[Interval] = []
+    for interval in union(minuend):
+        start = interval.start_seconds
+        for cut in cuts:
+            if cut.end_seconds <= start:
+                continue
+            if cut.start_seconds >= interval.end_seconds:
+                break
+            if cut.start_seconds > start:
+                out.append(Interval(start, cut.start_seconds))
+            start = cut.end_seconds
+            if start >= interval.end_seconds:
+                break
+        if start < interval.end_seconds:
+            out.append(Interval(start, interval.end_seconds))
+    return union(out)
+
+
+def _total_seconds(intervals: Iterable[Interval]) -> int:
+    return sum(i.seconds for i in intervals)
+
+
+def agent_minutes(billable_seconds: int, increment_seconds: int) -> int:
+    """Whole agent-minutes for one agent on one call, rounded up (billing-rules.md, Minutes)."""
+    return ceil_div(billable_seconds, increment_seconds)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentTime:
+    """One agent's time on one call; each tuple sorted, disjoint, non-empty."""
+
+    active: tuple[Interval, ...]
+    research: tuple[Interval, ...]
+    billable: tuple[Interval, ...]  # union(active, research)
+
+    @property
+    def active_seconds(self) -> int:
+        return _total_seconds(self.active)
+
+    @property
+    def research_seconds(self) -> int:
+        return _total_seconds(self.research)
+
+    @property
+    def billable_seconds(self) -> int:
+        return _total_seconds(self.billable)
+
+
+@dataclass(frozen=True, order=True)
+class TimelineEntry:
+    """One line of the call view, e.g. (1700000010, "agent:alice joined")."""
+
+    at_seconds: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What a call's time was, by the rules of billing-rules.md."""
+
+    hold: tuple[Interval, ...]  # customer in the conference, no agent active with them
+    agents: Mapping[str, AgentTime] = field(hash=False)  # by agent id, sorted
+    unlabelled_agents: tuple[str, ...]  # CallSids of agents without an `agent:<id>` label
+    entries: tuple[TimelineEntry, ...]  # for a person reading the call, in time order
+
+    @property
+    def hold_seconds(self) -> int:
+        return _total_seconds(self.hold)
+
+    @property
+    def billable_union(self) -> tuple[Interval, ...]:
+        """Time at least one agent was billable (per_incident counts this once)."""
+        return union(i for agent in self.agents.values() for i in agent.billable)
+
+    @property
+    def billable_union_seconds(self) -> int:
+        return _total_seconds(self.billable_union)
+
+
+# --- the state machine -------------------------------------------------------------------------
+
+
+@dataclass
+class _Leg:
+    """One participant (CallSid) while the events are replayed."""
+
+    name: str
+    in_conference: bool = False
+    held: bool = False
+    since_seconds: int = 0
+    present: list[Interval] = field(default_factory=list)  # in, on hold or not
+    available: list[Interval] = field(default_factory=list)  # in and not on hold
+
+    def move(self, at_seconds: int, *, in_conference: bool, held: bool) -> None:
+        if self.in_conference:
+            end_seconds = max(at_seconds, self.since_seconds)
+            self.present.append(Interval(self.since_seconds, end_seconds))
+            if not self.held:
+                self.available.append(Interval(self.since_seconds, end_seconds))
+        self.in_conference, self.held, self.since_seconds = in_conference, held, at_seconds
+
+
+def _event_key(event: ConferenceEvent) -> tuple[int, int, str, str, str, int]:
+    hold_rank = -1 if event.hold is None else int(event.hold)
+    return (
+        event.sequence_number,
+        event.at_seconds,
+        event.kind,
+        event.call_sid,
+        event.label,
+        hold_rank,
+    )
+
+
+def _mark_key(mark: ResearchMark) -> tuple[str, int, bool, int]:
+    end = mark.end_seconds
+    return (mark.agent_id, mark.start_seconds, end is None, 0 if end is None else end)
+
+
+def _labels(events: Iterable[ConferenceEvent]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for event in events:
+        if event.call_sid and event.label and event.call_sid not in labels:
+            labels[event.call_sid] = event.label
+    return labels
+
+
+def _agent_id(label: str) -> str | None:
+    if label.startswith(AGENT_LABEL_PREFIX) and len(label) > len(AGENT_LABEL_PREFIX):
+        return label[len(AGENT_LABEL_PREFIX) :]
+    return None
+
+
+def _clip_end(intervals: Iterable[Interval], end_seconds: int) -> tuple[Interval, ...]:
+    return union(
+        Interval(i.start_seconds, min(i.end_seconds, end_seconds))
+        for i in intervals
+        if i.start_seconds < end_seconds
+    )
+
+
+def build_timeline(
+    events: Iterable[ConferenceEvent],
+    research: Iterable[ResearchMark],
+    *,
+    now_seconds: int,
+    research_max_seconds: int,
+    call_ended_at_seconds: int | None = None,
+    customer_label: str = "customer",
+) -> Timeline:
+    """Per-agent active / research / billable time and the customer's hold time of one call.
+
+    `now_seconds` closes what is still open (a live call); `call_ended_at_seconds`, once the
+    customer's call has ended, closes the customer's presence at that time.
+    """
+    if research_max_seconds < 0:
+        raise ValueError(f"research_max_seconds must be >= 0, not {research_max_seconds}")
+    if not customer_label:
+        raise ValueError("customer_label must not be empty")
+
+    ordered = sorted(set(events), key=_event_key)
+    labels = _labels(ordered)
+    legs: dict[str, _Leg] = {}
+    leg_agent: dict[str, str] = {}  # call_sid -> agent id; the customer's legs are not in it
+    unlabelled: set[str] = set()
+    entries: list[TimelineEntry] = []
+
+    def leg_for(call_sid: str) -> _Leg:
+        leg = legs.get(call_sid)
+        if leg is None:
+            label = labels.get(call_sid, "")
+            if label == customer_label:
+                name = "customer"
+            else:
+                agent_id = _agent_id(label)
+                if agent_id is None:
+                    agent_id = call_sid
+                    unlabelled.add(call_sid)
+                    name = f"unlabelled participant {call_sid}"
+                else:
+                    name = label
+                leg_agent[call_sid] = agent_id
+            leg = legs[call_sid] = _Leg(name)
+        return leg
+
+    clock_seconds: int | None = None
+    for event in ordered:
+        kind = event.kind
+        is_participant_event = kind in _PARTICIPANT_KINDS and bool(event.call_sid)
+        if kind not in (CONFERENCE_START, CONFERENCE_END) and not is_participant_event:
+            continue
+        at = event.at_seconds if clock_seconds is None else max(clock_seconds, event.at_seconds)
+        clock_seconds = at
+        if kind == CONFERENCE_START:
+            entries.append(TimelineEntry(at, "conference started"))
+        elif kind == CONFERENCE_END:
+            for leg in legs.values():
+                if leg.in_conference:
+                    leg.move(at, in_conference=False, held=False)
+            entries.append(TimelineEntry(at, "conference ended"))
+        else:
+            leg = leg_for(event.call_sid)
+            if kind == PARTICIPANT_JOIN:
+                held = bool(event.hold)
+                if not leg.in_conference:
+                    text = f"{leg.name} joined on hold" if held else f"{leg.name} joined"
+                    entries.append(TimelineEntry(at, text))
+                    leg.move(at, in_conference=True, held=held)
+                elif held != leg.held:
+                    _note_hold(entries, at, leg.name, held)
+                    leg.move(at, in_conference=True, held=held)
+            elif not leg.in_conference:
+                continue  # no join on record: nothing to count
+            elif kind == PARTICIPANT_LEAVE:
+                entries.append(TimelineEntry(at, f"{leg.name} left"))
+                leg.move(at, in_conference=False, held=False)
+            else:
+                if kind == PARTICIPANT_HOLD:
+                    held = True
+                elif kind == PARTICIPANT_UNHOLD:
+                    held = False
+                else:
+                    held = leg.held if event.hold is None else event.hold
+                if held != leg.held:
+                    _note_hold(entries, at, leg.name, held)
+                    leg.move(at, in_conference=True, held=held)
+
+    open_until = now_seconds if call_ended_at_seconds is None else call_ended_at_seconds
+    for leg in legs.values():
+        if leg.in_conference:
+            leg.move(max(open_until, leg.since_seconds), in_conference=False, held=False)
+
+    customer_legs = [leg for sid, leg in legs.items() if sid not in leg_agent]
+    customer_present = union(i for leg in customer_legs for i in leg.present)
+    customer_available = union(i for leg in customer_legs for i in leg.available)
+    if call_ended_at_seconds is not None:
+        customer_present = _clip_end(customer_present, call_ended_at_seconds)
+        customer_available = _clip_end(customer_available, call_ended_at_seconds)
+        entries.append(TimelineEntry(call_ended_at_seconds, "call ended"))
+
+    agent_available: dict[str, list[Interval]] = {}
+    for call_sid, agent_id in leg_agent.items():
+        agent_available.setdefault(agent_id, []).extend(legs[call_sid].available)
+
+    research_by_agent: dict[str, list[Interval]] = {}
+    for mark in sorted(set(research), key=_mark_key):
+        research_by_agent.setdefault(mark.agent_id, [])
+        name = f"{AGENT_LABEL_PREFIX}{mark.agent_id}"
+        limit_seconds = mark.start_seconds + research_max_seconds
+        if mark.end_seconds is None:
+            end_seconds = min(now_seconds, limit_seconds)
+        else:
+            end_seconds = min(mark.end_seconds, limit_seconds)
+        if end_seconds <= mark.start_seconds:
+            continue
+        research_by_agent[mark.agent_id].append(Interval(mark.start_seconds, end_seconds))
+        entries.append(TimelineEntry(mark.start_seconds, f"{name} research started"))
+        if end_seconds == limit_seconds and mark.end_seconds != limit_seconds:
+            text = f"{name} research closed at the {research_max_seconds} s limit"
+            entries.append(TimelineEntry(end_seconds, text))
+        elif mark.end_seconds is not None:
+            entries.append(TimelineEntry(end_seconds, f"{name} research stopped"))
+
+    agents: dict[str, AgentTime] = {}
+    for agent_id in sorted(agent_available.keys() | research_by_agent.keys()):
+        active = intersection(customer_available, agent_available.get(agent_id, ()))
+        research_time = union(research_by_agent.get(agent_id, ()))
+        agents[agent_id] = AgentTime(
+            active=active, research=research_time, billable=union(active + research_time)
+        )
+    all_active = union(i for agent in agents.values() for i in agent.active)
+
+    entries.sort(key=lambda entry: entry.at_seconds)  # stable: same-second entries keep their order
+    return Timeline(
+        hold=difference(customer_present, all_active),
+        agents=MappingProxyType(agents),
+        unlabelled_agents=tuple(sorted(unlabelled)),
+        entries=tuple(entries),
+    )
+
+
+def _note_hold(entries: list[TimelineEntry], at_seconds: int, name: str, held: bool) -> None:
+    text = f"{name} put on hold" if held else f"{name} taken off hold"
+    entries.append(TimelineEntry(at_seconds, text))

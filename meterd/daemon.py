@@ -1,0 +1,91 @@
+"""`meterd run`: open the database (migrating it), serve HTTP, stop gracefully on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from aiohttp import web
+
+from meterd.clock import Clock, system_clock
+from meterd.config import Settings
+from meterd.logs import AccessLogger, get_logger
+from meterd.services.errors import InvariantBroken
+from meterd.store.database import open_database
+from meterd.web.app import create_app
+
+log = get_logger("meterd.daemon")
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+EXIT_INVARIANT_BROKEN = 3
+
+
+async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
+    """Run until SIGTERM or SIGINT; return the exit status. A second signal exits at once."""
+    for path in settings.generated_secret_files:
+        log.warning("generated a token; read it from this file (mode 0600)", path=str(path))
+    log.info(
+        "starting",
+        listen=f"{settings.listen_host}:{settings.listen_port}",
+        database=_redacted(settings.database_url),
+        state_dir=str(settings.state_dir),
+    )
+    database = await open_database(
+        settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms
+    )
+    stop = asyncio.Event()
+    exit_status = EXIT_OK
+
+    def on_invariant_broken(error: InvariantBroken) -> None:
+        nonlocal exit_status
+        exit_status = EXIT_INVARIANT_BROKEN
+        stop.set()
+
+    app = create_app(settings, database, clock=clock, on_invariant_broken=on_invariant_broken)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+    )
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        await site.start()
+    except OSError as error:
+        log.error("cannot listen", listen=settings.listen, error=str(error))
+        await runner.cleanup()
+        await database.close()
+        return EXIT_STARTUP_FAILED
+
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(number: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: stopping at once", signal=signal.Signals(number).name)
+            os._exit(128 + number)
+        log.info("stopping", signal=signal.Signals(number).name)
+        stop.set()
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, on_signal, number)
+    log.info("ready", listen=f"{settings.listen_host}:{settings.listen_port}")
+    await stop.wait()
+    await runner.cleanup()  # stops listening, finishes in-flight requests, runs cleanup hooks
+    await database.close()
+    log.info("stopped", exit_status=exit_status)
+    return exit_status
+
+
+def _redacted(url: str) -> str:
+    """The database URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if at and ":" in credentials:
+        credentials = credentials.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{credentials}{at}{host}"

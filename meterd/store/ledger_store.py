@@ -1,0 +1,172 @@
+"""Posting transactions to the ledger tables, and reading them back.
+
+`post()` runs inside the caller's database transaction. It claims the idempotency key with
+`INSERT ... ON CONFLICT DO NOTHING` and writes the postings in that same transaction, so the key
+is claimed if and only if the postings are written. Triggers move the balances and the CHECK on
+`ledger_books` refuses a balance below zero, aborting everything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Table, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.core.ledger import BookKind, LedgerError, Transaction, system_book_unit
+from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
+
+BALANCE_CHECK_NAME = "ck_ledger_books_balance_not_negative"
+
+
+class IdempotencyConflict(LedgerError):
+    """The key was already used for a transaction with different content. Nothing was posted."""
+
+
+class InsufficientBalance(LedgerError):
+    """A book that may not go negative would have. Nothing was posted."""
+
+
+class UnknownBook(LedgerError):
+    """A posting names a customer book that does not exist."""
+
+
+@dataclass(frozen=True)
+class PostResult:
+    transaction_id: int
+    replayed: bool  # True: the same transaction was posted before; nothing new was written
+
+
+def _insert_ignoring_conflict(
+    connection: AsyncConnection, table: Table, values: dict[str, Any], conflict_columns: list[str]
+) -> Any:
+    """`INSERT ... ON CONFLICT (columns) DO NOTHING` in the connection's dialect."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return (
+        dialect.insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict_columns)
+    )
+
+
+async def create_book(
+    connection: AsyncConnection,
+    book: str,
+    *,
+    unit: str,
+    kind: BookKind,
+    account_id: str | None,
+    allow_negative: bool,
+) -> None:
+    """Open a book (idempotent)."""
+    statement = _insert_ignoring_conflict(
+        connection,
+        ledger_books,
+        {
+            "book": book,
+            "unit": unit,
+            "kind": kind.value,
+            "account_id": account_id,
+            "allow_negative": allow_negative,
+            "balance": 0,
+        },
+        ["book"],
+    )
+    await connection.execute(statement)
+
+
+async def post(
+    connection: AsyncConnection, transaction: Transaction, now: dt.datetime
+) -> PostResult:
+    """Post `transaction` once. Same key and content again: the earlier result, nothing posted.
+    Same key, other content: `IdempotencyConflict`. A balance below zero: `InsufficientBalance`
+    (the caller's database transaction must then roll back, which `Database.write()` does)."""
+    claim = _insert_ignoring_conflict(
+        connection,
+        ledger_transactions,
+        {
+            "idempotency_key": transaction.key,
+            "fingerprint": transaction.fingerprint,
+            "kind": transaction.kind,
+            "account_id": transaction.account_id,
+            "call_sid": transaction.call_sid,
+            "reverses_key": transaction.reverses_key,
+            "memo": transaction.memo,
+            "posted_at": now,
+        },
+        ["idempotency_key"],
+    ).returning(ledger_transactions.c.transaction_id)
+    transaction_id = (await connection.execute(claim)).scalar_one_or_none()
+    if transaction_id is None:
+        earlier = (
+            await connection.execute(
+                select(
+                    ledger_transactions.c.transaction_id, ledger_transactions.c.fingerprint
+                ).where(ledger_transactions.c.idempotency_key == transaction.key)
+            )
+        ).one()
+        if earlier.fingerprint != transaction.fingerprint:
+            raise IdempotencyConflict(
+                f"idempotency key {transaction.key!r} was already used for different content"
+            )
+        return PostResult(earlier.transaction_id, replayed=True)
+
+    for posting in transaction.postings:
+        if posting.book.startswith("system:"):
+            await create_book(
+                connection,
+                posting.book,
+                unit=system_book_unit(posting.book),
+                kind=BookKind.SYSTEM,
+                account_id=None,
+                allow_negative=True,
+            )
+    rows = [
+        {"transaction_id": transaction_id, "book": p.book, "unit": p.unit, "amount": p.amount}
+        for p in transaction.postings
+    ]
+    try:
+        await connection.execute(insert(ledger_postings), rows)
+    except (IntegrityError, DBAPIError) as error:
+        message = str(error.orig)
+        if BALANCE_CHECK_NAME in message:
+            raise InsufficientBalance(
+                f"{transaction.key}: a balance would go below zero"
+            ) from error
+        if "fk_ledger_postings_book_unit" in message or "FOREIGN KEY" in message:
+            raise UnknownBook(
+                f"{transaction.key}: a posting names an unknown book or the wrong unit"
+            ) from error
+        raise
+    return PostResult(transaction_id, replayed=False)
+
+
+async def balance(connection: AsyncConnection, book: str) -> int:
+    value = (
+        await connection.execute(select(ledger_books.c.balance).where(ledger_books.c.book == book))
+    ).scalar_one_or_none()
+    if value is None:
+        raise UnknownBook(f"no book {book!r}")
+    return int(value)
+
+
+async def balances(connection: AsyncConnection, books: list[str]) -> dict[str, int]:
+    rows = await connection.execute(
+        select(ledger_books.c.book, ledger_books.c.balance).where(ledger_books.c.book.in_(books))
+    )
+    return {row.book: int(row.balance) for row in rows}
+
+
+async def posted_sum(connection: AsyncConnection, book: str) -> int:
+    value = (
+        await connection.execute(
+            select(func.coalesce(func.sum(ledger_postings.c.amount), 0)).where(
+                ledger_postings.c.book == book
+            )
+        )
+    ).scalar_one()
+    return int(value)

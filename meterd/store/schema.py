@@ -1,0 +1,129 @@
+"""Tables, as SQLAlchemy Core metadata, for queries. The schema itself is made only by the
+Alembic migrations in `migrations/versions`; `tests/integration/test_migrations.py` checks that
+the two agree."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData()
+
+# Row ids: BIGINT on PostgreSQL; INTEGER PRIMARY KEY (the rowid) on SQLite.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """An aware UTC datetime on both backends (SQLite keeps naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("plan", String(32), nullable=False),
+    Column("fallback_plan", String(32), nullable=False),
+    Column("valid_until", Date, nullable=True),
+    Column("currency", String(3), nullable=False),
+    Column("pin_hash", String(64), nullable=True, unique=True),
+    Column("products_json", Text, nullable=False),
+    Column("card_on_file", String(255), nullable=True),
+    Column("debt_flagged", Boolean, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+caller_ids = Table(
+    "caller_ids",
+    metadata,
+    Column("number", String(16), primary_key=True),
+    Column("account_id", String(64), ForeignKey("accounts.account_id"), primary_key=True),
+)
+
+ledger_books = Table(
+    "ledger_books",
+    metadata,
+    Column("book", String(200), primary_key=True),
+    Column("unit", String(16), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("account_id", String(64), ForeignKey("accounts.account_id"), nullable=True),
+    Column("allow_negative", Boolean, nullable=False),
+    # Kept by a trigger on every posting; `meterd ledger check` re-sums it from the postings.
+    Column("balance", BigInteger, nullable=False),
+    UniqueConstraint("book", "unit", name="uq_ledger_books_book_unit"),
+    CheckConstraint("allow_negative OR balance >= 0", name="ck_ledger_books_balance_not_negative"),
+)
+
+ledger_transactions = Table(
+    "ledger_transactions",
+    metadata,
+    Column("transaction_id", RowId, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(255), nullable=False, unique=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("account_id", String(64), nullable=True, index=True),
+    Column("call_sid", String(64), nullable=True, index=True),
+    Column("reverses_key", String(255), nullable=True),
+    Column("memo", Text, nullable=False),
+    Column("posted_at", UtcDateTime, nullable=False, index=True),
+)
+
+ledger_postings = Table(
+    "ledger_postings",
+    metadata,
+    Column("posting_id", RowId, primary_key=True, autoincrement=True),
+    Column(
+        "transaction_id",
+        RowId,
+        ForeignKey("ledger_transactions.transaction_id"),
+        nullable=False,
+        index=True,
+    ),
+    Column("book", String(200), nullable=False, index=True),
+    Column("unit", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    ForeignKeyConstraint(
+        ["book", "unit"],
+        ["ledger_books.book", "ledger_books.unit"],
+        name="fk_ledger_postings_book_unit",
+    ),
+    CheckConstraint("amount <> 0", name="ck_ledger_postings_amount_not_zero"),
+)

@@ -1,0 +1,182 @@
+"""The aiohttp application: one composition root, middlewares for errors and auth, routes per
+caller. Nothing happens at import time; `create_app` builds everything from its arguments."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from meterd.clock import Clock
+from meterd.config import Settings
+from meterd.logs import get_logger
+from meterd.services.accounts import AccountService, AccountSettings
+from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, NotFound, ServiceError
+from meterd.store.database import Database
+
+log = get_logger("meterd.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Which token opens which prefix. Each token opens its own prefix only.
+TOKEN_FOR_PREFIX = {
+    "/admin/": "admin_token",
+    "/agents/": "agents_token",
+    "/finance/": "finance_token",
+}
+
+_STATUS_FOR_ERROR: dict[type[ServiceError], int] = {
+    InvalidRequest: 400,
+    NotFound: 404,
+    Conflict: 409,
+}
+
+
+@dataclass
+class Services:
+    """Everything a handler may use, built once by `create_app`."""
+
+    settings: Settings
+    database: Database
+    clock: Clock
+    accounts: AccountService
+    on_invariant_broken: Callable[[InvariantBroken], None]
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def json_error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a JSON error: 4xx for bad input, 500 only for a real fault (logged
+    with its cause). A broken money invariant is logged and stops the daemon."""
+    structlog.contextvars.clear_contextvars()
+    try:
+        return await handler(request)
+    except ServiceError as error:
+        return json_error(_STATUS_FOR_ERROR.get(type(error), 400), error.code, error.detail)
+    except web.HTTPRequestEntityTooLarge:
+        return json_error(
+            413,
+            "body_too_large",
+            f"the request body is larger than "
+            f"{request.app[SERVICES].settings.request_body_bytes_max} bytes",
+        )
+    except web.HTTPException as error:
+        if (
+            error.status < 400
+            or error.content_type != "text/plain"
+            or request.path.startswith("/twilio/")
+        ):
+            raise
+        code = error.reason.lower().replace(" ", "_")
+        return json_error(
+            error.status,
+            code,
+            error.text or error.reason,
+            headers={
+                k: v
+                for k, v in error.headers.items()
+                if k.lower() not in ("content-type", "content-length")
+            },
+        )
+    except InvariantBroken as error:
+        log.critical("money invariant broken", error=str(error), path=request.path, exc_info=True)
+        request.app[SERVICES].on_invariant_broken(error)
+        return json_error(
+            500,
+            "invariant_broken",
+            "a money invariant does not hold; meterd is stopping so it can be investigated",
+        )
+    except Exception:
+        log.exception("request failed", path=request.path, method=request.method)
+        return json_error(
+            500, "internal_error", "meterd failed to handle this request; the cause is in its log"
+        )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    for prefix, secret_name in TOKEN_FOR_PREFIX.items():
+        if request.path.startswith(prefix):
+            expected = request.app[SERVICES].settings.secret(secret_name)
+            header = request.headers.get("Authorization", "")
+            scheme, _, presented = header.partition(" ")
+            if scheme.lower() != "bearer" or not presented:
+                return json_error(
+                    401,
+                    "unauthorized",
+                    f"send Authorization: Bearer <{secret_name.replace('_', ' ')}>",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+                log.warning("wrong token", path=request.path)
+                return json_error(403, "forbidden", f"this token does not open {prefix}*")
+            break
+    return await handler(request)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, strictly: JSON content type, UTF-8, no NaN or Infinity."""
+    if request.content_type != "application/json":
+        raise InvalidRequest("send the body as JSON with Content-Type: application/json")
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past the cap
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the body is not valid UTF-8") from None
+    except ValueError as error:  # JSONDecodeError, and ints past Python's digit limit
+        raise InvalidRequest(f"the body is not valid JSON: {error}"[:200]) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def create_app(
+    settings: Settings,
+    database: Database,
+    *,
+    clock: Clock,
+    on_invariant_broken: Callable[[InvariantBroken], None] | None = None,
+) -> web.Application:
+    from meterd.web import admin, ops
+
+    app = web.Application(
+        client_max_size=settings.request_body_bytes_max,
+        middlewares=[error_middleware, auth_middleware],
+    )
+    accounts = AccountService(
+        database,
+        AccountSettings(
+            default_currency=settings.currency,
+            included_minutes=settings.included_minutes,
+            pin_secret=settings.secret("pin_secret"),
+        ),
+        clock,
+    )
+    app[SERVICES] = Services(
+        settings=settings,
+        database=database,
+        clock=clock,
+        accounts=accounts,
+        on_invariant_broken=on_invariant_broken or _raise,
+    )
+    admin.add_routes(app)
+    ops.add_routes(app)
+    return app
+
+
+def _raise(error: InvariantBroken) -> None:
+    raise error
