@@ -1,0 +1,67 @@
+"""Shared fixtures. Storage tests run on SQLite and on PostgreSQL; PostgreSQL being unreachable
+is a failure, never a skip (set METERD_TEST_POSTGRES_URL to point elsewhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from meterd.store.database import Database, open_database
+
+POSTGRES_URL = os.environ.get(
+    "METERD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _postgres_dsn(database: str) -> str:
+    base, _, _ = POSTGRES_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+async def _admin(statement: str) -> None:
+    try:
+        connection = await asyncpg.connect(POSTGRES_URL, timeout=10)
+    except (OSError, asyncpg.PostgresError) as error:
+        pytest.fail(
+            f"PostgreSQL at {POSTGRES_URL} is unreachable ({error!r}); the storage tests must run "
+            f"on it. Start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+        )
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"meterd_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    try:
+        yield "postgresql+asyncpg://" + _postgres_dsn(name).split("://", 1)[1]
+    finally:
+        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of a new, empty database, once for SQLite and once for PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/meterd.sqlite3"
+    return request.getfixturevalue("fresh_postgres_url")
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    db = await open_database(database_url)
+    try:
+        yield db
+    finally:
+        await db.close()
