@@ -31,7 +31,8 @@ async def _admin(statement: str) -> None:
     except (OSError, asyncpg.PostgresError) as error:
         pytest.fail(
             f"PostgreSQL at {POSTGRES_URL} is unreachable ({error!r}); the storage tests must run "
-            f"on it. Start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+            "on it. Start it: "
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
         )
     try:
         await connection.execute(statement)

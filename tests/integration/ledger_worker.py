@@ -13,7 +13,6 @@ import asyncio
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 from meterd.store import ledger_store
@@ -49,8 +48,8 @@ async def main(url: str, account_id: str, mode: str, go_file: Path) -> None:
             except ledger_store.InsufficientBalance:
                 counts["insufficient"] += 1
 
-    while not go_file.exists():
-        time.sleep(0.005)
+    while not go_file.exists():  # noqa: ASYNC110, ASYNC240 - a file from another process
+        await asyncio.sleep(0.005)
     await asyncio.gather(*(worker() for _ in range(TASKS)))
     await database.close()
     print(json.dumps(counts))

@@ -67,7 +67,7 @@ async def test_account_is_created_with_included_minutes_and_entitlements(client)
 
 async def test_a_licence_gives_included_minutes_once(client):
     await create(client, products=[])
-    for products in (LICENCE, LICENCE + [{"product": "web", "kind": "subscription"}], LICENCE):
+    for products in (LICENCE, [*LICENCE, {"product": "web", "kind": "subscription"}], LICENCE):
         response = await client.patch(
             "/admin/accounts/A1", json={"products": products}, headers=admin()
         )

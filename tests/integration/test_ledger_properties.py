@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from meterd.core import ledger
+from meterd.services.ledger_check import check_ledger
 from meterd.store import ledger_store
 from meterd.store.database import open_database
 from meterd.store.schema import ledger_transactions
-from meterd.services.ledger_check import check_ledger
 
 from .helpers import NOW, account_service, use_deposit, use_minutes
 

@@ -8,10 +8,10 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from meterd.core import ledger
+from meterd.services.ledger_check import check_ledger
 from meterd.store import ledger_store
 from meterd.store.database import Database
 from meterd.store.schema import ledger_postings, ledger_transactions
-from meterd.services.ledger_check import check_ledger
 
 from .helpers import NOW, make_account, use_deposit, use_minutes
 
