@@ -4,6 +4,7 @@ is a failure, never a skip (set METERD_TEST_POSTGRES_URL to point elsewhere)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +26,13 @@ def _postgres_dsn(database: str) -> str:
     return f"{base}/{database}"
 
 
-async def _admin(statement: str) -> None:
+def _admin(statement: str) -> None:
+    """Run one statement on the PostgreSQL server (in a thread: callers may be inside a loop)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, _admin_async(statement)).result()
+
+
+async def _admin_async(statement: str) -> None:
     try:
         connection = await asyncpg.connect(POSTGRES_URL, timeout=10)
     except (OSError, asyncpg.PostgresError) as error:
@@ -44,11 +51,11 @@ async def _admin(statement: str) -> None:
 def fresh_postgres_url() -> Iterator[str]:
     """A new, empty PostgreSQL database for one test, dropped afterwards."""
     name = f"meterd_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    _admin(f"CREATE DATABASE {name}")
     try:
         yield "postgresql+asyncpg://" + _postgres_dsn(name).split("://", 1)[1]
     finally:
-        asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(params=BACKENDS)

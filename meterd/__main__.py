@@ -1,0 +1,5 @@
+import sys
+
+from meterd.cli import main
+
+sys.exit(main())
