@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Table, func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.core.ledger import BookKind, LedgerError, Transaction, system_book_unit
 from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
+from meterd.store.sql import insert_ignoring_conflict
 
 BALANCE_CHECK_NAME = "ck_ledger_books_balance_not_negative"
 
@@ -41,18 +40,6 @@ class PostResult:
     replayed: bool  # True: the same transaction was posted before; nothing new was written
 
 
-def _insert_ignoring_conflict(
-    connection: AsyncConnection, table: Table, values: dict[str, Any], conflict_columns: list[str]
-) -> Any:
-    """`INSERT ... ON CONFLICT (columns) DO NOTHING` in the connection's dialect."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return (
-        dialect.insert(table)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=conflict_columns)
-    )
-
-
 async def create_book(
     connection: AsyncConnection,
     book: str,
@@ -63,7 +50,7 @@ async def create_book(
     allow_negative: bool,
 ) -> None:
     """Open a book (idempotent)."""
-    statement = _insert_ignoring_conflict(
+    statement = insert_ignoring_conflict(
         connection,
         ledger_books,
         {
@@ -85,7 +72,7 @@ async def post(
     """Post `transaction` once. Same key and content again: the earlier result, nothing posted.
     Same key, other content: `IdempotencyConflict`. A balance below zero: `InsufficientBalance`
     (the caller's database transaction must then roll back, which `Database.write()` does)."""
-    claim = _insert_ignoring_conflict(
+    claim = insert_ignoring_conflict(
         connection,
         ledger_transactions,
         {

@@ -127,3 +127,49 @@ ledger_postings = Table(
     ),
     CheckConstraint("amount <> 0", name="ck_ledger_postings_amount_not_zero"),
 )
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("call_sid", String(64), primary_key=True),
+    Column("account_id", String(64), ForeignKey("accounts.account_id"), nullable=True, index=True),
+    Column("plan", String(32), nullable=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("from_number", String(64), nullable=False),
+    Column("conference_sid", String(64), nullable=True),
+    Column("pin_attempts", Integer, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("ended_at", UtcDateTime, nullable=True),
+    Column("end_reason", String(64), nullable=True),
+    Column("closed_by_sweeper", Boolean, nullable=False),
+    Column("last_event_at", UtcDateTime, nullable=False),
+)
+
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("event_id", RowId, primary_key=True, autoincrement=True),
+    Column("dedup_key", String(200), nullable=False, unique=True),
+    Column("route", String(32), nullable=False),
+    Column("call_sid", String(64), nullable=False, index=True),
+    Column("kind", String(64), nullable=False),
+    Column("sequence_number", BigInteger, nullable=True),
+    Column("event_at", UtcDateTime, nullable=True),
+    Column("participant_sid", String(64), nullable=True),
+    Column("label", String(128), nullable=True),
+    Column("hold", Boolean, nullable=True),
+    Column("params_json", Text, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+)
+
+research_marks = Table(
+    "research_marks",
+    metadata,
+    Column("mark_id", RowId, primary_key=True, autoincrement=True),
+    Column("call_sid", String(64), ForeignKey("calls.call_sid"), nullable=False, index=True),
+    Column("agent_id", String(128), nullable=False),
+    Column("start_at", UtcDateTime, nullable=False),
+    Column("end_at", UtcDateTime, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("call_sid", "agent_id", "start_at", name="uq_research_marks_start"),
+)

@@ -1,0 +1,257 @@
+"""Calls, their recorded webhooks and research marks, in the database.
+
+`record_event` claims a webhook's dedup key with `INSERT ... ON CONFLICT DO NOTHING` inside the
+caller's transaction, so an event is stored exactly once and together with its effects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, and_, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.core.timeline import ConferenceEvent, ResearchMark
+from meterd.store.schema import calls, research_marks, webhook_events
+from meterd.store.sql import insert_ignoring_conflict
+
+
+class CallStatus:
+    """Where a call is. `menu`: answered, not yet connected (PIN, payment). `connected`: sent to
+    its conference. `ended`: over (research may still be open). `rejected`: never connected."""
+
+    MENU = "menu"
+    CONNECTED = "connected"
+    ENDED = "ended"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    dedup_key: str
+    route: str
+    call_sid: str
+    kind: str
+    params: Sequence[tuple[str, str]]
+    received_at: dt.datetime
+    sequence_number: int | None = None
+    event_at: dt.datetime | None = None
+    participant_sid: str | None = None
+    label: str | None = None
+    hold: bool | None = None
+
+
+async def record_event(connection: AsyncConnection, event: EventRecord) -> bool:
+    """Store the webhook once. True if it is new; False if it was recorded before."""
+    statement = insert_ignoring_conflict(
+        connection,
+        webhook_events,
+        {
+            "dedup_key": event.dedup_key,
+            "route": event.route,
+            "call_sid": event.call_sid,
+            "kind": event.kind,
+            "sequence_number": event.sequence_number,
+            "event_at": event.event_at,
+            "participant_sid": event.participant_sid,
+            "label": event.label,
+            "hold": event.hold,
+            "params_json": json.dumps(list(event.params)),
+            "received_at": event.received_at,
+        },
+        ["dedup_key"],
+    ).returning(webhook_events.c.event_id)
+    return (await connection.execute(statement)).scalar_one_or_none() is not None
+
+
+async def get_call(
+    connection: AsyncConnection, call_sid: str, *, for_update: bool = False
+) -> Row[Any] | None:
+    query = select(calls).where(calls.c.call_sid == call_sid)
+    if for_update and connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return (await connection.execute(query)).one_or_none()
+
+
+async def insert_call(
+    connection: AsyncConnection, *, call_sid: str, from_number: str, now: dt.datetime
+) -> None:
+    await connection.execute(
+        insert_ignoring_conflict(
+            connection,
+            calls,
+            {
+                "call_sid": call_sid,
+                "account_id": None,
+                "plan": None,
+                "status": CallStatus.MENU,
+                "from_number": from_number,
+                "conference_sid": None,
+                "pin_attempts": 0,
+                "started_at": now,
+                "ended_at": None,
+                "end_reason": None,
+                "closed_by_sweeper": False,
+                "last_event_at": now,
+            },
+            ["call_sid"],
+        )
+    )
+
+
+async def update_call(connection: AsyncConnection, call_sid: str, **values: Any) -> None:
+    await connection.execute(update(calls).where(calls.c.call_sid == call_sid).values(**values))
+
+
+async def end_call(
+    connection: AsyncConnection,
+    call_sid: str,
+    ended_at: dt.datetime,
+    reason: str,
+    *,
+    by_sweeper: bool = False,
+) -> None:
+    """Close the call at the earliest end we hear of (events may arrive out of order)."""
+    row = await get_call(connection, call_sid, for_update=True)
+    if row is None:
+        return
+    values: dict[str, Any] = {}
+    if row.ended_at is None or ended_at < row.ended_at:
+        values.update(ended_at=ended_at, end_reason=reason)
+    if row.status in (CallStatus.MENU, CallStatus.CONNECTED):
+        values["status"] = (
+            CallStatus.ENDED if row.status == CallStatus.CONNECTED else CallStatus.REJECTED
+        )
+    if by_sweeper:
+        values["closed_by_sweeper"] = True
+    if values:
+        await update_call(connection, call_sid, **values)
+
+
+async def conference_events(connection: AsyncConnection, call_sid: str) -> list[ConferenceEvent]:
+    rows = await connection.execute(
+        select(
+            webhook_events.c.sequence_number,
+            webhook_events.c.event_at,
+            webhook_events.c.kind,
+            webhook_events.c.participant_sid,
+            webhook_events.c.label,
+            webhook_events.c.hold,
+        ).where(webhook_events.c.call_sid == call_sid, webhook_events.c.route == "conference")
+    )
+    return [
+        ConferenceEvent(
+            sequence_number=row.sequence_number,
+            at_seconds=int(row.event_at.timestamp()),
+            kind=row.kind,
+            call_sid=row.participant_sid or "",
+            label=row.label or "",
+            hold=row.hold,
+        )
+        for row in rows
+    ]
+
+
+async def customer_leg_end(connection: AsyncConnection, call_sid: str) -> dt.datetime | None:
+    """When the customer's own leg ended, from its terminal call-status callbacks."""
+    return await connection.scalar(
+        select(func.min(webhook_events.c.event_at)).where(
+            webhook_events.c.call_sid == call_sid,
+            webhook_events.c.route == "call-status",
+            webhook_events.c.kind.in_(("completed", "busy", "failed", "no-answer", "canceled")),
+        )
+    )
+
+
+async def marks(connection: AsyncConnection, call_sid: str) -> list[ResearchMark]:
+    rows = await connection.execute(
+        select(research_marks.c.agent_id, research_marks.c.start_at, research_marks.c.end_at)
+        .where(research_marks.c.call_sid == call_sid)
+        .order_by(research_marks.c.mark_id)
+    )
+    return [
+        ResearchMark(
+            row.agent_id,
+            int(row.start_at.timestamp()),
+            None if row.end_at is None else int(row.end_at.timestamp()),
+        )
+        for row in rows
+    ]
+
+
+async def open_mark(connection: AsyncConnection, call_sid: str, agent_id: str) -> Row[Any] | None:
+    return (
+        await connection.execute(
+            select(research_marks).where(
+                research_marks.c.call_sid == call_sid,
+                research_marks.c.agent_id == agent_id,
+                research_marks.c.end_at.is_(None),
+            )
+        )
+    ).first()
+
+
+async def add_mark(
+    connection: AsyncConnection,
+    call_sid: str,
+    agent_id: str,
+    start_at: dt.datetime,
+    end_at: dt.datetime | None,
+    now: dt.datetime,
+) -> bool:
+    """Add a research mark; False if the same (call, agent, start) is already recorded."""
+    statement = insert_ignoring_conflict(
+        connection,
+        research_marks,
+        {
+            "call_sid": call_sid,
+            "agent_id": agent_id,
+            "start_at": start_at,
+            "end_at": end_at,
+            "created_at": now,
+        },
+        ["call_sid", "agent_id", "start_at"],
+    ).returning(research_marks.c.mark_id)
+    return (await connection.execute(statement)).scalar_one_or_none() is not None
+
+
+async def close_mark(connection: AsyncConnection, mark_id: int, end_at: dt.datetime) -> None:
+    await connection.execute(
+        update(research_marks)
+        .where(and_(research_marks.c.mark_id == mark_id, research_marks.c.end_at.is_(None)))
+        .values(end_at=end_at)
+    )
+
+
+async def stale_calls(
+    connection: AsyncConnection, older_than: dt.datetime, limit: int
+) -> list[str]:
+    return list(
+        (
+            await connection.scalars(
+                select(calls.c.call_sid)
+                .where(
+                    calls.c.status.in_((CallStatus.MENU, CallStatus.CONNECTED)),
+                    calls.c.last_event_at < older_than,
+                )
+                .order_by(calls.c.last_event_at)
+                .limit(limit)
+            )
+        ).all()
+    )
+
+
+async def touch(connection: AsyncConnection, call_sid: str, at: dt.datetime) -> None:
+    await connection.execute(
+        update(calls)
+        .where(calls.c.call_sid == call_sid, calls.c.last_event_at < at)
+        .values(last_event_at=at)
+    )
+
+
+def params_of(raw_json: str) -> Mapping[str, str]:
+    return dict(json.loads(raw_json))
