@@ -16,10 +16,10 @@ import uuid
 import asyncpg
 
 from bench._machine import append
+from meterd.clock import system_clock
 from meterd.core import ledger
 from meterd.core.ledger import MINUTES
 from meterd.services.accounts import AccountService, AccountSettings
-from meterd.clock import system_clock
 from meterd.store import ledger_store
 from meterd.store.database import open_database
 

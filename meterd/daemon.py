@@ -11,9 +11,10 @@ from aiohttp import web
 from meterd.clock import Clock, system_clock
 from meterd.config import Settings
 from meterd.logs import AccessLogger, get_logger
+from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, add_interval_job, create_scheduler
 from meterd.services.errors import InvariantBroken
 from meterd.store.database import open_database
-from meterd.web.app import create_app
+from meterd.web.app import SERVICES, create_app
 
 log = get_logger("meterd.daemon")
 
@@ -60,6 +61,15 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         await database.close()
         return EXIT_STARTUP_FAILED
 
+    scheduler = create_scheduler()
+    add_interval_job(
+        scheduler,
+        "close-stale-calls",
+        app[SERVICES].ingest.close_stale_calls,
+        STALE_SWEEP_INTERVAL_SECONDS,
+    )
+    scheduler.start()
+
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -76,7 +86,9 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         loop.add_signal_handler(number, on_signal, number)
     log.info("ready", listen=f"{settings.listen_host}:{settings.listen_port}")
     await stop.wait()
+    scheduler.pause()
     await runner.cleanup()  # stops listening, finishes in-flight requests, runs cleanup hooks
+    scheduler.shutdown(wait=False)
     await database.close()
     log.info("stopped", exit_status=exit_status)
     return exit_status

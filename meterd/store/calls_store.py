@@ -167,6 +167,13 @@ async def customer_leg_end(connection: AsyncConnection, call_sid: str) -> dt.dat
     )
 
 
+async def first_event_at(connection: AsyncConnection, call_sid: str) -> dt.datetime | None:
+    """The earliest Twilio timestamp recorded for the call."""
+    return await connection.scalar(
+        select(func.min(webhook_events.c.event_at)).where(webhook_events.c.call_sid == call_sid)
+    )
+
+
 async def marks(connection: AsyncConnection, call_sid: str) -> list[ResearchMark]:
     rows = await connection.execute(
         select(research_marks.c.agent_id, research_marks.c.start_at, research_marks.c.end_at)

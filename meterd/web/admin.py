@@ -58,6 +58,12 @@ async def add_minutes(request: web.Request) -> web.Response:
     return _money_in_response(result, "minutes", "bank_minutes")
 
 
+async def get_call(request: web.Request) -> web.Response:
+    return web.json_response(
+        await request.app[SERVICES].call_view.view(request.match_info["call_sid"])
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/accounts", create_account)
     app.router.add_get("/admin/accounts", list_accounts)
@@ -65,3 +71,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_patch("/admin/accounts/{account_id}", change_account)
     app.router.add_post("/admin/accounts/{account_id}/deposits", add_deposit)
     app.router.add_post("/admin/accounts/{account_id}/minutes", add_minutes)
+    app.router.add_get("/admin/calls/{call_sid}", get_call)

@@ -16,7 +16,11 @@ from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.logs import get_logger
 from meterd.services.accounts import AccountService, AccountSettings
+from meterd.services.answering import AnsweringService, AnsweringSettings
+from meterd.services.call_view import CallViewService
 from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, NotFound, ServiceError
+from meterd.services.ingest import IngestService
+from meterd.services.research import ResearchService
 from meterd.store.database import Database
 
 log = get_logger("meterd.web")
@@ -45,6 +49,10 @@ class Services:
     database: Database
     clock: Clock
     accounts: AccountService
+    answering: AnsweringService
+    ingest: IngestService
+    research: ResearchService
+    call_view: CallViewService
     on_invariant_broken: Callable[[InvariantBroken], None]
 
 
@@ -151,7 +159,8 @@ def create_app(
     clock: Clock,
     on_invariant_broken: Callable[[InvariantBroken], None] | None = None,
 ) -> web.Application:
-    from meterd.web import admin, ops
+    """The composition root: every service is built here, from settings, database and clock."""
+    from meterd.web import admin, agents, ops, twilio
 
     app = web.Application(
         client_max_size=settings.request_body_bytes_max,
@@ -166,14 +175,35 @@ def create_app(
         ),
         clock,
     )
+    answering = AnsweringService(
+        database,
+        AnsweringSettings(
+            pin_secret=settings.secret("pin_secret"),
+            rate_per_agent_minute_minor=settings.rate_per_agent_minute_minor,
+        ),
+        clock,
+    )
     app[SERVICES] = Services(
         settings=settings,
         database=database,
         clock=clock,
         accounts=accounts,
+        answering=answering,
+        ingest=IngestService(database, clock, stale_call_hours=settings.stale_call_hours),
+        research=ResearchService(
+            database, clock, research_max_minutes=settings.research_max_minutes
+        ),
+        call_view=CallViewService(
+            database,
+            clock,
+            increment_seconds=settings.increment_seconds,
+            research_max_minutes=settings.research_max_minutes,
+        ),
         on_invariant_broken=on_invariant_broken or _raise,
     )
     admin.add_routes(app)
+    agents.add_routes(app)
+    twilio.add_routes(app)
     ops.add_routes(app)
     return app
 

@@ -140,7 +140,7 @@ async def read_signed_form(
     try:
         # validate() tries the URL both with and without the default port, and reads repeated
         # keys through MultiDict.getall().
-        valid = RequestValidator(auth_token).validate(url, form, signature)
+        valid: bool = RequestValidator(auth_token).validate(url, form, signature)
     except ValueError:  # urlparse: an invalid port or host in public_base_url
         raise TwilioRequestRejected(
             403,
@@ -152,7 +152,7 @@ async def read_signed_form(
         raise TwilioRequestRejected(
             403,
             "bad_signature",
-            f"the {SIGNATURE_HEADER} header does not match this request signed for {url}",
+            f"the {SIGNATURE_HEADER} header does not match this form posted to {url}",
             call_sid,
         )
     return form

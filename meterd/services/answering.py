@@ -1,0 +1,224 @@
+"""Answering an incoming call: who is calling, and may they be connected?
+
+The caller is identified by `From` against the accounts' caller IDs; a withheld number, a number
+on no account or on several accounts leads to the PIN prompt (3 tries). A caller whose plan needs
+no payment step is connected to the conference named after their CallSid; a per_minute caller
+with no banked minute and less than one agent-minute in the deposit is told how to buy minutes
+and is not connected (the card step is the payment gate's, a later piece).
+
+A repeated delivery of the same webhook (Twilio retries) gets the answer the call's stored state
+gives, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.clock import Clock
+from meterd.core import ledger
+from meterd.core.plans import Plan, effective_plan
+from meterd.logs import get_logger
+from meterd.services.accounts import pin_hash
+from meterd.services.errors import InvalidRequest, NotFound
+from meterd.store import calls_store, ledger_store
+from meterd.store.calls_store import CallStatus, EventRecord
+from meterd.store.database import Database
+from meterd.store.schema import accounts, caller_ids
+
+log = get_logger("meterd.answering")
+
+CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
+PIN_ATTEMPTS_MAX = 3
+
+
+class Action(StrEnum):
+    CONNECT = "connect"  # <Dial><Conference> named after the CallSid
+    ASK_PIN = "ask_pin"  # <Gather> the PIN (attempt n; `retry` after a wrong one)
+    UNKNOWN_CALLER = "unknown_caller"  # polite goodbye, not connected
+    NO_FUNDS = "no_funds"  # how to buy minutes, not connected
+    HANG_UP = "hang_up"  # the call is already over
+
+
+@dataclass(frozen=True)
+class Answer:
+    action: Action
+    call_sid: str
+    attempt: int = 1
+    retry: bool = False
+
+
+@dataclass(frozen=True)
+class AnsweringSettings:
+    pin_secret: str
+    rate_per_agent_minute_minor: int
+
+
+def call_sid_of(form: Mapping[str, str]) -> str:
+    call_sid = form.get("CallSid", "")
+    if not CALL_SID.match(call_sid):
+        raise InvalidRequest("CallSid is missing or is not a Twilio call sid (CA + 32 hex)")
+    return call_sid
+
+
+class AnsweringService:
+    def __init__(self, database: Database, settings: AnsweringSettings, clock: Clock) -> None:
+        self._database = database
+        self._settings = settings
+        self._clock = clock
+
+    async def incoming(self, form: Mapping[str, str], params: list[tuple[str, str]]) -> Answer:
+        call_sid = call_sid_of(form)
+        now = self._clock()
+        async with self._database.write() as connection:
+            new = await calls_store.record_event(
+                connection,
+                EventRecord(
+                    dedup_key=f"voice:{call_sid}",
+                    route="voice",
+                    call_sid=call_sid,
+                    kind="incoming",
+                    params=params,
+                    received_at=now,
+                ),
+            )
+            if not new:
+                return await self._answer_from_state(connection, call_sid)
+            await calls_store.insert_call(
+                connection, call_sid=call_sid, from_number=form.get("From", "")[:64], now=now
+            )
+            account_ids = (
+                await connection.scalars(
+                    select(caller_ids.c.account_id).where(
+                        caller_ids.c.number == form.get("From", "")
+                    )
+                )
+            ).all()
+            if len(account_ids) == 1:
+                return await self._gate(connection, call_sid, account_ids[0], now)
+            log.info(
+                "caller not identified by number; asking for the PIN",
+                call_sid=call_sid,
+                matches=len(account_ids),
+            )
+            return Answer(Action.ASK_PIN, call_sid, attempt=1)
+
+    async def pin_entered(
+        self, form: Mapping[str, str], params: list[tuple[str, str]], attempt: int
+    ) -> Answer:
+        call_sid = call_sid_of(form)
+        if not 1 <= attempt <= PIN_ATTEMPTS_MAX:
+            raise InvalidRequest(f"attempt must be 1 to {PIN_ATTEMPTS_MAX}")
+        digits = form.get("Digits", "")
+        now = self._clock()
+        async with self._database.write() as connection:
+            call = await calls_store.get_call(connection, call_sid, for_update=True)
+            if call is None:
+                raise NotFound(f"unknown call {call_sid}")
+            new = await calls_store.record_event(
+                connection,
+                EventRecord(
+                    dedup_key=f"pin:{call_sid}:{attempt}",
+                    route="pin",
+                    call_sid=call_sid,
+                    kind="pin",
+                    params=[(k, "***" if k == "Digits" else v) for k, v in params],
+                    received_at=now,
+                ),
+            )
+            if not new or call.status != CallStatus.MENU:
+                return await self._answer_from_state(connection, call_sid)
+            account_id = None
+            if digits.isdigit() and 4 <= len(digits) <= 8:
+                account_id = await connection.scalar(
+                    select(accounts.c.account_id).where(
+                        accounts.c.pin_hash == pin_hash(self._settings.pin_secret, digits)
+                    )
+                )
+            if account_id is not None:
+                return await self._gate(connection, call_sid, account_id, now)
+            await calls_store.update_call(
+                connection, call_sid, pin_attempts=attempt, last_event_at=now
+            )
+            if attempt >= PIN_ATTEMPTS_MAX:
+                await calls_store.update_call(
+                    connection,
+                    call_sid,
+                    status=CallStatus.REJECTED,
+                    ended_at=now,
+                    end_reason="pin_not_recognised",
+                )
+                log.info("PIN not recognised; caller not connected", call_sid=call_sid)
+                return Answer(Action.UNKNOWN_CALLER, call_sid)
+            return Answer(Action.ASK_PIN, call_sid, attempt=attempt + 1, retry=True)
+
+    async def _gate(
+        self, connection: AsyncConnection, call_sid: str, account_id: str, now: dt.datetime
+    ) -> Answer:
+        account = (
+            await connection.execute(select(accounts).where(accounts.c.account_id == account_id))
+        ).one()
+        plan = effective_plan(
+            Plan(account.plan), account.valid_until, Plan(account.fallback_plan), now.date()
+        )
+        if plan is Plan.PER_MINUTE and not await self._funded(connection, account_id):
+            await calls_store.update_call(
+                connection,
+                call_sid,
+                account_id=account_id,
+                plan=plan.value,
+                status=CallStatus.REJECTED,
+                ended_at=now,
+                end_reason="no_funds",
+            )
+            log.info(
+                "per-minute caller without funds; not connected",
+                call_sid=call_sid,
+                account_id=account_id,
+            )
+            return Answer(Action.NO_FUNDS, call_sid)
+        await calls_store.update_call(
+            connection,
+            call_sid,
+            account_id=account_id,
+            plan=plan.value,
+            status=CallStatus.CONNECTED,
+            last_event_at=now,
+        )
+        log.info("connecting caller", call_sid=call_sid, account_id=account_id, plan=plan.value)
+        return Answer(Action.CONNECT, call_sid)
+
+    async def _funded(self, connection: AsyncConnection, account_id: str) -> bool:
+        held = await ledger_store.balances(
+            connection, [ledger.bank_book(account_id), ledger.deposit_book(account_id)]
+        )
+        return (
+            held.get(ledger.bank_book(account_id), 0) >= 1
+            or held.get(ledger.deposit_book(account_id), 0)
+            >= self._settings.rate_per_agent_minute_minor
+        )
+
+    async def _answer_from_state(self, connection: AsyncConnection, call_sid: str) -> Answer:
+        call = await calls_store.get_call(connection, call_sid)
+        if call is None:
+            return Answer(Action.HANG_UP, call_sid)
+        if call.status == CallStatus.CONNECTED:
+            return Answer(Action.CONNECT, call_sid)
+        if call.status == CallStatus.MENU:
+            return Answer(
+                Action.ASK_PIN,
+                call_sid,
+                attempt=min(call.pin_attempts + 1, PIN_ATTEMPTS_MAX),
+                retry=call.pin_attempts > 0,
+            )
+        if call.end_reason == "no_funds":
+            return Answer(Action.NO_FUNDS, call_sid)
+        if call.end_reason == "pin_not_recognised":
+            return Answer(Action.UNKNOWN_CALLER, call_sid)
+        return Answer(Action.HANG_UP, call_sid)

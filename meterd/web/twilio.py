@@ -1,0 +1,103 @@
+"""`/twilio/*`: Twilio's webhooks. Every request is signature-checked before anything is read
+into the database; a rejected one stores nothing and is logged with its call sid."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from multidict import MultiDict
+
+from meterd.logs import get_logger
+from meterd.services.answering import Answer
+from meterd.web import twiml
+from meterd.web.app import SERVICES, json_error
+from meterd.web.twilio_request import TwilioRequestRejected, read_signed_form
+
+log = get_logger("meterd.twilio")
+
+TWIML = "application/xml"
+
+
+async def _signed_form(request: web.Request) -> MultiDict[str]:
+    services = request.app[SERVICES]
+    settings = services.settings
+    form = await read_signed_form(
+        request,
+        public_base_url=settings.public_base_url,
+        auth_token=settings.secret("twilio_auth_token"),
+        body_bytes_max=settings.request_body_bytes_max,
+    )
+    structlog.contextvars.bind_contextvars(
+        call_sid=form.get("CallSid") or form.get("FriendlyName", "")
+    )
+    return form
+
+
+def _twilio_route(
+    handler: Callable[[web.Request, MultiDict[str]], Awaitable[web.Response]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def route(request: web.Request) -> web.Response:
+        try:
+            form = await _signed_form(request)
+        except TwilioRequestRejected as rejected:
+            log.warning(
+                "twilio webhook rejected",
+                path=request.path,
+                reason=rejected.code,
+                call_sid=rejected.call_sid,
+                status=rejected.status,
+            )
+            return json_error(rejected.status, rejected.code, rejected.detail)
+        return await handler(request, form)
+
+    return route
+
+
+def _twiml(answer: Answer, request: web.Request) -> web.Response:
+    base = request.app[SERVICES].settings.public_base_url
+    return web.Response(text=twiml.render(answer, base), content_type=TWIML)
+
+
+async def voice(request: web.Request, form: MultiDict[str]) -> web.Response:
+    answer = await request.app[SERVICES].answering.incoming(form, list(form.items()))
+    return _twiml(answer, request)
+
+
+async def pin(request: web.Request, form: MultiDict[str]) -> web.Response:
+    attempt_text = request.query.get("attempt", "1")
+    if not attempt_text.isdigit():
+        return json_error(400, "invalid_request", "attempt must be a whole number")
+    answer = await request.app[SERVICES].answering.pin_entered(
+        form, list(form.items()), int(attempt_text)
+    )
+    return _twiml(answer, request)
+
+
+async def conference(request: web.Request, form: MultiDict[str]) -> web.Response:
+    await request.app[SERVICES].ingest.conference_event(form, list(form.items()))
+    return web.Response(status=204)
+
+
+async def call_status(request: web.Request, form: MultiDict[str]) -> web.Response:
+    await request.app[SERVICES].ingest.call_status(form, list(form.items()))
+    return web.Response(status=204)
+
+
+async def fallback(request: web.Request, form: MultiDict[str]) -> web.Response:
+    log.error(
+        "twilio used the fallback URL: the voice webhook failed",
+        error_code=form.get("ErrorCode"),
+        error_url=form.get("ErrorUrl"),
+        call_sid=form.get("CallSid"),
+    )
+    return web.Response(text=twiml.apology(), content_type=TWIML)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/twilio/voice", _twilio_route(voice))
+    app.router.add_post("/twilio/pin", _twilio_route(pin))
+    app.router.add_post("/twilio/conference", _twilio_route(conference))
+    app.router.add_post("/twilio/call-status", _twilio_route(call_status))
+    app.router.add_post("/twilio/fallback", _twilio_route(fallback))

@@ -1,0 +1,66 @@
+"""TwiML for each answer meterd gives a caller. Words are calm and short; nothing here decides."""
+
+from __future__ import annotations
+
+from twilio.twiml.voice_response import Gather, VoiceResponse
+
+from meterd.services.answering import Action, Answer
+
+CONFERENCE_EVENTS = "start end join leave hold modify"
+PIN_DIGITS_MAX = 8
+PIN_TIMEOUT_SECONDS = 10
+
+
+def render(answer: Answer, public_base_url: str) -> str:
+    response = VoiceResponse()
+    if answer.action is Action.CONNECT:
+        dial = response.dial()
+        dial.conference(
+            answer.call_sid,
+            participant_label="customer",
+            start_conference_on_enter=True,
+            end_conference_on_exit=True,
+            status_callback=f"{public_base_url}/twilio/conference",
+            status_callback_method="POST",
+            status_callback_event=CONFERENCE_EVENTS,
+        )
+    elif answer.action is Action.ASK_PIN:
+        pin_url = f"{public_base_url}/twilio/pin?attempt={answer.attempt}"
+        if answer.retry:
+            response.say("Sorry, that PIN was not recognised.")
+        gather = Gather(
+            input="dtmf",
+            action=pin_url,
+            method="POST",
+            finish_on_key="#",
+            num_digits=PIN_DIGITS_MAX,
+            timeout=PIN_TIMEOUT_SECONDS,
+        )
+        gather.say("Please enter your account PIN, then press the pound key.")
+        response.append(gather)
+        response.redirect(pin_url, method="POST")  # no input: counts as a try
+    elif answer.action is Action.UNKNOWN_CALLER:
+        response.say(
+            "We could not find your account, so we cannot connect this call. "
+            "Please contact us by email and we will help you. Goodbye."
+        )
+        response.hangup()
+    elif answer.action is Action.NO_FUNDS:
+        response.say(
+            "Your account has no support minutes left. To buy minutes, please visit "
+            "our website or contact our sales team, then call again. Goodbye."
+        )
+        response.hangup()
+    else:
+        response.hangup()
+    return str(response)
+
+
+def apology() -> str:
+    response = VoiceResponse()
+    response.say(
+        "We are sorry, we cannot take your call right now. Please try again in a few "
+        "minutes. Goodbye."
+    )
+    response.hangup()
+    return str(response)

@@ -1,0 +1,75 @@
+"""An in-process meterd app with Twilio configured, a controllable clock, and signed posting."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from yarl import URL
+
+from meterd.config import load_settings
+from meterd.web.app import create_app
+from tests.twilio_payloads import encode_form, sign
+
+TWILIO_TOKEN = "twilio-auth-token-0123456789abcdef"
+PUBLIC_BASE_URL = "https://calls.example.com/meterd"
+ADMIN = "admin-token-0123456789abcdef"
+AGENTS = "agents-token-0123456789abcdef"
+FORM = "application/x-www-form-urlencoded"
+
+
+class ManualClock:
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def build_app(database: Any, tmp_path: Any, clock: ManualClock, **env: str) -> Any:
+    settings = load_settings(
+        None,
+        {
+            "METERD_STATE_DIR": str(tmp_path),
+            "METERD_ADMIN_TOKEN": ADMIN,
+            "METERD_AGENTS_TOKEN": AGENTS,
+            "METERD_FINANCE_TOKEN": "finance-token-0123456789abcdef",
+            "METERD_PIN_SECRET": "pin-secret-0123456789abcdef",
+            "METERD_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+            "METERD_PUBLIC_BASE_URL": PUBLIC_BASE_URL,
+            **env,
+        },
+    )
+    return create_app(settings, database, clock=clock)
+
+
+async def post_twilio(
+    client: Any,
+    path: str,
+    params: Mapping[str, str],
+    *,
+    token: str = TWILIO_TOKEN,
+    signature: str | None = None,
+) -> Any:
+    """POST a form exactly as Twilio would, signed over the public URL."""
+    if signature is None:
+        signature = sign(PUBLIC_BASE_URL + path, params, token)
+    return await client.post(
+        URL(path, encoded=True),
+        data=encode_form(params),
+        headers={"Content-Type": FORM, "X-Twilio-Signature": signature},
+    )
+
+
+async def admin(client: Any, method: str, path: str, body: Any = None) -> Any:
+    return await client.request(
+        method, path, json=body, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+
+
+async def agents(client: Any, path: str, body: Any) -> Any:
+    return await client.post(path, json=body, headers={"Authorization": f"Bearer {AGENTS}"})
