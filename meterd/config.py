@@ -309,6 +309,16 @@ SETTINGS: tuple[Setting, ...] = (
         "reasons an agent may give for a waiver",
     ),
     Setting(
+        "settle_delay_seconds",
+        "billing",
+        int,
+        300,
+        "a call is settled this long after it ended (late webhooks arrive, research may still "
+        "start); after settlement its minutes are final",
+        minimum=0,
+        maximum=24 * 3600,
+    ),
+    Setting(
         "stale_call_hours",
         "billing",
         int,
@@ -352,6 +362,23 @@ SETTINGS: tuple[Setting, ...] = (
         "most due minutes one metering tick posts",
         minimum=1,
         maximum=1_000_000,
+    ),
+    # [twilio]
+    Setting(
+        "twilio_account_sid",
+        "twilio",
+        str,
+        "",
+        "the Twilio account (AC...) meterd's REST requests act on (announcements, hang-ups). "
+        "Empty: no REST requests are made, and they are logged instead",
+    ),
+    Setting(
+        "twilio_api_base_url",
+        "twilio",
+        str,
+        "https://api.twilio.com",
+        "Twilio's REST API address (tests point it at a local server)",
+        check=_check_public_base_url,
     ),
     # [log]
     Setting(

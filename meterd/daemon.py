@@ -11,7 +11,7 @@ from aiohttp import web
 from meterd.clock import Clock, system_clock
 from meterd.config import Settings
 from meterd.logs import AccessLogger, get_logger
-from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, add_interval_job, create_scheduler
+from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, create_scheduler
 from meterd.services.errors import InvariantBroken
 from meterd.store.database import open_database
 from meterd.web.app import SERVICES, create_app
@@ -61,12 +61,13 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         await database.close()
         return EXIT_STARTUP_FAILED
 
-    scheduler = create_scheduler()
-    add_interval_job(
-        scheduler,
-        "close-stale-calls",
-        app[SERVICES].ingest.close_stale_calls,
-        STALE_SWEEP_INTERVAL_SECONDS,
+    services = app[SERVICES]
+    scheduler = create_scheduler(on_invariant_broken)
+    tick_seconds = settings.tick_interval_seconds
+    scheduler.every(tick_seconds, "metering-tick", services.metering.tick)
+    scheduler.every(tick_seconds, "twilio-outbox", services.outbox.dispatch)
+    scheduler.every(
+        STALE_SWEEP_INTERVAL_SECONDS, "close-stale-calls", services.ingest.close_stale_calls
     )
     scheduler.start()
 
@@ -87,8 +88,10 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     log.info("ready", listen=f"{settings.listen_host}:{settings.listen_port}")
     await stop.wait()
     scheduler.pause()
+    if not await scheduler.drain(settings.shutdown_timeout_seconds):
+        log.warning("a scheduled job was still running at the stop timeout")
     await runner.cleanup()  # stops listening, finishes in-flight requests, runs cleanup hooks
-    scheduler.shutdown(wait=False)
+    scheduler.shutdown()
     await database.close()
     log.info("stopped", exit_status=exit_status)
     return exit_status

@@ -11,7 +11,13 @@ Books (ledger accounts):
 - `system:minutes:issued`           where granted, included and purchased minutes come from
 - `system:minutes:used`             where minutes taken for calls go
 - `system:<CUR>:deposits_received`  where deposited money comes from (cash received)
-- `system:<CUR>:usage_revenue`      where money taken from deposits for calls goes
+- `system:<CUR>:usage_revenue`      where money taken for call minutes goes
+- `system:<CUR>:incident_revenue`   where per-incident charges go
+- `customer:<account_id>:receivable` what the customer owes beyond their funds (negative), in
+                                     the account's currency, for finance to invoice
+- `system:minutes:unbanked`         where the agent-minute of a minute not paid from the bank
+                                     comes from (money-funded or covered by the plan), so every
+                                     metered minute moves one agent-minute into minutes:used
 
 A correction never edits: it is a new transaction, e.g. `reversal_of(t)`.
 """
@@ -42,6 +48,7 @@ class UnbalancedTransaction(LedgerError):
 class BookKind(StrEnum):
     BANK = "bank"
     DEPOSIT = "deposit"
+    RECEIVABLE = "receivable"
     SYSTEM = "system"
 
 
@@ -53,8 +60,13 @@ def deposit_book(account_id: str) -> str:
     return f"customer:{account_id}:deposit"
 
 
+def receivable_book(account_id: str) -> str:
+    return f"customer:{account_id}:receivable"
+
+
 MINUTES_ISSUED = "system:minutes:issued"
 MINUTES_USED = "system:minutes:used"
+MINUTES_UNBANKED = "system:minutes:unbanked"
 
 
 def deposits_received_book(currency: str) -> str:
@@ -63,6 +75,10 @@ def deposits_received_book(currency: str) -> str:
 
 def usage_revenue_book(currency: str) -> str:
     return f"system:{check_currency(currency)}:usage_revenue"
+
+
+def incident_revenue_book(currency: str) -> str:
+    return f"system:{check_currency(currency)}:incident_revenue"
 
 
 def system_book_unit(book: str) -> str:
@@ -159,10 +175,16 @@ def transfer(
     )
 
 
-def reversal_of(original: Transaction, key: str, memo: str = "") -> Transaction:
+def reversal_key(original_key: str) -> str:
+    """One key per reversed transaction, whatever the cause (settlement, waiver): a transaction
+    is reversed at most once, and the database holds `reverses_key` unique too."""
+    return f"reversal:{original_key}"
+
+
+def reversal_of(original: Transaction, key: str | None = None, memo: str = "") -> Transaction:
     """The compensating transaction that undoes `original` exactly."""
     return Transaction(
-        key=key,
+        key=key or reversal_key(original.key),
         kind="reversal",
         account_id=original.account_id,
         call_sid=original.call_sid,
@@ -211,4 +233,85 @@ def included_minutes(account_id: str, minutes: int) -> Transaction:
         to_book=bank_book(account_id),
         account_id=account_id,
         memo="included minutes of the first main product",
+    )
+
+
+def minute_key(call_sid: str, agent_id: str, n: int) -> str:
+    return f"call:{call_sid}:agent:{agent_id}:minute:{n}"
+
+
+# Kinds of transaction that charge the customer (and that a waiver reverses). A covered minute
+# records usage at zero price and is not a charge.
+CHARGE_KINDS = frozenset(
+    {
+        "minute_bank",
+        "minute_deposit",
+        "minute_debt",
+        "minute_receivable",
+        "incident_deposit",
+        "incident_receivable",
+    }
+)
+
+
+def minute(
+    call_sid: str,
+    agent_id: str,
+    n: int,
+    *,
+    account_id: str,
+    currency: str,
+    source: str,
+    amount_minor: int,
+) -> Transaction:
+    """Agent `agent_id`'s minute `n` on a call. Every minute moves one agent-minute into
+    `minutes:used`: from the bank if banked, else from `minutes:unbanked`; a priced minute also
+    moves its money from the deposit (or, owed, from the receivable) to usage revenue."""
+    key = minute_key(call_sid, agent_id, n)
+    legs: list[Posting] = [Posting(MINUTES_USED, MINUTES, 1)]
+    if source == "bank":
+        legs.append(Posting(bank_book(account_id), MINUTES, -1))
+    else:
+        legs.append(Posting(MINUTES_UNBANKED, MINUTES, -1))
+    if source in ("deposit", "debt", "receivable"):
+        payer = receivable_book(account_id) if source == "receivable" else deposit_book(account_id)
+        legs += [
+            Posting(payer, currency, -amount_minor),
+            Posting(usage_revenue_book(currency), currency, amount_minor),
+        ]
+    elif source not in ("bank", "covered"):
+        raise LedgerError(f"unknown funding source {source!r}")
+    return Transaction(
+        key=key,
+        kind=f"minute_{source}",
+        postings=tuple(legs),
+        account_id=account_id,
+        call_sid=call_sid,
+        memo=f"agent {agent_id} minute {n}",
+    )
+
+
+def incident(
+    group_sid: str,
+    k: int,
+    *,
+    call_sid: str,
+    account_id: str,
+    currency: str,
+    owed: bool,
+    amount_minor: int,
+) -> Transaction:
+    """The `k`-th incident of an incident group (the first call and its linked follow-ups),
+    charged from the deposit, or owed as a receivable."""
+    payer = receivable_book(account_id) if owed else deposit_book(account_id)
+    return transfer(
+        f"incident:{group_sid}:{k}",
+        "incident_receivable" if owed else "incident_deposit",
+        unit=currency,
+        amount=amount_minor,
+        from_book=payer,
+        to_book=incident_revenue_book(currency),
+        account_id=account_id,
+        call_sid=call_sid,
+        memo=f"incident {k} of {group_sid}",
     )

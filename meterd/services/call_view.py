@@ -6,9 +6,10 @@ import datetime as dt
 from typing import Any
 
 from meterd.clock import Clock
-from meterd.core.timeline import Timeline, agent_minutes, build_timeline
+from meterd.core import ledger
+from meterd.core.timeline import Timeline, agent_minutes
 from meterd.services.errors import NotFound
-from meterd.store import calls_store
+from meterd.store import calls_store, ledger_store
 from meterd.store.database import Database
 
 
@@ -21,28 +22,30 @@ class CallViewService:
         self._increment_seconds = increment_seconds
         self._research_max_seconds = research_max_minutes * 60
 
-    async def timeline(self, call_sid: str) -> tuple[Any, Timeline]:
-        """The call's row and its timeline, open intervals counted up to now."""
+    async def timeline(self, call_sid: str) -> tuple[Any, Timeline, dict[str, Any]]:
+        """The call's row, its timeline (open intervals counted up to now) and its charges."""
         async with self._database.read() as connection:
             call = await calls_store.get_call(connection, call_sid)
             if call is None:
                 raise NotFound(f"no call {call_sid}")
-            events = await calls_store.conference_events(connection, call_sid)
-            marks = await calls_store.marks(connection, call_sid)
-            leg_end = await calls_store.customer_leg_end(connection, call_sid)
-        if call.closed_by_sweeper and call.ended_at is not None:
-            leg_end = call.ended_at if leg_end is None else min(leg_end, call.ended_at)
-        timeline = build_timeline(
-            events,
-            marks,
-            now_seconds=int(self._clock().timestamp()),
-            research_max_seconds=self._research_max_seconds,
-            call_ended_at_seconds=None if leg_end is None else int(leg_end.timestamp()),
-        )
-        return call, timeline
+            timeline = await calls_store.load_timeline(
+                connection, call, self._clock(), self._research_max_seconds
+            )
+            totals = await ledger_store.call_book_totals(connection, call_sid)
+            incidents = await ledger_store.net_incidents(connection, call_sid)
+        account_id = call.account_id or ""
+        charges = {
+            "bank_minutes": -totals.get(ledger.bank_book(account_id), 0),
+            "deposit_minor": -totals.get(ledger.deposit_book(account_id), 0),
+            "card_minor": 0,
+            "owed_minor": -totals.get(ledger.receivable_book(account_id), 0),
+            "incidents": incidents,
+            "waived": call.waived_at is not None,
+        }
+        return call, timeline, charges
 
     async def view(self, call_sid: str) -> dict[str, Any]:
-        call, timeline = await self.timeline(call_sid)
+        call, timeline, charges = await self.timeline(call_sid)
         return {
             "call_sid": call.call_sid,
             "account_id": call.account_id,
@@ -64,13 +67,10 @@ class CallViewService:
                 for agent_id, time in timeline.agents.items()
             },
             "unlabelled_agents": list(timeline.unlabelled_agents),
-            "charges": {
-                "bank_minutes": 0,
-                "deposit_minor": 0,
-                "card_minor": 0,
-                "incidents": 0,
-                "waived": False,
-            },
+            "charges": charges,
+            "settled_at": call.settled_at and call.settled_at.isoformat(),
+            "waiver_reason": call.waiver_reason,
+            "incident": call.incident_group,
             "timeline": [
                 {"at": _iso(entry.at_seconds), "event": entry.text} for entry in timeline.entries
             ],

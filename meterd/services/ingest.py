@@ -110,6 +110,7 @@ class IngestService:
             if call.conference_sid is None:
                 await calls_store.update_call(connection, call_sid, conference_sid=conference_sid)
             await calls_store.touch(connection, call_sid, event_at)
+            await calls_store.wake(connection, call_sid, self._clock())
             if kind == "conference-end":
                 await calls_store.end_call(connection, call_sid, event_at, "conference-end")
         if (
@@ -159,6 +160,7 @@ class IngestService:
             if not new:
                 return Recorded(call_sid, new=False)
             await calls_store.touch(connection, call_sid, event_at)
+            await calls_store.wake(connection, call_sid, self._clock())
             if status in TERMINAL_CALL_STATUSES:
                 await calls_store.end_call(connection, call_sid, event_at, f"call-{status}")
         return Recorded(call_sid, new=True)

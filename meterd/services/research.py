@@ -7,8 +7,8 @@ up. Decisions where the rules are silent:
 - research cannot start before the call began (the earlier of meterd answering it and the first
   Twilio timestamp recorded for it), end in the future, or last longer than
   `research_max_minutes`;
-- after the call ended, research may start for up to `research_max_minutes` more (so a call's
-  charges settle within a bounded time);
+- after the call ended, research may start until the call is settled (`settle_delay_seconds`
+  after its end, and not while research is open); a settled call's minutes are final (409);
 - a second `start` while one is open, or a repeated identical interval, changes nothing (200);
   `stop` with nothing open is a 409.
 """
@@ -74,12 +74,9 @@ class ResearchService:
                 raise NotFound(f"no call {call_sid}")
             if call.status in (CallStatus.MENU, CallStatus.REJECTED):
                 raise Conflict(f"call {call_sid} was never connected to an agent")
+            if call.settled_at is not None:
+                raise Conflict(f"call {call_sid} is settled; its minutes are final")
             if action == "start":
-                if call.ended_at is not None and now > call.ended_at + self._max:
-                    raise Conflict(
-                        f"call {call_sid} ended more than {self._max} ago; research "
-                        f"can no longer start on it"
-                    )
                 if await calls_store.open_mark(connection, call_sid, agent_id) is None:
                     await calls_store.add_mark(connection, call_sid, agent_id, now, None, now)
                     outcome = "started"
@@ -106,8 +103,6 @@ class ResearchService:
                     raise InvalidRequest("research cannot start before the call started")
                 if end > now + dt.timedelta(seconds=CLOCK_SKEW_SECONDS):
                     raise InvalidRequest("end is in the future")
-                if call.ended_at is not None and start > call.ended_at + self._max:
-                    raise Conflict(f"research must start within {self._max} of the call's end")
                 if await calls_store.add_mark(connection, call_sid, agent_id, start, end, now):
                     outcome = "recorded"
                 elif (int(start.timestamp()), int(end.timestamp())) in {
@@ -121,6 +116,7 @@ class ResearchService:
                         f"agent {agent_id} already has research starting at "
                         f"{start.isoformat()} on {call_sid} with another end"
                     )
+            await calls_store.wake(connection, call_sid, now)
             marks = [
                 m for m in await calls_store.marks(connection, call_sid) if m.agent_id == agent_id
             ]

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Row, and_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterd.core.timeline import ConferenceEvent, ResearchMark
+from meterd.core.timeline import ConferenceEvent, ResearchMark, Timeline, build_timeline
 from meterd.store.schema import calls, research_marks, webhook_events
 from meterd.store.sql import insert_ignoring_conflict
 
@@ -262,3 +262,30 @@ async def touch(connection: AsyncConnection, call_sid: str, at: dt.datetime) -> 
 
 def params_of(raw_json: str) -> Mapping[str, str]:
     return dict(json.loads(raw_json))
+
+
+async def load_timeline(
+    connection: AsyncConnection, call: Row[Any], now: dt.datetime, research_max_seconds: int
+) -> Timeline:
+    """The call's timeline from everything recorded for it, open intervals counted to `now`."""
+    events = await conference_events(connection, call.call_sid)
+    research = await marks(connection, call.call_sid)
+    leg_end = await customer_leg_end(connection, call.call_sid)
+    if call.closed_by_sweeper and call.ended_at is not None:
+        leg_end = call.ended_at if leg_end is None else min(leg_end, call.ended_at)
+    return build_timeline(
+        events,
+        research,
+        now_seconds=int(now.timestamp()),
+        research_max_seconds=research_max_seconds,
+        call_ended_at_seconds=None if leg_end is None else int(leg_end.timestamp()),
+    )
+
+
+async def wake(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> None:
+    """Something changed the call's timeline: let the metering tick look at it now."""
+    await connection.execute(
+        update(calls)
+        .where(calls.c.call_sid == call_sid, calls.c.settled_at.is_(None))
+        .values(next_due_at=now)
+    )

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterd.core.ledger import BookKind, LedgerError, Transaction, system_book_unit
+from meterd.core.ledger import BookKind, LedgerError, Posting, Transaction, system_book_unit
 from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
 from meterd.store.sql import insert_ignoring_conflict
 
@@ -157,3 +158,135 @@ async def posted_sum(connection: AsyncConnection, book: str) -> int:
         )
     ).scalar_one()
     return int(value)
+
+
+async def balances_for_update(connection: AsyncConnection, books: list[str]) -> dict[str, int]:
+    """Balances, locked until the transaction ends (PostgreSQL; SQLite's write transaction is
+    exclusive already), so a funding decision cannot be overtaken by another transaction."""
+    query = (
+        select(ledger_books.c.book, ledger_books.c.balance)
+        .where(ledger_books.c.book.in_(books))
+        .order_by(ledger_books.c.book)
+    )
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {row.book: int(row.balance) for row in await connection.execute(query)}
+
+
+async def load_transaction(connection: AsyncConnection, key: str) -> Transaction | None:
+    """A posted transaction, rebuilt from its rows (to reverse it exactly)."""
+    row = (
+        await connection.execute(
+            select(ledger_transactions).where(ledger_transactions.c.idempotency_key == key)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    postings = await connection.execute(
+        select(ledger_postings.c.book, ledger_postings.c.unit, ledger_postings.c.amount)
+        .where(ledger_postings.c.transaction_id == row.transaction_id)
+        .order_by(ledger_postings.c.posting_id)
+    )
+    return Transaction(
+        key=row.idempotency_key,
+        kind=row.kind,
+        account_id=row.account_id,
+        call_sid=row.call_sid,
+        memo=row.memo,
+        reverses_key=row.reverses_key,
+        postings=tuple(Posting(p.book, p.unit, int(p.amount)) for p in postings),
+    )
+
+
+async def unreversed_keys(
+    connection: AsyncConnection, call_sid: str, kinds: frozenset[str]
+) -> list[str]:
+    """Keys of the call's transactions of these kinds that no transaction reverses yet."""
+    reversal = ledger_transactions.alias("reversal")
+    rows = await connection.scalars(
+        select(ledger_transactions.c.idempotency_key)
+        .outerjoin(reversal, reversal.c.reverses_key == ledger_transactions.c.idempotency_key)
+        .where(
+            ledger_transactions.c.call_sid == call_sid,
+            ledger_transactions.c.kind.in_(kinds),
+            reversal.c.transaction_id.is_(None),
+        )
+        .order_by(ledger_transactions.c.transaction_id)
+    )
+    return list(rows.all())
+
+
+async def call_book_totals(connection: AsyncConnection, call_sid: str) -> dict[str, int]:
+    """Net movement per book of everything posted for the call (reversals included)."""
+    rows = await connection.execute(
+        select(ledger_postings.c.book, func.sum(ledger_postings.c.amount))
+        .join(
+            ledger_transactions,
+            ledger_transactions.c.transaction_id == ledger_postings.c.transaction_id,
+        )
+        .where(ledger_transactions.c.call_sid == call_sid)
+        .group_by(ledger_postings.c.book)
+    )
+    return {book: int(total) for book, total in rows}
+
+
+async def list_transactions(
+    connection: AsyncConnection,
+    *,
+    account_id: str | None,
+    call_sid: str | None,
+    since: dt.datetime | None,
+    after_id: int,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Transactions with their postings, oldest first, after a transaction id (a cursor)."""
+    query = select(ledger_transactions).where(ledger_transactions.c.transaction_id > after_id)
+    if account_id is not None:
+        query = query.where(ledger_transactions.c.account_id == account_id)
+    if call_sid is not None:
+        query = query.where(ledger_transactions.c.call_sid == call_sid)
+    if since is not None:
+        query = query.where(ledger_transactions.c.posted_at >= since)
+    rows = (
+        await connection.execute(query.order_by(ledger_transactions.c.transaction_id).limit(limit))
+    ).all()
+    postings: dict[int, list[dict[str, Any]]] = {row.transaction_id: [] for row in rows}
+    if rows:
+        for posting in await connection.execute(
+            select(ledger_postings)
+            .where(ledger_postings.c.transaction_id.in_(postings))
+            .order_by(ledger_postings.c.posting_id)
+        ):
+            postings[posting.transaction_id].append(
+                {"book": posting.book, "unit": posting.unit, "amount": int(posting.amount)}
+            )
+    return [
+        {
+            "transaction_id": row.transaction_id,
+            "key": row.idempotency_key,
+            "kind": row.kind,
+            "account_id": row.account_id,
+            "call_sid": row.call_sid,
+            "memo": row.memo,
+            "reverses_key": row.reverses_key,
+            "posted_at": row.posted_at.isoformat(),
+            "postings": postings[row.transaction_id],
+        }
+        for row in rows
+    ]
+
+
+async def net_incidents(connection: AsyncConnection, call_sid: str) -> int:
+    """Incidents charged on the call, less those reversed (waived)."""
+    reversal = ledger_transactions.alias("reversal")
+    value = await connection.scalar(
+        select(func.count())
+        .select_from(ledger_transactions)
+        .outerjoin(reversal, reversal.c.reverses_key == ledger_transactions.c.idempotency_key)
+        .where(
+            ledger_transactions.c.call_sid == call_sid,
+            ledger_transactions.c.kind.in_(("incident_deposit", "incident_receivable")),
+            reversal.c.transaction_id.is_(None),
+        )
+    )
+    return int(value or 0)

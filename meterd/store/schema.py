@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
+    Index,
     Integer,
     MetaData,
     String,
@@ -101,9 +102,10 @@ ledger_transactions = Table(
     Column("kind", String(40), nullable=False),
     Column("account_id", String(64), nullable=True, index=True),
     Column("call_sid", String(64), nullable=True, index=True),
-    Column("reverses_key", String(255), nullable=True),
+    Column("reverses_key", String(255), nullable=True),  # unique: reversed at most once
     Column("memo", Text, nullable=False),
     Column("posted_at", UtcDateTime, nullable=False, index=True),
+    Index("uq_ledger_transactions_reverses_key", "reverses_key", unique=True),
 )
 
 ledger_postings = Table(
@@ -143,6 +145,14 @@ calls = Table(
     Column("end_reason", String(64), nullable=True),
     Column("closed_by_sweeper", Boolean, nullable=False),
     Column("last_event_at", UtcDateTime, nullable=False),
+    # metering (0003)
+    Column("next_due_at", UtcDateTime, nullable=True, index=True),
+    Column("settled_at", UtcDateTime, nullable=True),
+    Column("incident_group", String(64), nullable=True),
+    Column("waived_at", UtcDateTime, nullable=True),
+    Column("waiver_reason", String(64), nullable=True),
+    Column("warned_at", UtcDateTime, nullable=True),
+    Column("exhausted_at", UtcDateTime, nullable=True),
 )
 
 webhook_events = Table(
@@ -172,4 +182,46 @@ research_marks = Table(
     Column("end_at", UtcDateTime, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     UniqueConstraint("call_sid", "agent_id", "start_at", name="uq_research_marks_start"),
+)
+
+call_agent_minutes = Table(
+    "call_agent_minutes",
+    metadata,
+    Column("call_sid", String(64), ForeignKey("calls.call_sid"), primary_key=True),
+    Column("agent_id", String(128), primary_key=True),
+    # How many of this agent's minutes on this call are in the ledger: moved only in the same
+    # transaction as the postings, so it never runs ahead of them.
+    Column("minutes_posted", Integer, nullable=False),
+)
+
+rates = Table(
+    "rates",
+    metadata,
+    Column("rate_id", RowId, primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("effective_from", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint(
+        "kind", "currency", "effective_from", name="uq_rates_kind_currency_effective_from"
+    ),
+    CheckConstraint("amount_minor >= 0", name="ck_rates_amount_not_negative"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("outbox_id", RowId, primary_key=True, autoincrement=True),
+    Column("request_key", String(200), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("call_sid", String(64), nullable=False),
+    Column("target_sid", String(64), nullable=False),
+    Column("argument", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("done_at", UtcDateTime, nullable=True),
+    Column("failed_at", UtcDateTime, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Index("ix_outbox_pending", "done_at", "failed_at"),
 )

@@ -5,6 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from meterd.services.accounts import MoneyIn
+from meterd.services.errors import InvalidRequest
+from meterd.services.research import parse_instant
+from meterd.store import ledger_store
 from meterd.web.app import SERVICES, read_json
 
 
@@ -64,6 +67,49 @@ async def get_call(request: web.Request) -> web.Response:
     )
 
 
+LEDGER_PAGE_MAX = 500
+
+
+async def get_ledger(request: web.Request) -> web.Response:
+    """Ledger transactions, oldest first; page with `after_id` (the last id of a page)."""
+    query = request.query
+    try:
+        after_id = int(query.get("after_id", "0"))
+        limit = min(int(query.get("limit", "100")), LEDGER_PAGE_MAX)
+    except ValueError:
+        raise InvalidRequest("after_id and limit must be whole numbers") from None
+    if after_id < 0 or limit < 1:
+        raise InvalidRequest("after_id must be >= 0 and limit >= 1")
+    since = parse_instant(dict(query), "since") if "since" in query else None
+    async with request.app[SERVICES].database.read() as connection:
+        transactions = await ledger_store.list_transactions(
+            connection,
+            account_id=query.get("account_id"),
+            call_sid=query.get("call_sid"),
+            since=since,
+            after_id=after_id,
+            limit=limit,
+        )
+    return web.json_response(
+        {
+            "transactions": transactions,
+            "next_after_id": transactions[-1]["transaction_id"]
+            if len(transactions) == limit
+            else None,
+        }
+    )
+
+
+async def add_rate(request: web.Request) -> web.Response:
+    return web.json_response(
+        await request.app[SERVICES].rates.add(await read_json(request)), status=201
+    )
+
+
+async def list_rates(request: web.Request) -> web.Response:
+    return web.json_response({"rates": await request.app[SERVICES].rates.list()})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/accounts", create_account)
     app.router.add_get("/admin/accounts", list_accounts)
@@ -72,3 +118,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/accounts/{account_id}/deposits", add_deposit)
     app.router.add_post("/admin/accounts/{account_id}/minutes", add_minutes)
     app.router.add_get("/admin/calls/{call_sid}", get_call)
+    app.router.add_get("/admin/ledger", get_ledger)
+    app.router.add_post("/admin/rates", add_rate)
+    app.router.add_get("/admin/rates", list_rates)

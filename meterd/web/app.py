@@ -19,8 +19,13 @@ from meterd.services.accounts import AccountService, AccountSettings
 from meterd.services.answering import AnsweringService, AnsweringSettings
 from meterd.services.call_view import CallViewService
 from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, NotFound, ServiceError
+from meterd.services.incidents import IncidentService
 from meterd.services.ingest import IngestService
+from meterd.services.metering import MeteringService, MeteringSettings
+from meterd.services.outbox import OutboxDispatcher, TwilioCalls
+from meterd.services.rates import RateBook, RateKind
 from meterd.services.research import ResearchService
+from meterd.services.waivers import WaiverService
 from meterd.store.database import Database
 
 log = get_logger("meterd.web")
@@ -53,6 +58,11 @@ class Services:
     ingest: IngestService
     research: ResearchService
     call_view: CallViewService
+    metering: MeteringService
+    waivers: WaiverService
+    incidents: IncidentService
+    rates: RateBook
+    outbox: OutboxDispatcher
     on_invariant_broken: Callable[[InvariantBroken], None]
 
 
@@ -158,6 +168,7 @@ def create_app(
     *,
     clock: Clock,
     on_invariant_broken: Callable[[InvariantBroken], None] | None = None,
+    twilio_rest: TwilioCalls | None = None,
 ) -> web.Application:
     """The composition root: every service is built here, from settings, database and clock."""
     from meterd.web import admin, agents, ops, twilio
@@ -183,6 +194,30 @@ def create_app(
         ),
         clock,
     )
+    rates = RateBook(
+        database,
+        clock,
+        {
+            RateKind.PER_AGENT_MINUTE: settings.rate_per_agent_minute_minor,
+            RateKind.INCIDENT: settings.incident_price_minor,
+            RateKind.BLOCK: settings.block_price_minor,
+        },
+    )
+    metering = MeteringService(
+        database,
+        MeteringSettings(
+            increment_seconds=settings.increment_seconds,
+            research_max_minutes=settings.research_max_minutes,
+            on_exhausted=settings.on_exhausted,
+            warn_minutes_left=settings.warn_minutes_left,
+            grace_seconds=settings.grace_seconds,
+            settle_delay_seconds=settings.settle_delay_seconds,
+            tick_batch_max=settings.tick_batch_max,
+            public_base_url=settings.public_base_url,
+        ),
+        clock,
+        rates,
+    )
     app[SERVICES] = Services(
         settings=settings,
         database=database,
@@ -199,6 +234,13 @@ def create_app(
             increment_seconds=settings.increment_seconds,
             research_max_minutes=settings.research_max_minutes,
         ),
+        metering=metering,
+        waivers=WaiverService(
+            database, clock, reasons=settings.waiver_reasons, waiver_days=settings.waiver_days
+        ),
+        incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
+        rates=rates,
+        outbox=OutboxDispatcher(database, twilio_rest, clock),
         on_invariant_broken=on_invariant_broken or _raise,
     )
     admin.add_routes(app)

@@ -95,9 +95,18 @@ async def fallback(request: web.Request, form: MultiDict[str]) -> web.Response:
     return web.Response(text=twiml.apology(), content_type=TWIML)
 
 
+async def announcement(request: web.Request, form: MultiDict[str]) -> web.Response:
+    """What the conference hears when funds run low or out (fetched by Twilio: AnnounceUrl)."""
+    message = request.query.get("message", "")
+    if message not in twiml.ANNOUNCEMENTS:
+        return json_error(400, "invalid_request", "unknown announcement")
+    return web.Response(text=twiml.announcement(message), content_type=TWIML)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/twilio/voice", _twilio_route(voice))
     app.router.add_post("/twilio/pin", _twilio_route(pin))
     app.router.add_post("/twilio/conference", _twilio_route(conference))
     app.router.add_post("/twilio/call-status", _twilio_route(call_status))
     app.router.add_post("/twilio/fallback", _twilio_route(fallback))
+    app.router.add_post("/twilio/announcement", _twilio_route(announcement))

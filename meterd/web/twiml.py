@@ -64,3 +64,16 @@ def apology() -> str:
     )
     response.hangup()
     return str(response)
+
+
+ANNOUNCEMENTS = {
+    "warn": "Please note: your account has only a few support minutes left.",
+    "exhausted": "Your account has no support minutes left. This call will end shortly. "
+    "To buy more minutes, please visit our website.",
+}
+
+
+def announcement(message: str) -> str:
+    response = VoiceResponse()
+    response.say(ANNOUNCEMENTS[message])
+    return str(response)

@@ -1,0 +1,103 @@
+"""Rating: from billable time to agent-minutes and incidents, and how each minute is funded.
+
+Pure functions, no I/O. Minute `n` of an agent is due the moment its billable time passes
+`(n - 1) * increment_seconds`: the first minute as soon as the agent becomes billable, so at any
+moment the minutes due are `ceil(billable_seconds / increment_seconds)`, and at completion the
+same formula gives the call's final count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from meterd.core.money import ceil_div
+from meterd.core.timeline import Interval
+
+INCIDENT_SECONDS = 2 * 60 * 60  # an incident covers up to 2 hours of billable communication
+
+
+def minutes_due(billable_seconds: int, increment_seconds: int) -> int:
+    """How many minutes have been taken once `billable_seconds` have passed."""
+    return ceil_div(billable_seconds, increment_seconds)
+
+
+def minute_due_at_seconds(
+    billable: Sequence[Interval], n: int, increment_seconds: int
+) -> int | None:
+    """The moment (epoch seconds) minute `n` became due: when cumulative billable time first
+    exceeded `(n - 1) * increment_seconds`. None if it has not (yet)."""
+    if n < 1:
+        raise ValueError(f"minutes are numbered from 1, got {n}")
+    threshold = (n - 1) * increment_seconds
+    elapsed = 0
+    for interval in sorted(billable):
+        if elapsed + interval.seconds > threshold:
+            return interval.start_seconds + (threshold - elapsed)
+        elapsed += interval.seconds
+    return None
+
+
+def next_minute_due_at_seconds(
+    billable: Sequence[Interval], minutes_posted: int, increment_seconds: int, now_seconds: int
+) -> int | None:
+    """When the next minute falls due if billable time keeps accruing: only an interval still
+    open at `now_seconds` accrues. None if the agent is not accruing now."""
+    accruing = any(i.end_seconds >= now_seconds for i in billable)
+    if not accruing:
+        return None
+    billable_seconds = sum(i.seconds for i in billable)
+    # minute minutes_posted + 1 is due once billable > minutes_posted * increment
+    needed = minutes_posted * increment_seconds - billable_seconds
+    return now_seconds + max(needed, 0) + 1
+
+
+def incidents_due(union_billable_seconds: int) -> int:
+    """Per-incident: one incident per started 2 hours of billable communication."""
+    return ceil_div(union_billable_seconds, INCIDENT_SECONDS)
+
+
+class Source(StrEnum):
+    """Where an agent-minute's value comes from."""
+
+    COVERED = "covered"  # service agreement or per-incident: metered at zero price
+    BANK = "bank"  # one banked minute
+    DEPOSIT = "deposit"  # the rate, from the prepaid deposit
+    DEBT = "debt"  # the rate, from the deposit below zero (on_exhausted = allow_debt)
+    RECEIVABLE = "receivable"  # the rate, owed by the customer (nothing left to take it from)
+
+
+@dataclass(frozen=True)
+class Funding:
+    source: Source
+    minutes: int = 0  # agent-minutes taken from the bank
+    amount_minor: int = 0  # money taken, at the rate in force
+
+
+def fund_minute(
+    *, per_minute: bool, bank_minutes: int, deposit_minor: int, rate_minor: int, allow_debt: bool
+) -> Funding:
+    """The funding of one agent-minute, in the plan's order: bank, then deposit at the rate;
+    past both, debt under allow_debt, else a receivable (every minute is still written)."""
+    if not per_minute:
+        return Funding(Source.COVERED)
+    if bank_minutes >= 1:
+        return Funding(Source.BANK, minutes=1)
+    if rate_minor == 0:
+        return Funding(Source.COVERED)
+    if deposit_minor >= rate_minor:
+        return Funding(Source.DEPOSIT, amount_minor=rate_minor)
+    if allow_debt:
+        return Funding(Source.DEBT, amount_minor=rate_minor)
+    return Funding(Source.RECEIVABLE, amount_minor=rate_minor)
+
+
+def minutes_left(bank_minutes: int, deposit_minor: int, rate_minor: int) -> int:
+    """Agent-minutes the bank and deposit can still pay for."""
+    from_deposit = deposit_minor // rate_minor if rate_minor > 0 and deposit_minor > 0 else 0
+    return max(bank_minutes, 0) + from_deposit
+
+
+def total_minutes(billable_by_agent: Iterable[int], increment_seconds: int) -> int:
+    return sum(minutes_due(seconds, increment_seconds) for seconds in billable_by_agent)

@@ -1,0 +1,519 @@
+"""Live metering and settlement: each call's timeline, turned into ledger postings as it goes.
+
+The tick (an APScheduler job, every `tick_interval_seconds`) picks the calls whose next minute
+is due (`calls.next_due_at`), rebuilds each one's timeline from its recorded events, and posts
+every minute now due, funded in the plan's order, in one database transaction per call together
+with the "minutes posted" marker (`call_agent_minutes`), so the marker never runs ahead of the
+ledger and a restart, a second daemon or a `kill -9` neither loses nor repeats a minute. Each
+minute's idempotency key is `call:<sid>:agent:<id>:minute:<n>`.
+
+A call's row is locked while it is metered (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so a second
+daemon moves on to other calls; SQLite's write transaction is exclusive).
+
+Settlement, once per call, `settle_delay_seconds` after it ended (late webhooks, research begun
+after hang-up) and once no research is open: the final timeline from event timestamps decides
+each agent's minutes; minutes taken live that it does not support are reversed, missing ones are
+posted, per-incident calls are charged, and a waived call has every charge reversed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Row, and_, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.clock import Clock
+from meterd.core import ledger, rating
+from meterd.core.ledger import BookKind
+from meterd.core.plans import Plan
+from meterd.core.rating import Funding, Source
+from meterd.core.timeline import Timeline
+from meterd.logs import get_logger
+from meterd.services.errors import InvariantBroken
+from meterd.services.outbox import OutboxKind, enqueue
+from meterd.services.rates import RateBook, RateKind
+from meterd.store import calls_store, ledger_store
+from meterd.store.calls_store import CallStatus
+from meterd.store.database import Database
+from meterd.store.schema import accounts, call_agent_minutes, calls, ledger_books, research_marks
+from meterd.store.sql import insert_ignoring_conflict
+
+log = get_logger("meterd.metering")
+
+
+@dataclass(frozen=True)
+class MeteringSettings:
+    increment_seconds: int
+    research_max_minutes: int
+    on_exhausted: str  # card, announce or allow_debt
+    warn_minutes_left: int
+    grace_seconds: int
+    settle_delay_seconds: int
+    tick_batch_max: int
+    public_base_url: str
+
+
+@dataclass
+class TickReport:
+    calls_metered: int = 0
+    minutes_posted: int = 0
+    calls_settled: int = 0
+    hang_ups_requested: int = 0
+    lag_seconds: float = 0.0  # how late the most overdue call was when the tick began
+    errors: list[str] = field(default_factory=list)
+
+
+class MeteringService:
+    def __init__(
+        self, database: Database, settings: MeteringSettings, clock: Clock, rates: RateBook
+    ) -> None:
+        self._database = database
+        self._settings = settings
+        self._clock = clock
+        self._rates = rates
+
+    async def tick(self) -> TickReport:
+        """Meter every due call (bounded), request hang-ups after exhaustion, settle calls."""
+        report = TickReport()
+        now = self._clock()
+        async with self._database.read() as connection:
+            due = (
+                await connection.execute(
+                    select(calls.c.call_sid, calls.c.next_due_at)
+                    .where(calls.c.next_due_at <= now, calls.c.settled_at.is_(None))
+                    .order_by(calls.c.next_due_at)
+                    .limit(self._settings.tick_batch_max)
+                )
+            ).all()
+        if due:
+            report.lag_seconds = max(0.0, (now - due[0].next_due_at).total_seconds())
+        for row in due:
+            report.minutes_posted += await self.meter_call(row.call_sid)
+            report.calls_metered += 1
+        report.hang_ups_requested = await self._request_hang_ups()
+        for call_sid in await self._settleable():
+            if await self.settle_call(call_sid):
+                report.calls_settled += 1
+        return report
+
+    async def meter_call(self, call_sid: str) -> int:
+        """Post every minute of the call now due. Returns how many were posted."""
+        now = self._clock()
+        async with self._database.write() as connection:
+            call = await _lock_call(connection, call_sid)
+            if call is None or call.settled_at is not None:
+                return 0
+            if call.account_id is None or call.status not in (
+                CallStatus.CONNECTED,
+                CallStatus.ENDED,
+            ):
+                await calls_store.update_call(connection, call_sid, next_due_at=None)
+                return 0
+            timeline = await calls_store.load_timeline(
+                connection, call, now, self._research_max_seconds
+            )
+            posted = await self._post_due_minutes(connection, call, timeline)
+            next_due = self._next_due(timeline, await _minutes_posted(connection, call_sid), now)
+            await calls_store.update_call(connection, call_sid, next_due_at=next_due)
+            if call.plan == Plan.PER_MINUTE.value:
+                await self._watch_funds(connection, call, timeline, now)
+        return posted
+
+    async def settle_call(self, call_sid: str) -> bool:
+        """Make the call's ledger equal the rule exactly, once. True if settled now."""
+        now = self._clock()
+        async with self._database.write() as connection:
+            call = await _lock_call(connection, call_sid)
+            if call is None or call.settled_at is not None:
+                return False
+            timeline = await calls_store.load_timeline(
+                connection, call, now, self._research_max_seconds
+            )
+            if call.account_id is not None and call.plan is not None:
+                await self._post_due_minutes(connection, call, timeline)
+                await self._reverse_unsupported_minutes(connection, call, timeline)
+                if call.plan == Plan.PER_INCIDENT.value:
+                    await self._charge_incidents(connection, call, timeline, now)
+                if call.waived_at is not None:
+                    await reverse_charges(connection, call_sid, now)
+            await calls_store.update_call(connection, call_sid, settled_at=now, next_due_at=None)
+        log.info("call settled", call_sid=call_sid)
+        return True
+
+    @property
+    def _research_max_seconds(self) -> int:
+        return self._settings.research_max_minutes * 60
+
+    async def _post_due_minutes(
+        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline
+    ) -> int:
+        account = (
+            await connection.execute(
+                select(accounts).where(accounts.c.account_id == call.account_id)
+            )
+        ).one()
+        posted_by_agent = await _minutes_posted(connection, call.call_sid)
+        count = 0
+        for agent_id, time in sorted(timeline.agents.items()):
+            already = posted_by_agent.get(agent_id, 0)
+            target = rating.minutes_due(time.billable_seconds, self._settings.increment_seconds)
+            for n in range(already + 1, target + 1):
+                due_at_seconds = rating.minute_due_at_seconds(
+                    time.billable, n, self._settings.increment_seconds
+                )
+                assert due_at_seconds is not None  # n <= target: it is due
+                await self._post_minute(
+                    connection,
+                    call,
+                    account,
+                    agent_id,
+                    n,
+                    dt.datetime.fromtimestamp(due_at_seconds, dt.UTC),
+                )
+                count += 1
+            if target > already:
+                await _set_minutes_posted(connection, call.call_sid, agent_id, target)
+        return count
+
+    async def _post_minute(
+        self,
+        connection: AsyncConnection,
+        call: Row[Any],
+        account: Row[Any],
+        agent_id: str,
+        n: int,
+        due_at: dt.datetime,
+    ) -> None:
+        account_id, currency = account.account_id, account.currency
+        per_minute = call.plan == Plan.PER_MINUTE.value
+        funding = Funding(Source.COVERED)
+        if per_minute:
+            held = await ledger_store.balances_for_update(
+                connection, [ledger.bank_book(account_id), ledger.deposit_book(account_id)]
+            )
+            rate_minor = await self._rates.rate_at(
+                connection, RateKind.PER_AGENT_MINUTE, currency, due_at
+            )
+            funding = rating.fund_minute(
+                per_minute=True,
+                bank_minutes=held[ledger.bank_book(account_id)],
+                deposit_minor=held[ledger.deposit_book(account_id)],
+                rate_minor=rate_minor,
+                allow_debt=self._settings.on_exhausted == "allow_debt",
+            )
+            await self._prepare_books(connection, account_id, currency, funding)
+        transaction = ledger.minute(
+            call.call_sid,
+            agent_id,
+            n,
+            account_id=account_id,
+            currency=currency,
+            source=funding.source.value,
+            amount_minor=funding.amount_minor,
+        )
+        try:
+            await ledger_store.post(connection, transaction, self._clock())
+        except ledger_store.IdempotencyConflict as error:
+            # Only the holder of the call's lock posts its minutes, and the marker moves in the
+            # same transaction: a clash means that guarantee broke.
+            raise InvariantBroken(
+                f"minute {transaction.key} was posted before with other "
+                f"content while its marker said it was not"
+            ) from error
+
+    async def _prepare_books(
+        self, connection: AsyncConnection, account_id: str, currency: str, funding: Funding
+    ) -> None:
+        if funding.source is Source.RECEIVABLE:
+            await ledger_store.create_book(
+                connection,
+                ledger.receivable_book(account_id),
+                unit=currency,
+                kind=BookKind.RECEIVABLE,
+                account_id=account_id,
+                allow_negative=True,
+            )
+        elif funding.source is Source.DEBT:
+            await connection.execute(
+                update(ledger_books)
+                .where(ledger_books.c.book == ledger.deposit_book(account_id))
+                .values(allow_negative=True)
+            )
+            await connection.execute(
+                update(accounts)
+                .where(accounts.c.account_id == account_id, ~accounts.c.debt_flagged)
+                .values(debt_flagged=True)
+            )
+
+    async def _reverse_unsupported_minutes(
+        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline
+    ) -> None:
+        """Give back minutes taken live that the final timeline does not support."""
+        for agent_id, posted in (await _minutes_posted(connection, call.call_sid)).items():
+            time = timeline.agents.get(agent_id)
+            final = (
+                0
+                if time is None
+                else rating.minutes_due(time.billable_seconds, self._settings.increment_seconds)
+            )
+            for n in range(final + 1, posted + 1):
+                original = await ledger_store.load_transaction(
+                    connection, ledger.minute_key(call.call_sid, agent_id, n)
+                )
+                if original is None:
+                    raise InvariantBroken(
+                        f"minute {n} of {agent_id} on {call.call_sid} is "
+                        f"counted as posted but is not in the ledger"
+                    )
+                await ledger_store.post(
+                    connection,
+                    ledger.reversal_of(
+                        original, memo="settlement: not supported by the final timeline"
+                    ),
+                    self._clock(),
+                )
+            if final != posted:
+                log.info(
+                    "settlement corrected live minutes",
+                    call_sid=call.call_sid,
+                    agent_id=agent_id,
+                    live=posted,
+                    final=final,
+                )
+                await _set_minutes_posted(connection, call.call_sid, agent_id, final)
+
+    async def _charge_incidents(
+        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline, now: dt.datetime
+    ) -> None:
+        """Per incident: one incident per started 2 hours of billable time, shared by an
+        incident's linked follow-up calls; from the deposit, else owed as a receivable."""
+        group = call.incident_group or call.call_sid
+        group_seconds = timeline.billable_union_seconds
+        settled_members = (
+            await connection.execute(
+                select(calls).where(
+                    (calls.c.incident_group == group) | (calls.c.call_sid == group),
+                    calls.c.call_sid != call.call_sid,
+                    calls.c.settled_at.is_not(None),
+                )
+            )
+        ).all()
+        for member in settled_members:
+            member_timeline = await calls_store.load_timeline(
+                connection, member, member.settled_at, self._research_max_seconds
+            )
+            group_seconds += member_timeline.billable_union_seconds
+        needed = rating.incidents_due(group_seconds)
+        account = (
+            await connection.execute(
+                select(accounts).where(accounts.c.account_id == call.account_id)
+            )
+        ).one()
+        price = await self._rates.rate_at(connection, RateKind.INCIDENT, account.currency, now)
+        if price == 0:
+            return
+        for k in range(1, needed + 1):
+            if await ledger_store.load_transaction(connection, f"incident:{group}:{k}"):
+                continue  # charged on an earlier call of the group
+            held = await ledger_store.balances_for_update(
+                connection, [ledger.deposit_book(call.account_id)]
+            )
+            owed = held[ledger.deposit_book(call.account_id)] < price
+            if owed:
+                await ledger_store.create_book(
+                    connection,
+                    ledger.receivable_book(call.account_id),
+                    unit=account.currency,
+                    kind=BookKind.RECEIVABLE,
+                    account_id=call.account_id,
+                    allow_negative=True,
+                )
+            await ledger_store.post(
+                connection,
+                ledger.incident(
+                    group,
+                    k,
+                    call_sid=call.call_sid,
+                    account_id=call.account_id,
+                    currency=account.currency,
+                    owed=owed,
+                    amount_minor=price,
+                ),
+                self._clock(),
+            )
+
+    def _next_due(
+        self, timeline: Timeline, posted: dict[str, int], now: dt.datetime
+    ) -> dt.datetime | None:
+        now_seconds = int(now.timestamp())
+        candidates = [
+            rating.next_minute_due_at_seconds(
+                time.billable,
+                posted.get(agent_id, 0),
+                self._settings.increment_seconds,
+                now_seconds,
+            )
+            for agent_id, time in timeline.agents.items()
+        ]
+        due = [c for c in candidates if c is not None]
+        return dt.datetime.fromtimestamp(min(due), dt.UTC) if due else None
+
+    async def _watch_funds(
+        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline, now: dt.datetime
+    ) -> None:
+        """Under `announce` (and `card` with no card on file): warn the conference when few
+        minutes are left, announce when they are gone, and end the call `grace_seconds` later
+        (see `_request_hang_ups`). Minutes in the grace period are still written (owed)."""
+        if (
+            self._settings.on_exhausted == "allow_debt"
+            or call.status != CallStatus.CONNECTED
+            or call.conference_sid is None
+        ):
+            return
+        account = (
+            await connection.execute(
+                select(accounts).where(accounts.c.account_id == call.account_id)
+            )
+        ).one()
+        held = await ledger_store.balances(
+            connection, [ledger.bank_book(call.account_id), ledger.deposit_book(call.account_id)]
+        )
+        rate_minor = await self._rates.rate_at(
+            connection, RateKind.PER_AGENT_MINUTE, account.currency, now
+        )
+        left = rating.minutes_left(
+            held[ledger.bank_book(call.account_id)],
+            held[ledger.deposit_book(call.account_id)],
+            rate_minor,
+        )
+        if call.warned_at is None and left <= self._settings.warn_minutes_left:
+            await enqueue(
+                connection,
+                OutboxKind.ANNOUNCE,
+                f"call:{call.call_sid}:announce:warn",
+                call_sid=call.call_sid,
+                target_sid=call.conference_sid,
+                argument=self._announcement_url("warn"),
+                now=now,
+            )
+            await calls_store.update_call(connection, call.call_sid, warned_at=now)
+        if call.exhausted_at is None and left == 0:
+            await enqueue(
+                connection,
+                OutboxKind.ANNOUNCE,
+                f"call:{call.call_sid}:announce:exhausted",
+                call_sid=call.call_sid,
+                target_sid=call.conference_sid,
+                argument=self._announcement_url("exhausted"),
+                now=now,
+            )
+            await calls_store.update_call(connection, call.call_sid, exhausted_at=now)
+            log.info(
+                "funds exhausted; the call ends after the grace period",
+                call_sid=call.call_sid,
+                grace_seconds=self._settings.grace_seconds,
+            )
+
+    def _announcement_url(self, message: str) -> str:
+        return f"{self._settings.public_base_url}/twilio/announcement?message={message}"
+
+    async def _request_hang_ups(self) -> int:
+        now = self._clock()
+        cutoff = now - dt.timedelta(seconds=self._settings.grace_seconds)
+        async with self._database.write() as connection:
+            rows = (
+                await connection.execute(
+                    select(calls.c.call_sid)
+                    .where(calls.c.exhausted_at <= cutoff, calls.c.status == CallStatus.CONNECTED)
+                    .limit(self._settings.tick_batch_max)
+                )
+            ).all()
+            requested = 0
+            for row in rows:
+                if await enqueue(
+                    connection,
+                    OutboxKind.HANG_UP,
+                    f"call:{row.call_sid}:hang_up",
+                    call_sid=row.call_sid,
+                    target_sid=row.call_sid,
+                    argument="",
+                    now=now,
+                ):
+                    requested += 1
+                    log.info(
+                        "grace period over; asking Twilio to end the call", call_sid=row.call_sid
+                    )
+        return requested
+
+    async def _settleable(self) -> list[str]:
+        now = self._clock()
+        cutoff = now - dt.timedelta(seconds=self._settings.settle_delay_seconds)
+        research_cap = now - dt.timedelta(seconds=self._research_max_seconds)
+        open_research = exists().where(
+            and_(
+                research_marks.c.call_sid == calls.c.call_sid,
+                research_marks.c.end_at.is_(None),
+                research_marks.c.start_at > research_cap,
+            )
+        )
+        async with self._database.read() as connection:
+            rows = await connection.scalars(
+                select(calls.c.call_sid)
+                .where(
+                    calls.c.settled_at.is_(None),
+                    calls.c.ended_at <= cutoff,
+                    calls.c.status.in_((CallStatus.ENDED, CallStatus.REJECTED)),
+                    ~open_research,
+                )
+                .order_by(calls.c.ended_at)
+                .limit(self._settings.tick_batch_max)
+            )
+            return list(rows.all())
+
+
+async def reverse_charges(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> int:
+    """Reverse every charge of the call not reversed yet (a waiver). Idempotent."""
+    count = 0
+    for key in await ledger_store.unreversed_keys(connection, call_sid, ledger.CHARGE_KINDS):
+        original = await ledger_store.load_transaction(connection, key)
+        assert original is not None
+        await ledger_store.post(connection, ledger.reversal_of(original, memo="waiver"), now)
+        count += 1
+    return count
+
+
+async def _lock_call(connection: AsyncConnection, call_sid: str) -> Row[Any] | None:
+    query = select(calls).where(calls.c.call_sid == call_sid)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return (await connection.execute(query)).one_or_none()
+
+
+async def _minutes_posted(connection: AsyncConnection, call_sid: str) -> dict[str, int]:
+    rows = await connection.execute(
+        select(call_agent_minutes.c.agent_id, call_agent_minutes.c.minutes_posted).where(
+            call_agent_minutes.c.call_sid == call_sid
+        )
+    )
+    return {row.agent_id: row.minutes_posted for row in rows}
+
+
+async def _set_minutes_posted(
+    connection: AsyncConnection, call_sid: str, agent_id: str, minutes: int
+) -> None:
+    await connection.execute(
+        insert_ignoring_conflict(
+            connection,
+            call_agent_minutes,
+            {"call_sid": call_sid, "agent_id": agent_id, "minutes_posted": 0},
+            ["call_sid", "agent_id"],
+        )
+    )
+    await connection.execute(
+        update(call_agent_minutes)
+        .where(call_agent_minutes.c.call_sid == call_sid, call_agent_minutes.c.agent_id == agent_id)
+        .values(minutes_posted=minutes)
+    )

@@ -1,0 +1,65 @@
+"""Waivers: an agent gives back every charge of a call, during or after it.
+
+Within `waiver_days` of the call's end (or, while it is up, at any time), with a reason from the
+configured list. Every charge is reversed by a compensating transaction: minutes back to the
+bank, money back to the deposit (or off the receivable); nothing is deleted. The call is marked
+waived, so minutes posted after the waiver (the call goes on, settlement corrects) are reversed
+too. A second waiver of the same call changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from meterd.clock import Clock
+from meterd.services import validation as v
+from meterd.services.errors import InvalidRequest, NotFound
+from meterd.services.metering import reverse_charges
+from meterd.services.research import AGENT_ID
+from meterd.store import calls_store
+from meterd.store.database import Database
+
+
+class WaiverService:
+    def __init__(
+        self, database: Database, clock: Clock, *, reasons: list[str], waiver_days: int
+    ) -> None:
+        self._database = database
+        self._clock = clock
+        self._reasons = reasons
+        self._window = dt.timedelta(days=waiver_days)
+
+    async def waive(self, body: Any) -> dict[str, Any]:
+        body = v.require_object(body)
+        v.only_fields(body, {"call_sid", "agent_id", "reason"})
+        call_sid = v.required_text(body, "call_sid", max_chars=64)
+        agent_id = v.required_text(body, "agent_id", pattern=AGENT_ID, max_chars=128)
+        reason = v.required_text(body, "reason", max_chars=64)
+        if reason not in self._reasons:
+            raise InvalidRequest(f"reason must be one of: {', '.join(self._reasons)}")
+        now = self._clock()
+        async with self._database.write() as connection:
+            call = await calls_store.get_call(connection, call_sid, for_update=True)
+            if call is None:
+                raise NotFound(f"no call {call_sid}")
+            if call.ended_at is not None and now > call.ended_at + self._window:
+                raise InvalidRequest(
+                    f"the waiver window ({self._window.days} days after the call) has passed"
+                )
+            already = call.waived_at is not None
+            if not already:
+                await calls_store.update_call(
+                    connection,
+                    call_sid,
+                    waived_at=now,
+                    waiver_reason=f"{reason} (agent {agent_id})",
+                )
+            reversed_count = await reverse_charges(connection, call_sid, now)
+        return {
+            "call_sid": call_sid,
+            "waived": True,
+            "reason": reason,
+            "outcome": "already_waived" if already else "waived",
+            "charges_reversed": reversed_count,
+        }
