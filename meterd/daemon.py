@@ -8,6 +8,7 @@ import signal
 
 from aiohttp import web
 
+from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.clock import Clock, system_clock
 from meterd.config import Settings
 from meterd.logs import AccessLogger, get_logger
@@ -44,7 +45,9 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         exit_status = EXIT_INVARIANT_BROKEN
         stop.set()
 
-    app = create_app(settings, database, clock=clock, on_invariant_broken=on_invariant_broken)
+    twilio_rest = _twilio_rest(settings)
+    app = create_app(settings, database, clock=clock, on_invariant_broken=on_invariant_broken,
+                     twilio_rest=twilio_rest)
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
@@ -92,9 +95,23 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         log.warning("a scheduled job was still running at the stop timeout")
     await runner.cleanup()  # stops listening, finishes in-flight requests, runs cleanup hooks
     scheduler.shutdown()
+    if twilio_rest is not None:
+        await twilio_rest.close()
     await database.close()
     log.info("stopped", exit_status=exit_status)
     return exit_status
+
+
+def _twilio_rest(settings: Settings) -> TwilioRest | None:
+    """The Twilio REST adapter, if an account sid and auth token are configured."""
+    if not settings.twilio_account_sid or not settings.secret("twilio_auth_token"):
+        log.warning("no twilio_account_sid or auth token: announcements and hang-ups after "
+                    "funds run out will be recorded but not sent")
+        return None
+    return TwilioRest(TwilioRestSettings(
+        account_sid=settings.twilio_account_sid,
+        auth_token=settings.secret("twilio_auth_token"),
+        api_base_url=settings.twilio_api_base_url))
 
 
 def _redacted(url: str) -> str:

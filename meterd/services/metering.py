@@ -389,7 +389,7 @@ class MeteringService:
             held[ledger.deposit_book(call.account_id)],
             rate_minor,
         )
-        if call.warned_at is None and left <= self._settings.warn_minutes_left:
+        if call.warned_at is None and 0 < left <= self._settings.warn_minutes_left:
             await enqueue(
                 connection,
                 OutboxKind.ANNOUNCE,

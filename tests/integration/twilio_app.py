@@ -30,7 +30,8 @@ class ManualClock:
         self.now += dt.timedelta(seconds=seconds)
 
 
-def build_app(database: Any, tmp_path: Any, clock: ManualClock, **env: str) -> Any:
+def build_app(database: Any, tmp_path: Any, clock: ManualClock, *, twilio_rest: Any = None,
+              **env: str) -> Any:
     settings = load_settings(
         None,
         {
@@ -44,7 +45,7 @@ def build_app(database: Any, tmp_path: Any, clock: ManualClock, **env: str) -> A
             **env,
         },
     )
-    return create_app(settings, database, clock=clock)
+    return create_app(settings, database, clock=clock, twilio_rest=twilio_rest)
 
 
 async def post_twilio(
