@@ -46,8 +46,13 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         stop.set()
 
     twilio_rest = _twilio_rest(settings)
-    app = create_app(settings, database, clock=clock, on_invariant_broken=on_invariant_broken,
-                     twilio_rest=twilio_rest)
+    app = create_app(
+        settings,
+        database,
+        clock=clock,
+        on_invariant_broken=on_invariant_broken,
+        twilio_rest=twilio_rest,
+    )
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
@@ -105,13 +110,18 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
 def _twilio_rest(settings: Settings) -> TwilioRest | None:
     """The Twilio REST adapter, if an account sid and auth token are configured."""
     if not settings.twilio_account_sid or not settings.secret("twilio_auth_token"):
-        log.warning("no twilio_account_sid or auth token: announcements and hang-ups after "
-                    "funds run out will be recorded but not sent")
+        log.warning(
+            "no twilio_account_sid or auth token: announcements and hang-ups after "
+            "funds run out will be recorded but not sent"
+        )
         return None
-    return TwilioRest(TwilioRestSettings(
-        account_sid=settings.twilio_account_sid,
-        auth_token=settings.secret("twilio_auth_token"),
-        api_base_url=settings.twilio_api_base_url))
+    return TwilioRest(
+        TwilioRestSettings(
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.secret("twilio_auth_token"),
+            api_base_url=settings.twilio_api_base_url,
+        )
+    )
 
 
 def _redacted(url: str) -> str:

@@ -240,17 +240,21 @@ def minute_key(call_sid: str, agent_id: str, n: int) -> str:
     return f"call:{call_sid}:agent:{agent_id}:minute:{n}"
 
 
+REBOOKED_SUFFIX = ":from-bank"
+
+
+def parse_minute_key(key: str) -> tuple[str, int]:
+    """(agent_id, n) of a minute's key (agent ids may themselves hold colons)."""
+    head, _, number = key.removesuffix(REBOOKED_SUFFIX).rpartition(":minute:")
+    _, _, agent_id = head.partition(":agent:")
+    return agent_id, int(number)
+
+
 # Kinds of transaction that charge the customer (and that a waiver reverses). A covered minute
 # records usage at zero price and is not a charge.
+MONEY_MINUTE_KINDS = frozenset({"minute_deposit", "minute_debt", "minute_receivable"})
 CHARGE_KINDS = frozenset(
-    {
-        "minute_bank",
-        "minute_deposit",
-        "minute_debt",
-        "minute_receivable",
-        "incident_deposit",
-        "incident_receivable",
-    }
+    {"minute_bank", *MONEY_MINUTE_KINDS, "incident_deposit", "incident_receivable"}
 )
 
 
@@ -263,11 +267,13 @@ def minute(
     currency: str,
     source: str,
     amount_minor: int,
+    rebooked: bool = False,
 ) -> Transaction:
     """Agent `agent_id`'s minute `n` on a call. Every minute moves one agent-minute into
     `minutes:used`: from the bank if banked, else from `minutes:unbanked`; a priced minute also
-    moves its money from the deposit (or, owed, from the receivable) to usage revenue."""
-    key = minute_key(call_sid, agent_id, n)
+    moves its money from the deposit (or, owed, from the receivable) to usage revenue.
+    `rebooked`: settlement moving a money-paid minute onto the bank (under its own key)."""
+    key = minute_key(call_sid, agent_id, n) + (REBOOKED_SUFFIX if rebooked else "")
     legs: list[Posting] = [Posting(MINUTES_USED, MINUTES, 1)]
     if source == "bank":
         legs.append(Posting(bank_book(account_id), MINUTES, -1))

@@ -133,8 +133,11 @@ class MeteringService:
                 connection, call, now, self._research_max_seconds
             )
             if call.account_id is not None and call.plan is not None:
-                await self._post_due_minutes(connection, call, timeline)
+                # give back first, so minutes given back to the bank can pay for missing ones
                 await self._reverse_unsupported_minutes(connection, call, timeline)
+                await self._post_due_minutes(connection, call, timeline)
+                if call.plan == Plan.PER_MINUTE.value:
+                    await self._pay_from_bank_first(connection, call, now)
                 if call.plan == Plan.PER_INCIDENT.value:
                     await self._charge_incidents(connection, call, timeline, now)
                 if call.waived_at is not None:
@@ -284,6 +287,47 @@ class MeteringService:
                     final=final,
                 )
                 await _set_minutes_posted(connection, call.call_sid, agent_id, final)
+
+    async def _pay_from_bank_first(
+        self, connection: AsyncConnection, call: Row[Any], now: dt.datetime
+    ) -> None:
+        """Live, a minute may have been paid with money while the bank was briefly empty (a
+        minute taken on a late leave event held a banked minute that settlement gave back).
+        The final word follows the funding order: while the account has banked minutes, the
+        call's money-paid minutes are rebooked onto the bank, newest first."""
+        bank_book = ledger.bank_book(call.account_id)
+        bank = (await ledger_store.balances_for_update(connection, [bank_book]))[bank_book]
+        if bank <= 0:
+            return
+        paid = await ledger_store.unreversed_keys(
+            connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
+        )
+        for key in reversed(paid):
+            if bank == 0:
+                break
+            original = await ledger_store.load_transaction(connection, key)
+            assert original is not None
+            await ledger_store.post(
+                connection,
+                ledger.reversal_of(original, memo="settlement: paid from the bank instead"),
+                now,
+            )
+            agent_id, n = ledger.parse_minute_key(key)
+            await ledger_store.post(
+                connection,
+                ledger.minute(
+                    call.call_sid,
+                    agent_id,
+                    n,
+                    account_id=call.account_id,
+                    currency="",
+                    source="bank",
+                    amount_minor=0,
+                    rebooked=True,
+                ),
+                now,
+            )
+            bank -= 1
 
     async def _charge_incidents(
         self, connection: AsyncConnection, call: Row[Any], timeline: Timeline, now: dt.datetime

@@ -27,13 +27,24 @@ async def twilio():
 
 @pytest.fixture
 async def client(aiohttp_client, database, tmp_path, twilio):
-    rest = TwilioRest(TwilioRestSettings(account_sid=ACCOUNT_SID, auth_token=TWILIO_TOKEN,
-                                         api_base_url=twilio.base_url,
-                                         retry_backoff_seconds=0.01))
+    rest = TwilioRest(
+        TwilioRestSettings(
+            account_sid=ACCOUNT_SID,
+            auth_token=TWILIO_TOKEN,
+            api_base_url=twilio.base_url,
+            retry_backoff_seconds=0.01,
+        )
+    )
     clock = ManualClock(START)
-    app = build_app(database, tmp_path, clock, twilio_rest=rest,
-                    METERD_SETTLE_DELAY_SECONDS="60", METERD_WARN_MINUTES_LEFT="2",
-                    METERD_GRACE_SECONDS="60")
+    app = build_app(
+        database,
+        tmp_path,
+        clock,
+        twilio_rest=rest,
+        METERD_SETTLE_DELAY_SECONDS="60",
+        METERD_WARN_MINUTES_LEFT="2",
+        METERD_GRACE_SECONDS="60",
+    )
     client = await aiohttp_client(app)
     client.clock = clock
     yield client
@@ -51,12 +62,13 @@ async def tick_until(client, offset_seconds: int) -> None:
 async def outbox_created(database) -> dict[str, int]:
     async with database.read() as connection:
         rows = await connection.execute(select(outbox.c.request_key, outbox.c.created_at))
-        return {row.request_key.rsplit(":", 1)[-1]: int((row.created_at - START).total_seconds())
-                for row in rows}
+        return {
+            row.request_key.rsplit(":", 1)[-1]: int((row.created_at - START).total_seconds())
+            for row in rows
+        }
 
 
-async def test_announce_then_hang_up_and_every_minute_is_still_written(client, twilio,
-                                                                       database):
+async def test_announce_then_hang_up_and_every_minute_is_still_written(client, twilio, database):
     await account(client, products=[])
     await admin(client, "POST", "/admin/accounts/acme/minutes", {"minutes": 3, "reference": "b"})
     script = await start_call(client)
@@ -75,8 +87,7 @@ async def test_announce_then_hang_up_and_every_minute_is_still_written(client, t
         f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{script.call_sid}.json",
     ]
     assert requests[0].form_dict["AnnounceUrl"].endswith("/twilio/announcement?message=warn")
-    assert requests[1].form_dict["AnnounceUrl"].endswith(
-        "/twilio/announcement?message=exhausted")
+    assert requests[1].form_dict["AnnounceUrl"].endswith("/twilio/announcement?message=exhausted")
     assert requests[2].form_dict["Status"] == "completed"
 
     # Twilio ends the call at 185 s; 4 minutes were used: 3 from the bank, 1 owed (1.00)
@@ -92,7 +103,8 @@ async def test_announce_then_hang_up_and_every_minute_is_still_written(client, t
 
 
 async def test_a_failing_twilio_is_retried_a_bounded_number_of_times_and_metering_goes_on(
-        client, twilio, database):
+    client, twilio, database
+):
     await account(client, products=[])
     await admin(client, "POST", "/admin/accounts/acme/minutes", {"minutes": 1, "reference": "b"})
     twilio.fail_next(100, status=500)
@@ -113,9 +125,15 @@ async def test_a_failing_twilio_is_retried_a_bounded_number_of_times_and_meterin
 
 async def test_allow_debt_goes_on_and_flags_the_account(aiohttp_client, database, tmp_path):
     clock = ManualClock(START)
-    client = await aiohttp_client(build_app(database, tmp_path, clock,
-                                            METERD_ON_EXHAUSTED="allow_debt",
-                                            METERD_SETTLE_DELAY_SECONDS="60"))
+    client = await aiohttp_client(
+        build_app(
+            database,
+            tmp_path,
+            clock,
+            METERD_ON_EXHAUSTED="allow_debt",
+            METERD_SETTLE_DELAY_SECONDS="60",
+        )
+    )
     await account(client, products=[], deposit_minor=150)
     script = await start_call(client)
     script.join("customer", 0).join("agent:alice", 0).leave("agent:alice", 180).end(180)

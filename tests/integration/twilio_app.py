@@ -30,8 +30,9 @@ class ManualClock:
         self.now += dt.timedelta(seconds=seconds)
 
 
-def build_app(database: Any, tmp_path: Any, clock: ManualClock, *, twilio_rest: Any = None,
-              **env: str) -> Any:
+def build_app(
+    database: Any, tmp_path: Any, clock: ManualClock, *, twilio_rest: Any = None, **env: str
+) -> Any:
     settings = load_settings(
         None,
         {
