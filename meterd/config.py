@@ -434,6 +434,7 @@ class Settings:
     listen_port: int
     public_base_url: str
     generated_secret_files: tuple[Path, ...] = field(default=())
+    secrets_from_state_dir: frozenset[str] = field(default=frozenset())
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -563,6 +564,17 @@ def load_settings(
         listen_port=port,
         public_base_url=public_base_url,
         generated_secret_files=tuple(generated),
+        secrets_from_state_dir=frozenset(
+            s.name
+            for s in SECRETS
+            if s.generated
+            and s.name in resolved
+            and s.env_name not in env
+            and not (
+                env.get("CREDENTIALS_DIRECTORY")
+                and (Path(env["CREDENTIALS_DIRECTORY"]) / s.name).is_file()
+            )
+        ),
     )
 
 

@@ -28,6 +28,13 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     """Run until SIGTERM or SIGINT; return the exit status. A second signal exits at once."""
     for path in settings.generated_secret_files:
         log.warning("generated a token; read it from this file (mode 0600)", path=str(path))
+    if settings.database_url.startswith("postgresql") and settings.secrets_from_state_dir:
+        log.warning(
+            "on a shared PostgreSQL every daemon must use the same tokens and PIN secret; "
+            "these come from this machine's state directory: set them in the environment or "
+            "as systemd credentials",
+            secrets=sorted(settings.secrets_from_state_dir),
+        )
     log.info(
         "starting",
         listen=f"{settings.listen_host}:{settings.listen_port}",

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from meterd.core.ledger import LedgerError
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
 
@@ -40,9 +41,9 @@ class Scheduler:
             self._idle.clear()
             try:
                 await work()
-            except InvariantBroken as error:
+            except (InvariantBroken, LedgerError) as error:
                 log.critical("money invariant broken", job=job_id, error=str(error), exc_info=True)
-                self._on_invariant_broken(error)
+                self._on_invariant_broken(InvariantBroken(str(error)))
             except Exception:
                 log.exception("scheduled job failed", job=job_id)
             finally:

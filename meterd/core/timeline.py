@@ -297,11 +297,14 @@ def build_timeline(
     research_max_seconds: int,
     call_ended_at_seconds: int | None = None,
     customer_label: str = "customer",
+    customer_call_sid: str = "",
 ) -> Timeline:
     """Per-agent active / research / billable time and the customer's hold time of one call.
 
     `now_seconds` closes what is still open (a live call); `call_ended_at_seconds`, once the
-    customer's call has ended, closes the customer's presence at that time.
+    customer's call has ended, closes the customer's presence at that time. The customer is
+    the participant labelled `customer_label`, or whose CallSid is `customer_call_sid` (the
+    call's own sid: meterd put that leg in the conference), label or not.
     """
     if research_max_seconds < 0:
         raise ValueError(f"research_max_seconds must be >= 0, not {research_max_seconds}")
@@ -319,7 +322,7 @@ def build_timeline(
         leg = legs.get(call_sid)
         if leg is None:
             label = labels.get(call_sid, "")
-            if label == customer_label:
+            if label == customer_label or (customer_call_sid and call_sid == customer_call_sid):
                 name = "customer"
             else:
                 agent_id = _agent_id(label)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -65,6 +66,7 @@ class AccountSettings:
     default_currency: str
     included_minutes: int
     pin_secret: str
+    business_timezone: str = "UTC"  # whose calendar day `valid_until` and `*_until` end on
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ class AccountService:
         return await self.view(account_id)
 
     async def view(self, account_id: str) -> dict[str, Any]:
-        today = self._clock().date()
+        today = self._clock().astimezone(ZoneInfo(self._settings.business_timezone)).date()
         async with self._database.read() as connection:
             row = (
                 await connection.execute(
@@ -409,15 +411,18 @@ class AccountService:
         products: tuple[Product, ...],
         now: dt.datetime,
     ) -> None:
-        if brings_included_minutes(products) and self._settings.included_minutes > 0:
-            await ledger_store.post(
-                connection,
-                ledger.included_minutes(account_id, self._settings.included_minutes),
-                now,
-            )
+        """Once per account, ever: if the included minutes were granted before (perhaps when
+        `included_minutes` was configured differently), nothing more is granted."""
+        if not brings_included_minutes(products) or self._settings.included_minutes <= 0:
+            return
+        grant = ledger.included_minutes(account_id, self._settings.included_minutes)
+        if await ledger_store.load_transaction(connection, grant.key) is None:
+            await ledger_store.post(connection, grant, now)
 
     @staticmethod
     def _conflict(error: IntegrityError) -> Conflict:
+        if "accounts_pkey" in str(error.orig) or "accounts.account_id" in str(error.orig):
+            return Conflict("that account already exists; change it with PATCH")
         if "pin_hash" in str(error.orig) or "accounts_pin_hash" in str(error.orig):
             return Conflict("that PIN is already used by another account; choose another")
         return Conflict(f"the change conflicts with existing data: {error.orig}"[:300])

@@ -17,8 +17,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.clock import Clock
@@ -30,12 +31,16 @@ from meterd.services.errors import InvalidRequest, NotFound
 from meterd.store import calls_store, ledger_store
 from meterd.store.calls_store import CallStatus, EventRecord
 from meterd.store.database import Database
-from meterd.store.schema import accounts, caller_ids
+from meterd.store.schema import accounts, caller_ids, calls
 
 log = get_logger("meterd.answering")
 
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 PIN_ATTEMPTS_MAX = 3
+# A number whose callers failed the PIN this many times within the hour is not asked again, so
+# PINs cannot be guessed by calling over and over (withheld numbers share one count).
+PIN_LOCKOUT_CALLS = 5
+PIN_LOCKOUT_WINDOW = dt.timedelta(hours=1)
 
 
 class Action(StrEnum):
@@ -58,6 +63,7 @@ class Answer:
 class AnsweringSettings:
     pin_secret: str
     rate_per_agent_minute_minor: int
+    business_timezone: str = "UTC"  # whose calendar day `valid_until` ends on
 
 
 def call_sid_of(form: Mapping[str, str]) -> str:
@@ -102,6 +108,18 @@ class AnsweringService:
             ).all()
             if len(account_ids) == 1:
                 return await self._gate(connection, call_sid, account_ids[0], now)
+            if await self._locked_out(connection, form.get("From", "")[:64], now):
+                await calls_store.update_call(
+                    connection,
+                    call_sid,
+                    status=CallStatus.REJECTED,
+                    ended_at=now,
+                    end_reason="pin_locked_out",
+                )
+                log.warning(
+                    "PIN prompt refused: too many failed PINs from this number", call_sid=call_sid
+                )
+                return Answer(Action.UNKNOWN_CALLER, call_sid)
             log.info(
                 "caller not identified by number; asking for the PIN",
                 call_sid=call_sid,
@@ -158,6 +176,20 @@ class AnsweringService:
                 return Answer(Action.UNKNOWN_CALLER, call_sid)
             return Answer(Action.ASK_PIN, call_sid, attempt=attempt + 1, retry=True)
 
+    async def _locked_out(
+        self, connection: AsyncConnection, from_number: str, now: dt.datetime
+    ) -> bool:
+        failures = await connection.scalar(
+            select(func.count())
+            .select_from(calls)
+            .where(
+                calls.c.from_number == from_number,
+                calls.c.end_reason == "pin_not_recognised",
+                calls.c.started_at > now - PIN_LOCKOUT_WINDOW,
+            )
+        )
+        return (failures or 0) >= PIN_LOCKOUT_CALLS
+
     async def _gate(
         self, connection: AsyncConnection, call_sid: str, account_id: str, now: dt.datetime
     ) -> Answer:
@@ -165,7 +197,10 @@ class AnsweringService:
             await connection.execute(select(accounts).where(accounts.c.account_id == account_id))
         ).one()
         plan = effective_plan(
-            Plan(account.plan), account.valid_until, Plan(account.fallback_plan), now.date()
+            Plan(account.plan),
+            account.valid_until,
+            Plan(account.fallback_plan),
+            now.astimezone(ZoneInfo(self._settings.business_timezone)).date(),
         )
         if plan is Plan.PER_MINUTE and not await self._funded(connection, account_id):
             await calls_store.update_call(
@@ -219,6 +254,6 @@ class AnsweringService:
             )
         if call.end_reason == "no_funds":
             return Answer(Action.NO_FUNDS, call_sid)
-        if call.end_reason == "pin_not_recognised":
+        if call.end_reason in ("pin_not_recognised", "pin_locked_out"):
             return Answer(Action.UNKNOWN_CALLER, call_sid)
         return Answer(Action.HANG_UP, call_sid)

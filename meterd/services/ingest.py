@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,7 +26,6 @@ from meterd.store.database import Database
 log = get_logger("meterd.ingest")
 
 TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
-SEQUENCE_NUMBER_MAX = 10**12
 STALE_SWEEP_BATCH_MAX = 500
 
 
@@ -33,6 +33,10 @@ STALE_SWEEP_BATCH_MAX = 500
 class Recorded:
     call_sid: str
     new: bool  # False: a repeated delivery, nothing changed
+
+
+SEQUENCE_NUMBER = re.compile(r"^[0-9]{1,12}$")
+PARTICIPANT_SID = re.compile(r"^[A-Z]{2}[0-9a-fA-F]{32}$")
 
 
 def parse_timestamp(value: str | None, field: str = "Timestamp") -> dt.datetime:
@@ -45,11 +49,14 @@ def parse_timestamp(value: str | None, field: str = "Timestamp") -> dt.datetime:
         raise InvalidRequest(f"{field} is not an RFC 2822 time: {value!r}"[:200]) from None
     if parsed.tzinfo is None:
         raise InvalidRequest(f"{field} has no UTC offset: {value!r}"[:200])
-    return parsed.astimezone(dt.UTC)
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise InvalidRequest(f"{field} is out of range: {value!r}"[:200]) from None
 
 
 def parse_sequence_number(value: str | None) -> int:
-    if value is None or not value.isdigit() or int(value) > SEQUENCE_NUMBER_MAX:
+    if value is None or not SEQUENCE_NUMBER.match(value):
         raise InvalidRequest("SequenceNumber is missing or is not a whole number")
     return int(value)
 
@@ -81,6 +88,8 @@ class IngestService:
         sequence_number = parse_sequence_number(form.get("SequenceNumber"))
         event_at = parse_timestamp(form.get("Timestamp"))
         participant_sid = form.get("CallSid") or None
+        if participant_sid is not None and not PARTICIPANT_SID.match(participant_sid):
+            raise InvalidRequest("CallSid is not a Twilio call sid")
         label = form.get("ParticipantLabel") or None
         if label is not None and len(label) > 128:
             raise InvalidRequest("ParticipantLabel is longer than Twilio allows (128)")

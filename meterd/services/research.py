@@ -42,7 +42,10 @@ def parse_instant(body: dict[str, Any], field: str) -> dt.datetime:
         raise InvalidRequest(f"{field} is not an ISO 8601 time: {value!r}"[:200]) from None
     if parsed.tzinfo is None:
         raise InvalidRequest(f"{field} needs a UTC offset (e.g. Z or +01:00): {value!r}"[:200])
-    return parsed.astimezone(dt.UTC)
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise InvalidRequest(f"{field} is out of range: {value!r}"[:200]) from None
 
 
 class ResearchService:
@@ -77,6 +80,12 @@ class ResearchService:
             if call.settled_at is not None:
                 raise Conflict(f"call {call_sid} is settled; its minutes are final")
             if action == "start":
+                stale = await calls_store.open_mark(connection, call_sid, agent_id)
+                if stale is not None and stale.start_at + self._max <= now:
+                    # it closed itself at the limit; record that, so a new one can start
+                    await calls_store.close_mark(
+                        connection, stale.mark_id, stale.start_at + self._max
+                    )
                 if await calls_store.open_mark(connection, call_sid, agent_id) is None:
                     await calls_store.add_mark(connection, call_sid, agent_id, now, None, now)
                     outcome = "started"

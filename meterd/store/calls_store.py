@@ -279,6 +279,7 @@ async def load_timeline(
         now_seconds=int(now.timestamp()),
         research_max_seconds=research_max_seconds,
         call_ended_at_seconds=None if leg_end is None else int(leg_end.timestamp()),
+        customer_call_sid=call.call_sid,
     )
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from meterd.clock import Clock
 from meterd.config import Settings
+from meterd.core.ledger import LedgerError
 from meterd.logs import get_logger
 from meterd.services.accounts import AccountService, AccountSettings
 from meterd.services.answering import AnsweringService, AnsweringSettings
@@ -109,9 +110,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 if k.lower() not in ("content-type", "content-length")
             },
         )
-    except InvariantBroken as error:
+    except (InvariantBroken, LedgerError) as error:  # a ledger error no service expected
         log.critical("money invariant broken", error=str(error), path=request.path, exc_info=True)
-        request.app[SERVICES].on_invariant_broken(error)
+        request.app[SERVICES].on_invariant_broken(InvariantBroken(str(error)))
         return json_error(
             500,
             "invariant_broken",
@@ -156,6 +157,8 @@ async def read_json(request: web.Request) -> Any:
         raise InvalidRequest("the body is not valid UTF-8") from None
     except ValueError as error:  # JSONDecodeError, and ints past Python's digit limit
         raise InvalidRequest(f"the body is not valid JSON: {error}"[:200]) from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -183,6 +186,7 @@ def create_app(
             default_currency=settings.currency,
             included_minutes=settings.included_minutes,
             pin_secret=settings.secret("pin_secret"),
+            business_timezone=settings.business_timezone,
         ),
         clock,
     )
@@ -191,6 +195,7 @@ def create_app(
         AnsweringSettings(
             pin_secret=settings.secret("pin_secret"),
             rate_per_agent_minute_minor=settings.rate_per_agent_minute_minor,
+            business_timezone=settings.business_timezone,
         ),
         clock,
     )

@@ -3,6 +3,7 @@ into the database; a rejected one stores nothing and is logged with its call sid
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -67,7 +68,7 @@ async def voice(request: web.Request, form: MultiDict[str]) -> web.Response:
 
 async def pin(request: web.Request, form: MultiDict[str]) -> web.Response:
     attempt_text = request.query.get("attempt", "1")
-    if not attempt_text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,2}", attempt_text):
         return json_error(400, "invalid_request", "attempt must be a whole number")
     answer = await request.app[SERVICES].answering.pin_entered(
         form, list(form.items()), int(attempt_text)

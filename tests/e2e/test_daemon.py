@@ -117,24 +117,28 @@ async def test_kill_9_during_deposits_leaves_nothing_half_written(tmp_path, back
         == 201
     )
     rng = random.Random(7)
-    references = []
-    outcomes: set[int | None] = set()
+    before_kill: dict[str, int | None] = {}
     for round_number in range(4):
         batch = [f"r{round_number}-{i}" for i in range(60)]
-        references += batch
-        outcomes |= set(await _deposits_then_kill(daemon, batch, rng.uniform(0.0, 0.03)))
+        statuses = await _deposits_then_kill(daemon, batch, rng.uniform(0.0, 0.03))
+        before_kill.update(zip(batch, statuses, strict=True))
         check = run_cli(["ledger", "check"], daemon.env, tmp_path)
         assert check.returncode == 0, check.stdout + check.stderr
         daemon = Daemon(tmp_path, env=env).start()
 
+    outcomes = set(before_kill.values())
     assert 201 in outcomes and None in outcomes  # the kills did land mid-stream
 
-    # A client retries every deposit it did not see confirmed: each posts exactly once.
+    # A client retries every deposit: each posts exactly once, and every deposit confirmed
+    # before a kill is still there (the retry is answered as a replay, 200).
+    references = list(before_kill)
     async with aiohttp.ClientSession() as session:
         statuses = await asyncio.gather(
             *(_deposit(session, daemon.base_url, r) for r in references)
         )
+    after = dict(zip(references, statuses, strict=True))
     assert set(statuses) <= {200, 201}
+    assert all(after[r] == 200 for r, status in before_kill.items() if status == 201)
     _, view = daemon.admin("GET", "/admin/accounts/A1")
     assert view["deposit_minor"] == 100 * len(references)
     assert daemon.stop() == 0

@@ -6,7 +6,7 @@ import pytest
 
 from meterd.config import load_settings
 from meterd.services.ledger_check import check_ledger
-from meterd.web.app import create_app
+from meterd.web.app import SERVICES, create_app
 
 from .helpers import fixed_clock
 
@@ -245,3 +245,31 @@ async def test_unknown_account_and_route_are_json_404s(client):
 async def test_healthz_answers_without_a_token(client):
     response = await client.get("/healthz")
     assert response.status == 200 and (await response.json())["status"] == "ok"
+
+
+async def test_changing_included_minutes_later_never_grants_twice_or_fails(
+    client, database, tmp_path
+):
+    await create(client)  # 45 minutes under the default
+    settings = load_settings(
+        None,
+        {
+            "METERD_STATE_DIR": str(tmp_path),
+            "METERD_ADMIN_TOKEN": ADMIN,
+            "METERD_PIN_SECRET": "pin-secret-0123456789abcdef",
+            "METERD_INCLUDED_MINUTES": "30",
+        },
+    )
+    app = create_app(settings, database, clock=fixed_clock)
+    view = await app[SERVICES].accounts.change("A1", {"products": LICENCE})
+    assert view["bank_minutes"] == 45
+
+
+async def test_a_deeply_nested_body_is_a_400(client):
+    await create(client)
+    response = await client.post(
+        "/admin/accounts/A1/deposits",
+        data="[" * 6000,
+        headers={**admin(), "Content-Type": "application/json"},
+    )
+    assert response.status == 400

@@ -1,6 +1,7 @@
 """Hypothesis: random calls delivered with duplicates and in any order (within the settlement
-delay, as Twilio's retries are), interleaved with live ticks at random moments. After settlement, each call's ledger equals the pure rating of its
-final timeline, and every invariant `meterd ledger check` knows holds. SQLite and PostgreSQL."""
+delay, as Twilio's retries are), interleaved with live ticks at random moments. After
+settlement, each call's ledger equals the pure rating of its final timeline, and every
+invariant `meterd ledger check` knows holds. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

@@ -297,10 +297,12 @@ async def test_the_view_is_live_while_the_call_is_up(client, clock):
     assert view["agents"]["alice"]["active_seconds"] == 180
     assert view["agents"]["alice"]["agent_minutes"] == 3
     assert view["hold_seconds"] == 20 and view["status"] == "connected"
+    # nothing is charged until the metering tick runs (it does not in this test)
     assert view["charges"] == {
         "bank_minutes": 0,
         "deposit_minor": 0,
         "card_minor": 0,
+        "owed_minor": 0,
         "incidents": 0,
         "waived": False,
     }
@@ -393,6 +395,15 @@ async def test_research_start_and_stop_is_billable_even_on_hold(client, clock):
             "before the call",
         ),
         ({"agent_id": "alice", "action": "stop"}, 409, "no research in progress"),
+        (
+            {
+                "agent_id": "alice",
+                "start": "9999-12-31T23:00:00-14:00",
+                "end": "9999-12-31T23:30:00-14:00",
+            },
+            400,
+            "out of range",
+        ),
     ],
 )
 async def test_bad_research_requests_get_a_clear_4xx(client, database, clock, body, status, says):
@@ -415,3 +426,94 @@ async def test_research_needs_the_agents_token(client):
         response = await client.post("/agents/research", json=body, headers=headers)
         assert response.status in (401, 403)
     assert AGENTS not in str(response.headers)
+
+
+# --- review findings: bad input from signed requests, lockout, stale research ---------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("SequenceNumber", "²"),
+        ("CallSid", "CA" + "0" * 100),
+        ("Timestamp", "Fri, 31 Dec 9999 23:59:59 -1400"),
+    ],
+)
+async def test_odd_but_signed_conference_fields_get_400_not_500(client, database, field, value):
+    await _account(client)
+    script = await _connected_call(client)
+    script.join("customer", 0)
+    response = await post_twilio(client, "/twilio/conference", {**script.events[1], field: value})
+    assert response.status == 400
+
+
+@pytest.mark.parametrize(
+    "path", ["/twilio/voice", "/twilio/pin", "/twilio/conference", "/twilio/call-status"]
+)
+async def test_every_twilio_route_refuses_a_forged_request_and_stores_nothing(
+    client, database, path
+):
+    await _account(client)
+    params = CallScript(1, START).voice()
+    response = await post_twilio(client, path, params, signature="Zm9yZ2VkIHNpZ25hdHVyZQ==")
+    assert response.status == 403
+    assert await _rows(database, webhook_events) == 0
+
+
+async def test_no_pin_entered_counts_as_a_try(client):
+    await _account(client, caller_ids=[], pin="246810")
+    call_sid = sid("CA", 9)
+    await post_twilio(client, "/twilio/voice", voice_params(call_sid, "+15550009"))
+    params = voice_params(call_sid, "+15550009")  # the <Redirect> after <Gather>: no Digits
+    twiml = await (await post_twilio(client, "/twilio/pin?attempt=1", params)).text()
+    assert "not recognised" in twiml and "attempt=2" in twiml
+
+
+async def test_a_number_that_failed_the_pin_five_times_in_an_hour_is_not_asked_again(client):
+    await _account(client, caller_ids=[], pin="246810")
+    for n in range(5):
+        call_sid = sid("CA", 100 + n)
+        await post_twilio(client, "/twilio/voice", voice_params(call_sid, "+15550077"))
+        for attempt in (1, 2, 3):
+            await post_twilio(
+                client, f"/twilio/pin?attempt={attempt}", gather_params(call_sid, "0000")
+            )
+    twiml = await (
+        await post_twilio(client, "/twilio/voice", voice_params(sid("CA", 200), "+15550077"))
+    ).text()
+    assert "<Gather" not in twiml and "<Conference" not in twiml and "<Hangup" in twiml
+    other = await (
+        await post_twilio(client, "/twilio/voice", voice_params(sid("CA", 201), "+15550078"))
+    ).text()
+    assert "<Gather" in other  # another number is still asked
+
+
+async def test_research_left_open_past_the_limit_does_not_block_new_research(client, clock):
+    await _account(client)
+    script = await _connected_call(client)
+    script.join("customer", 0).join("agent:alice", 0)
+    for params in script.events:
+        await post_twilio(client, "/twilio/conference", params)
+    body = {"call_sid": script.call_sid, "agent_id": "alice"}
+    await agents(client, "/agents/research", {**body, "action": "start"})
+    clock.now = START + dt.timedelta(hours=3)
+    again = await (await agents(client, "/agents/research", {**body, "action": "start"})).json()
+    assert again["outcome"] == "started"
+    assert len(again["research"]) == 2
+    assert again["research"][0]["end"] == (START + dt.timedelta(hours=2)).isoformat()
+
+
+async def test_the_customer_leg_is_known_by_its_call_sid_even_without_a_label(client):
+    await _account(client)
+    script = await _connected_call(client)
+    script.join("customer", 0).join("agent:alice", 10)
+    events = [
+        {k: v for k, v in e.items() if k != "ParticipantLabel" or v != "customer"}
+        for e in script.events
+    ]
+    for params in events:
+        await post_twilio(client, "/twilio/conference", params)
+    script.leave("agent:alice", 70)
+    await post_twilio(client, "/twilio/conference", script.events[-1])
+    view = await (await admin(client, "GET", f"/admin/calls/{script.call_sid}")).json()
+    assert view["unlabelled_agents"] == [] and list(view["agents"]) == ["alice"]
