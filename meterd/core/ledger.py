@@ -253,6 +253,9 @@ def parse_minute_key(key: str) -> tuple[str, int]:
 # Kinds of transaction that charge the customer (and that a waiver reverses). A covered minute
 # records usage at zero price and is not a charge.
 MONEY_MINUTE_KINDS = frozenset({"minute_deposit", "minute_debt", "minute_receivable"})
+# Card payments: a block of minutes bought by card (`card_block`); in authorise mode a minute
+# paid by the card's authorisation (`minute_card`).
+CARD_KINDS = frozenset({"card_block", "minute_card"})
 CHARGE_KINDS = frozenset(
     {"minute_bank", *MONEY_MINUTE_KINDS, "incident_deposit", "incident_receivable"}
 )

@@ -68,6 +68,10 @@ accounts = Table(
     Column("products_json", Text, nullable=False),
     Column("card_on_file", String(255), nullable=True),
     Column("debt_flagged", Boolean, nullable=False),
+    # card on file (0004): the gateway's customer and payment method, brand and last four only
+    Column("card_customer", String(255), nullable=True),
+    Column("card_brand", String(32), nullable=True),
+    Column("card_last4", String(4), nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
 )
@@ -153,6 +157,7 @@ calls = Table(
     Column("waiver_reason", String(64), nullable=True),
     Column("warned_at", UtcDateTime, nullable=True),
     Column("exhausted_at", UtcDateTime, nullable=True),
+    Column("pay_attempts", Integer, nullable=False, server_default="0"),  # (0004)
 )
 
 webhook_events = Table(
@@ -224,4 +229,24 @@ outbox = Table(
     Column("failed_at", UtcDateTime, nullable=True),
     Column("last_error", Text, nullable=True),
     Index("ix_outbox_pending", "done_at", "failed_at"),
+)
+
+payment_operations = Table(
+    "payment_operations",
+    metadata,
+    Column("operation_id", RowId, primary_key=True, autoincrement=True),
+    # e.g. call:<sid>:block:<n>; also the gateway's idempotency key
+    Column("operation_key", String(200), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # charge, authorize, capture, release, refund
+    Column("account_id", String(64), ForeignKey("accounts.account_id"), nullable=False),
+    Column("call_sid", String(64), nullable=True, index=True),
+    Column("amount_minor", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("minutes", Integer, nullable=False),
+    Column("related_key", String(200), nullable=True),  # the charge a refund or capture is of
+    Column("status", String(16), nullable=False, index=True),  # pending, succeeded, failed
+    Column("gateway_reference", String(255), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("completed_at", UtcDateTime, nullable=True),
 )

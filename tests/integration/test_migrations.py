@@ -27,6 +27,6 @@ async def test_upgrading_twice_changes_nothing(database, database_url):
             version = (
                 await connection.execute(text("SELECT version_num FROM alembic_version"))
             ).scalar_one()
-        assert version == "0003"
+        assert version == "0004"
     finally:
         await again.close()
