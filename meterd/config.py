@@ -380,6 +380,31 @@ SETTINGS: tuple[Setting, ...] = (
         "Twilio's REST API address (tests point it at a local server)",
         check=_check_public_base_url,
     ),
+    # [payments]
+    Setting(
+        "pay_connector",
+        "payments",
+        str,
+        "Default",
+        "the unique name of the Twilio <Pay> connector (Stripe) that tokenises cards",
+    ),
+    Setting(
+        "stripe_api_base_url",
+        "payments",
+        str,
+        "https://api.stripe.com",
+        "Stripe's API address (tests point it at localstripe); the key is METERD_STRIPE_SECRET_KEY",
+        check=_check_public_base_url,
+    ),
+    Setting(
+        "gateway_timeout_seconds",
+        "payments",
+        int,
+        8,
+        "how long a card operation may take; Twilio waits 15 s for the webhook that waits for it",
+        minimum=1,
+        maximum=14,
+    ),
     # [log]
     Setting(
         "log_level",

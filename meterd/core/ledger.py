@@ -252,7 +252,9 @@ def parse_minute_key(key: str) -> tuple[str, int]:
 
 # Kinds of transaction that charge the customer (and that a waiver reverses). A covered minute
 # records usage at zero price and is not a charge.
-MONEY_MINUTE_KINDS = frozenset({"minute_deposit", "minute_debt", "minute_receivable"})
+MONEY_MINUTE_KINDS = frozenset(
+    {"minute_deposit", "minute_debt", "minute_receivable", "minute_card"}
+)
 # Card payments: a block of minutes bought by card (`card_block`); in authorise mode a minute
 # paid by the card's authorisation (`minute_card`).
 CARD_KINDS = frozenset({"card_block", "minute_card"})
@@ -282,8 +284,11 @@ def minute(
         legs.append(Posting(bank_book(account_id), MINUTES, -1))
     else:
         legs.append(Posting(MINUTES_UNBANKED, MINUTES, -1))
-    if source in ("deposit", "debt", "receivable"):
-        payer = receivable_book(account_id) if source == "receivable" else deposit_book(account_id)
+    if source in ("deposit", "debt", "receivable", "card"):
+        payer = {
+            "receivable": receivable_book(account_id),
+            "card": card_receipts_book(currency),
+        }.get(source, deposit_book(account_id))
         legs += [
             Posting(payer, currency, -amount_minor),
             Posting(usage_revenue_book(currency), currency, amount_minor),
@@ -323,4 +328,73 @@ def incident(
         account_id=account_id,
         call_sid=call_sid,
         memo=f"incident {k} of {group_sid}",
+    )
+
+
+def card_receipts_book(currency: str) -> str:
+    return f"system:{check_currency(currency)}:card_receipts"
+
+
+def block_revenue_book(currency: str) -> str:
+    return f"system:{check_currency(currency)}:block_revenue"
+
+
+def card_block(
+    operation_key: str,
+    *,
+    account_id: str,
+    call_sid: str | None,
+    minutes: int,
+    currency: str,
+    amount_minor: int,
+) -> Transaction:
+    """A block of minutes bought by card: the card's money is received, the minutes are banked."""
+    legs = [
+        Posting(MINUTES_ISSUED, MINUTES, -minutes),
+        Posting(bank_book(account_id), MINUTES, minutes),
+    ]
+    if amount_minor:
+        legs += [
+            Posting(card_receipts_book(currency), currency, -amount_minor),
+            Posting(block_revenue_book(currency), currency, amount_minor),
+        ]
+    return Transaction(
+        key=f"payment:{operation_key}",
+        kind="card_block",
+        postings=tuple(legs),
+        account_id=account_id,
+        call_sid=call_sid,
+        memo=f"{minutes} minutes bought by card",
+    )
+
+
+def card_refund(
+    operation_key: str,
+    *,
+    account_id: str,
+    call_sid: str | None,
+    minutes: int,
+    currency: str,
+    amount_minor: int,
+) -> Transaction:
+    """Part or all of a card block given back: its unused minutes leave the bank, the money
+    goes back to the card."""
+    legs = []
+    if minutes:
+        legs += [
+            Posting(bank_book(account_id), MINUTES, -minutes),
+            Posting(MINUTES_ISSUED, MINUTES, minutes),
+        ]
+    if amount_minor:
+        legs += [
+            Posting(block_revenue_book(currency), currency, -amount_minor),
+            Posting(card_receipts_book(currency), currency, amount_minor),
+        ]
+    return Transaction(
+        key=f"payment:{operation_key}",
+        kind="card_refund",
+        postings=tuple(legs),
+        account_id=account_id,
+        call_sid=call_sid,
+        memo=f"card refund of {amount_minor} for {minutes} unused minutes",
     )

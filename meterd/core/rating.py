@@ -64,6 +64,7 @@ class Source(StrEnum):
     COVERED = "covered"  # service agreement or per-incident: metered at zero price
     BANK = "bank"  # one banked minute
     DEPOSIT = "deposit"  # the rate, from the prepaid deposit
+    CARD = "card"  # the rate, from a card authorisation (card_mode = authorize)
     DEBT = "debt"  # the rate, from the deposit below zero (on_exhausted = allow_debt)
     RECEIVABLE = "receivable"  # the rate, owed by the customer (nothing left to take it from)
 
@@ -76,10 +77,18 @@ class Funding:
 
 
 def fund_minute(
-    *, per_minute: bool, bank_minutes: int, deposit_minor: int, rate_minor: int, allow_debt: bool
+    *,
+    per_minute: bool,
+    bank_minutes: int,
+    deposit_minor: int,
+    rate_minor: int,
+    allow_debt: bool,
+    card_minutes: int = 0,
 ) -> Funding:
-    """The funding of one agent-minute, in the plan's order: bank, then deposit at the rate;
-    past both, debt under allow_debt, else a receivable (every minute is still written)."""
+    """The funding of one agent-minute, in the plan's order: bank, then deposit at the rate,
+    then the minutes a card authorisation still covers; past all, debt under allow_debt, else
+    a receivable (every minute is still written). A card block, in block mode, lands in the
+    bank, so it is the bank that pays."""
     if not per_minute:
         return Funding(Source.COVERED)
     if bank_minutes >= 1:
@@ -88,6 +97,8 @@ def fund_minute(
         return Funding(Source.COVERED)
     if deposit_minor >= rate_minor:
         return Funding(Source.DEPOSIT, amount_minor=rate_minor)
+    if card_minutes >= 1:
+        return Funding(Source.CARD, amount_minor=rate_minor)
     if allow_debt:
         return Funding(Source.DEBT, amount_minor=rate_minor)
     return Funding(Source.RECEIVABLE, amount_minor=rate_minor)

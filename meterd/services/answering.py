@@ -28,6 +28,7 @@ from meterd.core.plans import Plan, effective_plan
 from meterd.logs import get_logger
 from meterd.services.accounts import pin_hash
 from meterd.services.errors import InvalidRequest, NotFound
+from meterd.services.payments import PaymentService
 from meterd.store import calls_store, ledger_store
 from meterd.store.calls_store import CallStatus, EventRecord
 from meterd.store.database import Database
@@ -37,6 +38,45 @@ log = get_logger("meterd.answering")
 
 CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 PIN_ATTEMPTS_MAX = 3
+
+# <Pay>'s Result values (twilio.md) and what the caller is told about each.
+PAY_RESULT_REASONS = {
+    "success": "declined",  # tokenised, but the gateway then said no
+    "too-many-failed-attempts": "invalid_card",
+    "payment-connector-error": "unavailable",
+    "caller-interrupted-with-star": "star",
+    "validation-error": "invalid_card",
+    "internal-error": "unavailable",
+}
+# Fields of <Pay>'s callbacks that are card data; they are never stored or logged.
+CARD_FIELDS = frozenset(
+    {
+        "PaymentToken",
+        "ExpirationDate",
+        "SecurityCode",
+        "PaymentCardPostalCode",
+        "BankAccountNumber",
+        "BankRoutingNumber",
+        "ProfileId",
+        "PaymentConfirmationCode",
+    }
+)
+
+
+def redact_payment_fields(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What may be kept of a <Pay> callback: card data removed, the card number cut to its
+    last four."""
+    kept = []
+    for name, value in params:
+        if name in CARD_FIELDS:
+            kept.append((name, "[redacted]"))
+        elif name == "PaymentCardNumber":
+            kept.append((name, value[-4:]))
+        else:
+            kept.append((name, value))
+    return kept
+
+
 # A number whose callers failed the PIN this many times within the hour is not asked again, so
 # PINs cannot be guessed by calling over and over (withheld numbers share one count).
 PIN_LOCKOUT_CALLS = 5
@@ -47,8 +87,11 @@ class Action(StrEnum):
     CONNECT = "connect"  # <Dial><Conference> named after the CallSid
     ASK_PIN = "ask_pin"  # <Gather> the PIN (attempt n; `retry` after a wrong one)
     UNKNOWN_CALLER = "unknown_caller"  # polite goodbye, not connected
-    NO_FUNDS = "no_funds"  # how to buy minutes, not connected
+    NO_FUNDS = "no_funds"  # how to buy minutes, not connected (no card payments configured)
+    COLLECT_CARD = "collect_card"  # <Pay> to tokenise a card (attempt n; `reason` on a retry)
+    PAY_GOODBYE = "pay_goodbye"  # no payment after the last attempt: polite goodbye
     HANG_UP = "hang_up"  # the call is already over
+    NEEDS_PAYMENT = "needs_payment"  # internal: decided in the transaction, paid after it
 
 
 @dataclass(frozen=True)
@@ -57,12 +100,14 @@ class Answer:
     call_sid: str
     attempt: int = 1
     retry: bool = False
+    reason: str = ""  # why a card attempt failed: declined, unavailable, star, ...
 
 
 @dataclass(frozen=True)
 class AnsweringSettings:
     pin_secret: str
     rate_per_agent_minute_minor: int
+    pay_attempts: int = 3
     business_timezone: str = "UTC"  # whose calendar day `valid_until` ends on
 
 
@@ -74,12 +119,122 @@ def call_sid_of(form: Mapping[str, str]) -> str:
 
 
 class AnsweringService:
-    def __init__(self, database: Database, settings: AnsweringSettings, clock: Clock) -> None:
+    def __init__(
+        self,
+        database: Database,
+        settings: AnsweringSettings,
+        clock: Clock,
+        payments: PaymentService | None = None,
+    ) -> None:
         self._database = database
         self._settings = settings
         self._clock = clock
+        self._payments = payments
 
     async def incoming(self, form: Mapping[str, str], params: list[tuple[str, str]]) -> Answer:
+        return await self._pay_if_needed(await self._incoming(form, params))
+
+    async def pin_entered(
+        self, form: Mapping[str, str], params: list[tuple[str, str]], attempt: int
+    ) -> Answer:
+        return await self._pay_if_needed(await self._pin_entered(form, params, attempt))
+
+    async def card_entered(
+        self, form: Mapping[str, str], params: list[tuple[str, str]], attempt: int
+    ) -> Answer:
+        """The `<Pay>` action: a tokenised card (or why there is none). The caller is connected
+        only if the card was saved and the gateway charged or authorised it."""
+        call_sid = call_sid_of(form)
+        if not 1 <= attempt <= self._settings.pay_attempts:
+            raise InvalidRequest(f"attempt must be 1 to {self._settings.pay_attempts}")
+        result = form.get("Result", "")
+        now = self._clock()
+        async with self._database.write() as connection:
+            call = await calls_store.get_call(connection, call_sid, for_update=True)
+            if call is None:
+                raise NotFound(f"unknown call {call_sid}")
+            new = await calls_store.record_event(
+                connection,
+                EventRecord(
+                    dedup_key=f"pay:{call_sid}:{attempt}",
+                    route="pay",
+                    call_sid=call_sid,
+                    kind=result[:64] or "pay",
+                    params=redact_payment_fields(params),
+                    received_at=now,
+                ),
+            )
+            if not new or call.status != CallStatus.MENU or call.account_id is None:
+                return await self._answer_from_state(connection, call_sid)
+            await calls_store.update_call(
+                connection, call_sid, pay_attempts=attempt, last_event_at=now
+            )
+            if result == "caller-hung-up":
+                await calls_store.update_call(
+                    connection,
+                    call_sid,
+                    status=CallStatus.REJECTED,
+                    ended_at=now,
+                    end_reason="hung_up_in_payment",
+                )
+                return Answer(Action.HANG_UP, call_sid)
+            account_id = call.account_id
+        reason = PAY_RESULT_REASONS.get(result, "error")
+        token = form.get("PaymentToken", "")
+        if result == "success" and token and self._payments is not None:
+            outcome = await self._payments.save_card(account_id, token)
+            if outcome.ok:
+                outcome = await self._payments.pay_for_call(call_sid, account_id)
+            if outcome.ok:
+                return await self._connect(call_sid, account_id)
+            reason = outcome.reason
+        log.info("card attempt failed", call_sid=call_sid, attempt=attempt, reason=reason)
+        if attempt >= self._settings.pay_attempts:
+            async with self._database.write() as connection:
+                await calls_store.update_call(
+                    connection,
+                    call_sid,
+                    status=CallStatus.REJECTED,
+                    ended_at=self._clock(),
+                    end_reason="no_payment",
+                )
+            return Answer(Action.PAY_GOODBYE, call_sid, reason=reason)
+        return Answer(Action.COLLECT_CARD, call_sid, attempt=attempt + 1, retry=True, reason=reason)
+
+    async def _pay_if_needed(self, answer: Answer) -> Answer:
+        """A per-minute caller with no funds: charge the card on file if there is one, else
+        ask for a card with <Pay>. Never connected unless the gateway said yes."""
+        if answer.action is not Action.NEEDS_PAYMENT or self._payments is None:
+            return answer
+        async with self._database.read() as connection:
+            call = await calls_store.get_call(connection, answer.call_sid)
+        assert call is not None and call.account_id is not None
+        outcome = await self._payments.pay_for_call(answer.call_sid, call.account_id)
+        if outcome.ok:
+            return await self._connect(answer.call_sid, call.account_id)
+        if outcome.reason != "no_card":
+            log.info(
+                "card on file not accepted; asking for a card",
+                call_sid=answer.call_sid,
+                reason=outcome.reason,
+            )
+        return Answer(
+            Action.COLLECT_CARD,
+            answer.call_sid,
+            attempt=1,
+            retry=outcome.reason != "no_card",
+            reason=outcome.reason,
+        )
+
+    async def _connect(self, call_sid: str, account_id: str) -> Answer:
+        async with self._database.write() as connection:
+            await calls_store.update_call(
+                connection, call_sid, status=CallStatus.CONNECTED, last_event_at=self._clock()
+            )
+        log.info("connecting caller after payment", call_sid=call_sid, account_id=account_id)
+        return Answer(Action.CONNECT, call_sid)
+
+    async def _incoming(self, form: Mapping[str, str], params: list[tuple[str, str]]) -> Answer:
         call_sid = call_sid_of(form)
         now = self._clock()
         async with self._database.write() as connection:
@@ -127,7 +282,7 @@ class AnsweringService:
             )
             return Answer(Action.ASK_PIN, call_sid, attempt=1)
 
-    async def pin_entered(
+    async def _pin_entered(
         self, form: Mapping[str, str], params: list[tuple[str, str]], attempt: int
     ) -> Answer:
         call_sid = call_sid_of(form)
@@ -203,6 +358,11 @@ class AnsweringService:
             now.astimezone(ZoneInfo(self._settings.business_timezone)).date(),
         )
         if plan is Plan.PER_MINUTE and not await self._funded(connection, account_id):
+            if self._payments is not None and self._payments.available:
+                await calls_store.update_call(
+                    connection, call_sid, account_id=account_id, plan=plan.value, last_event_at=now
+                )
+                return Answer(Action.NEEDS_PAYMENT, call_sid)
             await calls_store.update_call(
                 connection,
                 call_sid,
@@ -245,6 +405,13 @@ class AnsweringService:
             return Answer(Action.HANG_UP, call_sid)
         if call.status == CallStatus.CONNECTED:
             return Answer(Action.CONNECT, call_sid)
+        if call.status == CallStatus.MENU and call.account_id is not None:
+            return Answer(
+                Action.COLLECT_CARD,
+                call_sid,
+                attempt=min(call.pay_attempts + 1, self._settings.pay_attempts),
+                retry=call.pay_attempts > 0,
+            )
         if call.status == CallStatus.MENU:
             return Answer(
                 Action.ASK_PIN,
@@ -252,6 +419,8 @@ class AnsweringService:
                 attempt=min(call.pin_attempts + 1, PIN_ATTEMPTS_MAX),
                 retry=call.pin_attempts > 0,
             )
+        if call.end_reason == "no_payment":
+            return Answer(Action.PAY_GOODBYE, call_sid)
         if call.end_reason == "no_funds":
             return Answer(Action.NO_FUNDS, call_sid)
         if call.end_reason in ("pin_not_recognised", "pin_locked_out"):

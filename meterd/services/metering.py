@@ -34,6 +34,7 @@ from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
 from meterd.services.outbox import OutboxKind, enqueue
+from meterd.services.payments import PaymentService
 from meterd.services.rates import RateBook, RateKind
 from meterd.store import calls_store, ledger_store
 from meterd.store.calls_store import CallStatus
@@ -68,12 +69,18 @@ class TickReport:
 
 class MeteringService:
     def __init__(
-        self, database: Database, settings: MeteringSettings, clock: Clock, rates: RateBook
+        self,
+        database: Database,
+        settings: MeteringSettings,
+        clock: Clock,
+        rates: RateBook,
+        payments: PaymentService,
     ) -> None:
         self._database = database
         self._settings = settings
         self._clock = clock
         self._rates = rates
+        self._payments = payments
 
     async def tick(self) -> TickReport:
         """Meter every due call (bounded), request hang-ups after exhaustion, settle calls."""
@@ -142,6 +149,9 @@ class MeteringService:
                     await self._charge_incidents(connection, call, timeline, now)
                 if call.waived_at is not None:
                     await reverse_charges(connection, call_sid, now)
+                await self._payments.queue_settlement(
+                    connection, call_sid, waived=call.waived_at is not None
+                )
             await calls_store.update_call(connection, call_sid, settled_at=now, next_due_at=None)
         log.info("call settled", call_sid=call_sid)
         return True
@@ -200,12 +210,14 @@ class MeteringService:
             rate_minor = await self._rates.rate_at(
                 connection, RateKind.PER_AGENT_MINUTE, currency, due_at
             )
+            card_minutes = await self._payments.card_minutes_left(connection, call.call_sid)
             funding = rating.fund_minute(
                 per_minute=True,
                 bank_minutes=held[ledger.bank_book(account_id)],
                 deposit_minor=held[ledger.deposit_book(account_id)],
                 rate_minor=rate_minor,
                 allow_debt=self._settings.on_exhausted == "allow_debt",
+                card_minutes=card_minutes,
             )
             await self._prepare_books(connection, account_id, currency, funding)
         transaction = ledger.minute(
@@ -408,14 +420,12 @@ class MeteringService:
     async def _watch_funds(
         self, connection: AsyncConnection, call: Row[Any], timeline: Timeline, now: dt.datetime
     ) -> None:
-        """Under `announce` (and `card` with no card on file): warn the conference when few
-        minutes are left, announce when they are gone, and end the call `grace_seconds` later
-        (see `_request_hang_ups`). Minutes in the grace period are still written (owed)."""
-        if (
-            self._settings.on_exhausted == "allow_debt"
-            or call.status != CallStatus.CONNECTED
-            or call.conference_sid is None
-        ):
+        """With a card on file, the next block (or authorisation) is bought before the minutes
+        run out. Without one (or when the card failed), under `announce`: warn the conference
+        when few minutes are left, announce when they are gone, and end the call
+        `grace_seconds` later (see `_request_hang_ups`). Minutes in the grace period are still
+        written (owed)."""
+        if call.status != CallStatus.CONNECTED or call.conference_sid is None:
             return
         account = (
             await connection.execute(
@@ -432,7 +442,17 @@ class MeteringService:
             held[ledger.bank_book(call.account_id)],
             held[ledger.deposit_book(call.account_id)],
             rate_minor,
+        ) + await self._payments.card_minutes_left(connection, call.call_sid)
+        accruing_agents = sum(
+            1
+            for time in timeline.agents.values()
+            if any(i.end_seconds >= int(now.timestamp()) for i in time.billable)
         )
+        running_out = left <= max(1, accruing_agents)
+        if running_out and await self._payments.top_up_in_hand(connection, account, call.call_sid):
+            return  # a card payment is bought or on its way: nothing to announce
+        if self._settings.on_exhausted == "allow_debt":
+            return
         if call.warned_at is None and 0 < left <= self._settings.warn_minutes_left:
             await enqueue(
                 connection,

@@ -4,7 +4,9 @@ Within `waiver_days` of the call's end (or, while it is up, at any time), with a
 configured list. Every charge is reversed by a compensating transaction: minutes back to the
 bank, money back to the deposit (or off the receivable); nothing is deleted. The call is marked
 waived, so minutes posted after the waiver (the call goes on, settlement corrects) are reversed
-too. A second waiver of the same call changes nothing.
+too. Card money is refunded through the gateway: a block bought on this call for the minutes of
+it the bank still holds after the call's minutes came back, a captured authorisation in full.
+A second waiver of the same call changes nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from meterd.clock import Clock
 from meterd.services import validation as v
 from meterd.services.errors import InvalidRequest, NotFound
 from meterd.services.metering import reverse_charges
+from meterd.services.payments import PaymentService
 from meterd.services.research import AGENT_ID
 from meterd.store import calls_store
 from meterd.store.database import Database
@@ -23,10 +26,17 @@ from meterd.store.database import Database
 
 class WaiverService:
     def __init__(
-        self, database: Database, clock: Clock, *, reasons: list[str], waiver_days: int
+        self,
+        database: Database,
+        clock: Clock,
+        payments: PaymentService,
+        *,
+        reasons: list[str],
+        waiver_days: int,
     ) -> None:
         self._database = database
         self._clock = clock
+        self._payments = payments
         self._reasons = reasons
         self._window = dt.timedelta(days=waiver_days)
 
@@ -56,6 +66,9 @@ class WaiverService:
                     waiver_reason=f"{reason} (agent {agent_id})",
                 )
             reversed_count = await reverse_charges(connection, call_sid, now)
+            # card money goes back through the gateway (an authorisation not yet captured is
+            # released at settlement, which captures nothing for a waived call)
+            await self._payments.queue_refunds(connection, call_sid)
         return {
             "call_sid": call_sid,
             "waived": True,

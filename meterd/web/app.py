@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from meterd.adapters.stripe_gateway import PaymentGateway
 from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.core.ledger import LedgerError
@@ -24,6 +25,7 @@ from meterd.services.incidents import IncidentService
 from meterd.services.ingest import IngestService
 from meterd.services.metering import MeteringService, MeteringSettings
 from meterd.services.outbox import OutboxDispatcher, TwilioCalls
+from meterd.services.payments import PaymentService, PaymentSettings
 from meterd.services.rates import RateBook, RateKind
 from meterd.services.research import ResearchService
 from meterd.services.waivers import WaiverService
@@ -64,6 +66,7 @@ class Services:
     incidents: IncidentService
     rates: RateBook
     outbox: OutboxDispatcher
+    payments: PaymentService
     on_invariant_broken: Callable[[InvariantBroken], None]
 
 
@@ -172,6 +175,7 @@ def create_app(
     clock: Clock,
     on_invariant_broken: Callable[[InvariantBroken], None] | None = None,
     twilio_rest: TwilioCalls | None = None,
+    gateway: PaymentGateway | None = None,
 ) -> web.Application:
     """The composition root: every service is built here, from settings, database and clock."""
     from meterd.web import admin, agents, ops, twilio
@@ -190,15 +194,6 @@ def create_app(
         ),
         clock,
     )
-    answering = AnsweringService(
-        database,
-        AnsweringSettings(
-            pin_secret=settings.secret("pin_secret"),
-            rate_per_agent_minute_minor=settings.rate_per_agent_minute_minor,
-            business_timezone=settings.business_timezone,
-        ),
-        clock,
-    )
     rates = RateBook(
         database,
         clock,
@@ -207,6 +202,28 @@ def create_app(
             RateKind.INCIDENT: settings.incident_price_minor,
             RateKind.BLOCK: settings.block_price_minor,
         },
+    )
+    payments = PaymentService(
+        database,
+        gateway,
+        PaymentSettings(
+            card_mode=settings.card_mode,
+            block_minutes=settings.block_minutes,
+            authorize_minutes=settings.authorize_minutes,
+        ),
+        clock,
+        rates,
+    )
+    answering = AnsweringService(
+        database,
+        AnsweringSettings(
+            pin_secret=settings.secret("pin_secret"),
+            rate_per_agent_minute_minor=settings.rate_per_agent_minute_minor,
+            pay_attempts=settings.pay_attempts,
+            business_timezone=settings.business_timezone,
+        ),
+        clock,
+        payments,
     )
     metering = MeteringService(
         database,
@@ -222,6 +239,7 @@ def create_app(
         ),
         clock,
         rates,
+        payments,
     )
     app[SERVICES] = Services(
         settings=settings,
@@ -241,8 +259,13 @@ def create_app(
         ),
         metering=metering,
         waivers=WaiverService(
-            database, clock, reasons=settings.waiver_reasons, waiver_days=settings.waiver_days
+            database,
+            clock,
+            payments,
+            reasons=settings.waiver_reasons,
+            waiver_days=settings.waiver_days,
         ),
+        payments=payments,
         incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
         rates=rates,
         outbox=OutboxDispatcher(database, twilio_rest, clock),

@@ -57,8 +57,11 @@ def _twilio_route(
 
 
 def _twiml(answer: Answer, request: web.Request) -> web.Response:
-    base = request.app[SERVICES].settings.public_base_url
-    return web.Response(text=twiml.render(answer, base), content_type=TWIML)
+    settings = request.app[SERVICES].settings
+    return web.Response(
+        text=twiml.render(answer, settings.public_base_url, settings.pay_connector),
+        content_type=TWIML,
+    )
 
 
 async def voice(request: web.Request, form: MultiDict[str]) -> web.Response:
@@ -74,6 +77,28 @@ async def pin(request: web.Request, form: MultiDict[str]) -> web.Response:
         form, list(form.items()), int(attempt_text)
     )
     return _twiml(answer, request)
+
+
+async def pay(request: web.Request, form: MultiDict[str]) -> web.Response:
+    attempt_text = request.query.get("attempt", "1")
+    if not re.fullmatch(r"[0-9]{1,2}", attempt_text):
+        return json_error(400, "invalid_request", "attempt must be a whole number")
+    answer = await request.app[SERVICES].answering.card_entered(
+        form, list(form.items()), int(attempt_text)
+    )
+    return _twiml(answer, request)
+
+
+async def pay_status(request: web.Request, form: MultiDict[str]) -> web.Response:
+    """<Pay>'s progress callbacks: logged without any card data, nothing else."""
+    log.info(
+        "card entry progress",
+        call_sid=form.get("CallSid"),
+        step=form.get("For"),
+        error_type=form.get("ErrorType"),
+        attempt=form.get("Attempt"),
+    )
+    return web.Response(status=204)
 
 
 async def conference(request: web.Request, form: MultiDict[str]) -> web.Response:
@@ -107,6 +132,8 @@ async def announcement(request: web.Request, form: MultiDict[str]) -> web.Respon
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/twilio/voice", _twilio_route(voice))
     app.router.add_post("/twilio/pin", _twilio_route(pin))
+    app.router.add_post("/twilio/pay", _twilio_route(pay))
+    app.router.add_post("/twilio/pay-status", _twilio_route(pay_status))
     app.router.add_post("/twilio/conference", _twilio_route(conference))
     app.router.add_post("/twilio/call-status", _twilio_route(call_status))
     app.router.add_post("/twilio/fallback", _twilio_route(fallback))

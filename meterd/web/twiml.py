@@ -11,7 +11,16 @@ PIN_DIGITS_MAX = 8
 PIN_TIMEOUT_SECONDS = 10
 
 
-def render(answer: Answer, public_base_url: str) -> str:
+CARD_RETRY_MESSAGES = {
+    "declined": "Sorry, that card was declined.",
+    "unavailable": "Sorry, we could not reach our payment service.",
+    "star": "The card entry was cancelled.",
+    "invalid_card": "Sorry, we could not read that card.",
+    "error": "Sorry, that payment did not go through.",
+}
+
+
+def render(answer: Answer, public_base_url: str, pay_connector: str = "Default") -> str:
     response = VoiceResponse()
     if answer.action is Action.CONNECT:
         dial = response.dial()
@@ -43,6 +52,34 @@ def render(answer: Answer, public_base_url: str) -> str:
         response.say(
             "We could not find your account, so we cannot connect this call. "
             "Please contact us by email and we will help you. Goodbye."
+        )
+        response.hangup()
+    elif answer.action is Action.COLLECT_CARD:
+        if answer.retry:
+            response.say(
+                CARD_RETRY_MESSAGES.get(answer.reason, CARD_RETRY_MESSAGES["error"])
+                + " Let us try again."
+            )
+        else:
+            response.say(
+                "Your account has no support minutes left. To connect you, we will "
+                "take a card for a block of support minutes."
+            )
+        response.pay(
+            input="dtmf",
+            payment_connector=pay_connector,
+            token_type="payment-method",  # noqa: S106 - a token kind, not a secret
+            action=f"{public_base_url}/twilio/pay?attempt={answer.attempt}",
+            status_callback=f"{public_base_url}/twilio/pay-status",
+            max_attempts=1,
+            security_code=True,
+            postal_code=False,
+            timeout=10,
+        )
+    elif answer.action is Action.PAY_GOODBYE:
+        response.say(
+            "We could not take a payment, so we cannot connect this call. You can buy "
+            "support minutes on our website. Goodbye."
         )
         response.hangup()
     elif answer.action is Action.NO_FUNDS:

@@ -24,8 +24,9 @@ def upgrade() -> None:
         sa.Column("operation_id", RowId, primary_key=True, autoincrement=True),
         sa.Column("operation_key", sa.String(200), nullable=False, unique=True),
         sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("account_id", sa.String(64), sa.ForeignKey("accounts.account_id"),
-                  nullable=False),
+        sa.Column(
+            "account_id", sa.String(64), sa.ForeignKey("accounts.account_id"), nullable=False
+        ),
         sa.Column("call_sid", sa.String(64), nullable=True),
         sa.Column("amount_minor", sa.BigInteger, nullable=False),
         sa.Column("currency", sa.String(3), nullable=False),
@@ -42,8 +43,9 @@ def upgrade() -> None:
     op.add_column("accounts", sa.Column("card_customer", sa.String(255), nullable=True))
     op.add_column("accounts", sa.Column("card_brand", sa.String(32), nullable=True))
     op.add_column("accounts", sa.Column("card_last4", sa.String(4), nullable=True))
-    op.add_column("calls", sa.Column("pay_attempts", sa.Integer, nullable=False,
-                                     server_default="0"))
+    op.add_column(
+        "calls", sa.Column("pay_attempts", sa.Integer, nullable=False, server_default="0")
+    )
 
 
 def downgrade() -> None:

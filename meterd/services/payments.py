@@ -1,0 +1,562 @@
+"""Card payments, exactly once with an outside party.
+
+Every gateway operation is first recorded in `payment_operations` under a deterministic key
+(`call:<sid>:block:<n>`, `call:<sid>:auth:<n>`, `...:capture`, `...:release`, `...:refund`),
+committed, then sent to the gateway with that key as its idempotency key (and in its metadata);
+its outcome is recorded after, in the same transaction as its ledger postings. Statuses:
+
+- `queued`: decided (by metering, settlement or a waiver), not sent yet; `send_queued` sends it.
+- `sent`: handed to the gateway; the answer may have been lost to a crash or a timeout.
+  `resolve_sent` looks such an operation up at the gateway by its key once it is older than
+  `RESOLVE_AFTER_SECONDS` (longer than any request can still be in flight) and completes it
+  as the gateway says, or fails it if the gateway never saw it. So a crash between our commit
+  and the gateway's answer neither loses nor repeats a charge.
+- `succeeded` / `failed`: final.
+
+Block mode: a charge of `block_price` buys `block_minutes` into the bank (`card_block`).
+Authorise mode: a hold of `authorize_minutes` x rate; minutes are then paid from it
+(`minute_card`), and settlement captures what was used and releases the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.adapters.stripe_gateway import (
+    CardDeclined,
+    CardOnFile,
+    GatewayError,
+    GatewayResult,
+    GatewayUnavailable,
+    PaymentGateway,
+)
+from meterd.clock import Clock
+from meterd.core import ledger
+from meterd.logs import get_logger
+from meterd.services.rates import RateBook, RateKind
+from meterd.store import ledger_store
+from meterd.store.database import Database
+from meterd.store.schema import accounts, ledger_postings, ledger_transactions, payment_operations
+from meterd.store.sql import insert_ignoring_conflict
+
+log = get_logger("meterd.payments")
+
+RESOLVE_AFTER_SECONDS = 60
+BATCH_MAX = 100
+
+
+@dataclass(frozen=True)
+class PaymentSettings:
+    card_mode: str  # block or authorize
+    block_minutes: int
+    authorize_minutes: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    reason: str = ""  # declined, unavailable, error, no_gateway
+
+
+def card_of(account: Row[Any]) -> CardOnFile | None:
+    if not account.card_customer or not account.card_on_file:
+        return None
+    return CardOnFile(
+        account.card_customer,
+        account.card_on_file,
+        account.card_brand or "",
+        account.card_last4 or "",
+    )
+
+
+class PaymentService:
+    def __init__(
+        self,
+        database: Database,
+        gateway: PaymentGateway | None,
+        settings: PaymentSettings,
+        clock: Clock,
+        rates: RateBook,
+    ) -> None:
+        self._database = database
+        self._gateway = gateway
+        self._settings = settings
+        self._clock = clock
+        self._rates = rates
+
+    @property
+    def available(self) -> bool:
+        return self._gateway is not None
+
+    # --- the gate: a caller waiting on the line ---------------------------------------------
+
+    async def save_card(self, account_id: str, token: str) -> Outcome:
+        """Tokenised by <Pay>: make it the account's card on file (token, brand, last four)."""
+        if self._gateway is None:
+            return Outcome(False, "no_gateway")
+        try:
+            card = await self._gateway.save_card(token)
+        except CardDeclined:
+            return Outcome(False, "declined")
+        except GatewayUnavailable:
+            return Outcome(False, "unavailable")
+        except GatewayError:
+            return Outcome(False, "error")
+        async with self._database.write() as connection:
+            await connection.execute(
+                update(accounts)
+                .where(accounts.c.account_id == account_id)
+                .values(
+                    card_customer=card.customer,
+                    card_on_file=card.payment_method,
+                    card_brand=card.brand,
+                    card_last4=card.last4,
+                )
+            )
+        log.info("card saved", account_id=account_id, brand=card.brand, last4=card.last4)
+        return Outcome(True)
+
+    async def pay_for_call(self, call_sid: str, account_id: str) -> Outcome:
+        """Charge a block (or place an authorisation) on the card on file, now, for a caller
+        waiting to be connected. Succeeds only if the gateway said yes."""
+        if self._gateway is None:
+            return Outcome(False, "no_gateway")
+        async with self._database.write() as connection:
+            account = (
+                await connection.execute(
+                    select(accounts).where(accounts.c.account_id == account_id)
+                )
+            ).one()
+            card = card_of(account)
+            if card is None:
+                return Outcome(False, "no_card")
+            key = await self._record(connection, account, call_sid, status="sent")
+        return await self._send(key)
+
+    async def queue_top_up(
+        self, connection: AsyncConnection, account: Row[Any], call_sid: str
+    ) -> str | None:
+        """Metering, mid-call: the next block or authorisation, queued in its transaction
+        unless one for this call is still on its way. Returns the key if queued."""
+        busy = await connection.scalar(
+            select(func.count())
+            .select_from(payment_operations)
+            .where(
+                payment_operations.c.call_sid == call_sid,
+                payment_operations.c.status.in_(("queued", "sent")),
+            )
+        )
+        if busy or card_of(account) is None or self._gateway is None:
+            return None
+        return await self._record(connection, account, call_sid, status="queued")
+
+    async def _record(
+        self, connection: AsyncConnection, account: Row[Any], call_sid: str, *, status: str
+    ) -> str:
+        block = self._settings.card_mode == "block"
+        kind, word = ("charge", "block") if block else ("authorize", "auth")
+        now = self._clock()
+        count = await connection.scalar(
+            select(func.count())
+            .select_from(payment_operations)
+            .where(payment_operations.c.call_sid == call_sid, payment_operations.c.kind == kind)
+        )
+        key = f"call:{call_sid}:{word}:{(count or 0) + 1}"
+        if block:
+            minutes = self._settings.block_minutes
+            amount = await self._rates.rate_at(connection, RateKind.BLOCK, account.currency, now)
+        else:
+            minutes = self._settings.authorize_minutes
+            amount = minutes * await self._rates.rate_at(
+                connection, RateKind.PER_AGENT_MINUTE, account.currency, now
+            )
+        await connection.execute(
+            insert_ignoring_conflict(
+                connection,
+                payment_operations,
+                {
+                    "operation_key": key,
+                    "kind": kind,
+                    "account_id": account.account_id,
+                    "call_sid": call_sid,
+                    "amount_minor": amount,
+                    "currency": account.currency,
+                    "minutes": minutes,
+                    "related_key": None,
+                    "status": status,
+                    "gateway_reference": None,
+                    "error": None,
+                    "created_at": now,
+                    "completed_at": None,
+                },
+                ["operation_key"],
+            )
+        )
+        return key
+
+    # --- sending and completing -------------------------------------------------------------
+
+    async def _send(self, key: str) -> Outcome:
+        assert self._gateway is not None
+        async with self._database.read() as connection:
+            operation = await _operation(connection, key)
+            account = (
+                await connection.execute(
+                    select(accounts).where(accounts.c.account_id == operation.account_id)
+                )
+            ).one()
+        card = card_of(account)
+        try:
+            if operation.kind in ("charge", "authorize"):
+                if card is None:
+                    raise CardDeclined("no card on file")
+                send = (
+                    self._gateway.charge if operation.kind == "charge" else self._gateway.authorize
+                )
+                result = await send(key, card, operation.amount_minor, operation.currency)
+            elif operation.kind == "capture":
+                result = await self._gateway.capture(
+                    key, await self._reference_of(operation.related_key), operation.amount_minor
+                )
+            elif operation.kind == "release":
+                result = await self._gateway.release(
+                    key, await self._reference_of(operation.related_key)
+                )
+            else:
+                result = await self._gateway.refund(
+                    key, await self._reference_of(operation.related_key), operation.amount_minor
+                )
+        except CardDeclined as error:
+            await self._fail(key, f"declined: {error}")
+            return Outcome(False, "declined")
+        except GatewayUnavailable as error:
+            log.warning(
+                "gateway did not answer; the operation will be resolved later",
+                operation_key=key,
+                error=str(error),
+            )
+            return Outcome(False, "unavailable")
+        except GatewayError as error:
+            await self._fail(key, str(error))
+            return Outcome(False, "error")
+        await self.complete(key, result)
+        return Outcome(True)
+
+    async def complete(self, key: str, result: GatewayResult) -> None:
+        """Record the gateway's yes, with its ledger postings, once."""
+        async with self._database.write() as connection:
+            changed = await connection.execute(
+                update(payment_operations)
+                .where(
+                    payment_operations.c.operation_key == key,
+                    payment_operations.c.status.in_(("queued", "sent")),
+                )
+                .values(
+                    status="succeeded",
+                    gateway_reference=result.reference,
+                    completed_at=self._clock(),
+                )
+            )
+            if changed.rowcount != 1:
+                return  # completed before
+            operation = await _operation(connection, key)
+            if operation.kind == "charge":
+                await ledger_store.post(
+                    connection,
+                    ledger.card_block(
+                        key,
+                        account_id=operation.account_id,
+                        call_sid=operation.call_sid,
+                        minutes=operation.minutes,
+                        currency=operation.currency,
+                        amount_minor=operation.amount_minor,
+                    ),
+                    self._clock(),
+                )
+        log.info(
+            "payment succeeded",
+            operation_key=key,
+            kind=operation.kind,
+            amount_minor=operation.amount_minor,
+        )
+
+    async def _fail(self, key: str, error: str) -> None:
+        async with self._database.write() as connection:
+            await connection.execute(
+                update(payment_operations)
+                .where(
+                    payment_operations.c.operation_key == key,
+                    payment_operations.c.status.in_(("queued", "sent")),
+                )
+                .values(status="failed", error=error[:500], completed_at=self._clock())
+            )
+        log.info("payment failed", operation_key=key, error=error[:200])
+
+    async def _reference_of(self, key: str | None) -> str:
+        async with self._database.read() as connection:
+            reference = await connection.scalar(
+                select(payment_operations.c.gateway_reference).where(
+                    payment_operations.c.operation_key == key
+                )
+            )
+        if not reference:
+            raise GatewayError(f"{key} has no gateway reference")
+        return str(reference)
+
+    async def send_queued(self) -> int:
+        """Send what metering, settlement and waivers queued. Returns how many were sent."""
+        if self._gateway is None:
+            return 0
+        async with self._database.read() as connection:
+            keys = (
+                await connection.scalars(
+                    select(payment_operations.c.operation_key)
+                    .where(payment_operations.c.status == "queued")
+                    .order_by(payment_operations.c.operation_id)
+                    .limit(BATCH_MAX)
+                )
+            ).all()
+        sent = 0
+        for key in keys:
+            async with self._database.write() as connection:  # claim it: queued -> sent
+                claimed = await connection.execute(
+                    update(payment_operations)
+                    .where(
+                        payment_operations.c.operation_key == key,
+                        payment_operations.c.status == "queued",
+                    )
+                    .values(status="sent")
+                )
+            if claimed.rowcount == 1:
+                await self._send(key)
+                sent += 1
+        return sent
+
+    async def resolve_sent(self) -> int:
+        """Operations sent but never answered (a crash, a timeout): ask the gateway."""
+        if self._gateway is None:
+            return 0
+        cutoff = self._clock() - dt.timedelta(seconds=RESOLVE_AFTER_SECONDS)
+        async with self._database.read() as connection:
+            rows = (
+                await connection.execute(
+                    select(payment_operations)
+                    .where(
+                        payment_operations.c.status == "sent",
+                        payment_operations.c.created_at <= cutoff,
+                    )
+                    .order_by(payment_operations.c.operation_id)
+                    .limit(BATCH_MAX)
+                )
+            ).all()
+        resolved = 0
+        for operation in rows:
+            if operation.kind not in ("charge", "authorize"):
+                await self._send(operation.operation_key)  # capture/release/refund: idempotent
+                resolved += 1
+                continue
+            try:
+                found = await self._gateway.find(operation.operation_key)
+            except GatewayError as error:
+                log.warning(
+                    "cannot resolve a payment yet",
+                    operation_key=operation.operation_key,
+                    error=str(error),
+                )
+                continue
+            wanted = "succeeded" if operation.kind == "charge" else "requires_capture"
+            if found is not None and found.status in (wanted, "succeeded"):
+                await self.complete(operation.operation_key, found)
+            else:
+                await self._fail(
+                    operation.operation_key,
+                    f"not completed at the gateway ({found.status if found else 'never received'})",
+                )
+            resolved += 1
+            log.info(
+                "resolved a payment left in flight",
+                operation_key=operation.operation_key,
+                found=found is not None,
+            )
+        return resolved
+
+    async def run(self) -> None:
+        """The payments job: send what is queued, resolve what was left in flight."""
+        await self.send_queued()
+        await self.resolve_sent()
+
+    # --- authorise mode ---------------------------------------------------------------------
+
+    async def card_minutes_left(self, connection: AsyncConnection, call_sid: str) -> int:
+        """Minutes the call's succeeded authorisations still cover."""
+        authorised = await connection.scalar(
+            select(func.coalesce(func.sum(payment_operations.c.minutes), 0)).where(
+                payment_operations.c.call_sid == call_sid,
+                payment_operations.c.kind == "authorize",
+                payment_operations.c.status == "succeeded",
+            )
+        )
+        used = await _card_minutes_used(connection, call_sid)
+        return int(authorised or 0) - used
+
+    async def queue_settlement(
+        self, connection: AsyncConnection, call_sid: str, waived: bool
+    ) -> None:
+        """At settlement: capture what each authorisation paid for (in order), release the
+        rest; a waived call captures nothing."""
+        holds = (
+            await connection.execute(
+                select(payment_operations)
+                .where(
+                    payment_operations.c.call_sid == call_sid,
+                    payment_operations.c.kind == "authorize",
+                    payment_operations.c.status == "succeeded",
+                )
+                .order_by(payment_operations.c.operation_id)
+            )
+        ).all()
+        if not holds:
+            return
+        used_minor = (
+            0 if waived else await _card_money_used(connection, call_sid, holds[0].currency)
+        )
+        for hold in holds:
+            take = min(used_minor, hold.amount_minor)
+            used_minor -= take
+            kind, amount = ("capture", take) if take else ("release", 0)
+            await self._queue(connection, f"{hold.operation_key}:{kind}", kind, hold, amount)
+
+    async def queue_refunds(self, connection: AsyncConnection, call_sid: str) -> None:
+        """A waiver: card blocks bought on this call are refunded for their minutes the bank
+        still holds (so nothing is refunded twice over), captured authorisations in full."""
+        operations = (
+            await connection.execute(
+                select(payment_operations)
+                .where(
+                    payment_operations.c.call_sid == call_sid,
+                    payment_operations.c.status == "succeeded",
+                    payment_operations.c.kind.in_(("charge", "capture")),
+                )
+                .order_by(payment_operations.c.operation_id)
+            )
+        ).all()
+        for operation in operations:
+            refund_key = f"{operation.operation_key}:refund"
+            if await ledger_store.load_transaction(connection, f"payment:{refund_key}"):
+                continue
+            if operation.kind == "charge":
+                bank_book = ledger.bank_book(operation.account_id)
+                bank = (await ledger_store.balances_for_update(connection, [bank_book]))[bank_book]
+                minutes = min(operation.minutes, max(bank, 0))
+                amount = operation.amount_minor * minutes // operation.minutes
+            else:
+                minutes, amount = 0, operation.amount_minor
+            if amount == 0 and minutes == 0:
+                continue
+            await ledger_store.post(
+                connection,
+                ledger.card_refund(
+                    refund_key,
+                    account_id=operation.account_id,
+                    call_sid=call_sid,
+                    minutes=minutes,
+                    currency=operation.currency,
+                    amount_minor=amount,
+                ),
+                self._clock(),
+            )
+            if amount:
+                reference_key = (
+                    operation.operation_key if operation.kind == "charge" else operation.related_key
+                )
+                await self._queue(
+                    connection, refund_key, "refund", operation, amount, related_key=reference_key
+                )
+
+    async def _queue(
+        self,
+        connection: AsyncConnection,
+        key: str,
+        kind: str,
+        of: Row[Any],
+        amount_minor: int,
+        related_key: str | None = None,
+    ) -> None:
+        await connection.execute(
+            insert_ignoring_conflict(
+                connection,
+                payment_operations,
+                {
+                    "operation_key": key,
+                    "kind": kind,
+                    "account_id": of.account_id,
+                    "call_sid": of.call_sid,
+                    "amount_minor": amount_minor,
+                    "currency": of.currency,
+                    "minutes": 0,
+                    "related_key": related_key or of.operation_key,
+                    "status": "queued",
+                    "gateway_reference": None,
+                    "error": None,
+                    "created_at": self._clock(),
+                    "completed_at": None,
+                },
+                ["operation_key"],
+            )
+        )
+
+
+async def _operation(connection: AsyncConnection, key: str) -> Row[Any]:
+    return (
+        await connection.execute(
+            select(payment_operations).where(payment_operations.c.operation_key == key)
+        )
+    ).one()
+
+
+async def _card_minutes_used(connection: AsyncConnection, call_sid: str) -> int:
+    """Minutes of the call paid by card authorisation, less those given back."""
+    return await _net_kind(connection, call_sid, "minute_card", ledger.MINUTES_USED)
+
+
+async def _card_money_used(connection: AsyncConnection, call_sid: str, currency: str) -> int:
+    """Money of the call paid by card authorisation, less what was given back."""
+    return -await _net_kind(
+        connection, call_sid, "minute_card", ledger.card_receipts_book(currency)
+    )
+
+
+async def _net_kind(connection: AsyncConnection, call_sid: str, kind: str, book: str) -> int:
+    """Net amount on `book` of the call's `kind` transactions, less their reversals."""
+    original = ledger_transactions.alias("original")
+    direct = await connection.scalar(
+        select(func.coalesce(func.sum(ledger_postings.c.amount), 0))
+        .join(
+            ledger_transactions,
+            ledger_transactions.c.transaction_id == ledger_postings.c.transaction_id,
+        )
+        .where(
+            ledger_transactions.c.call_sid == call_sid,
+            ledger_transactions.c.kind == kind,
+            ledger_postings.c.book == book,
+        )
+    )
+    reversed_ = await connection.scalar(
+        select(func.coalesce(func.sum(ledger_postings.c.amount), 0))
+        .join(
+            ledger_transactions,
+            ledger_transactions.c.transaction_id == ledger_postings.c.transaction_id,
+        )
+        .join(original, original.c.idempotency_key == ledger_transactions.c.reverses_key)
+        .where(
+            ledger_transactions.c.call_sid == call_sid,
+            original.c.kind == kind,
+            ledger_postings.c.book == book,
+        )
+    )
+    return int(direct or 0) + int(reversed_ or 0)
