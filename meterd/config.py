@@ -405,6 +405,16 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1,
         maximum=14,
     ),
+    Setting(
+        "payment_resolve_after_seconds",
+        "payments",
+        int,
+        60,
+        "a card operation sent but never answered (a crash, a timeout) is looked up at the "
+        "gateway this long after it was sent, and completed or failed as the gateway says",
+        minimum=1,
+        maximum=86400,
+    ),
     # [log]
     Setting(
         "log_level",

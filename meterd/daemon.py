@@ -8,6 +8,7 @@ import signal
 
 from aiohttp import web
 
+from meterd.adapters.stripe_gateway import StripeGateway, StripeSettings
 from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.clock import Clock, system_clock
 from meterd.config import Settings
@@ -53,12 +54,14 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         stop.set()
 
     twilio_rest = _twilio_rest(settings)
+    gateway = _gateway(settings)
     app = create_app(
         settings,
         database,
         clock=clock,
         on_invariant_broken=on_invariant_broken,
         twilio_rest=twilio_rest,
+        gateway=gateway,
     )
     runner = web.AppRunner(
         app,
@@ -81,6 +84,7 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     tick_seconds = settings.tick_interval_seconds
     scheduler.every(tick_seconds, "metering-tick", services.metering.tick)
     scheduler.every(tick_seconds, "twilio-outbox", services.outbox.dispatch)
+    scheduler.every(tick_seconds, "payments", services.payments.run)
     scheduler.every(
         STALE_SWEEP_INTERVAL_SECONDS, "close-stale-calls", services.ingest.close_stale_calls
     )
@@ -109,9 +113,28 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     scheduler.shutdown()
     if twilio_rest is not None:
         await twilio_rest.close()
+    if gateway is not None:
+        await gateway.close()
     await database.close()
     log.info("stopped", exit_status=exit_status)
     return exit_status
+
+
+def _gateway(settings: Settings) -> StripeGateway | None:
+    """The card gateway, if a Stripe secret key is configured."""
+    if not settings.secret("stripe_secret_key"):
+        log.warning(
+            "no METERD_STRIPE_SECRET_KEY: per-minute callers without minutes or a "
+            "deposit are told how to buy minutes, and card payments are off"
+        )
+        return None
+    return StripeGateway(
+        StripeSettings(
+            secret_key=settings.secret("stripe_secret_key"),
+            api_base_url=settings.stripe_api_base_url,
+            timeout_seconds=settings.gateway_timeout_seconds,
+        )
+    )
 
 
 def _twilio_rest(settings: Settings) -> TwilioRest | None:

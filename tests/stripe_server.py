@@ -38,8 +38,11 @@ class LocalStripe:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LocalStripe:
-        self.process = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -50,6 +53,11 @@ class LocalStripe:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("localstripe did not start")
+
+    def reset(self) -> None:
+        """Forget every customer, card and payment (between tests)."""
+        request = urllib.request.Request(f"{self.base_url}/_config/data", method="DELETE")
+        urllib.request.urlopen(request, timeout=10).close()
 
     def stop(self) -> None:
         if self.process is not None:

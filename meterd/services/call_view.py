@@ -31,13 +31,19 @@ class CallViewService:
             timeline = await calls_store.load_timeline(
                 connection, call, self._clock(), self._research_max_seconds
             )
-            totals = await ledger_store.call_book_totals(connection, call_sid)
+            # what the call used (a card block bought during it is a purchase, not usage)
+            totals = await ledger_store.call_book_totals(
+                connection, call_sid, excluding_kinds=frozenset({"card_block", "card_refund"})
+            )
+            all_totals = await ledger_store.call_book_totals(connection, call_sid)
             incidents = await ledger_store.net_incidents(connection, call_sid)
         account_id = call.account_id or ""
         charges = {
             "bank_minutes": -totals.get(ledger.bank_book(account_id), 0),
             "deposit_minor": -totals.get(ledger.deposit_book(account_id), 0),
-            "card_minor": 0,
+            "card_minor": -sum(
+                total for book, total in all_totals.items() if book.endswith(":card_receipts")
+            ),
             "owed_minor": -totals.get(ledger.receivable_book(account_id), 0),
             "incidents": incidents,
             "waived": call.waived_at is not None,

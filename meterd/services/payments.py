@@ -8,7 +8,7 @@ its outcome is recorded after, in the same transaction as its ledger postings. S
 - `queued`: decided (by metering, settlement or a waiver), not sent yet; `send_queued` sends it.
 - `sent`: handed to the gateway; the answer may have been lost to a crash or a timeout.
   `resolve_sent` looks such an operation up at the gateway by its key once it is older than
-  `RESOLVE_AFTER_SECONDS` (longer than any request can still be in flight) and completes it
+  `resolve_after_seconds` (longer than any request can still be in flight) and completes it
   as the gateway says, or fails it if the gateway never saw it. So a crash between our commit
   and the gateway's answer neither loses nor repeats a charge.
 - `succeeded` / `failed`: final.
@@ -46,7 +46,6 @@ from meterd.store.sql import insert_ignoring_conflict
 
 log = get_logger("meterd.payments")
 
-RESOLVE_AFTER_SECONDS = 60
 BATCH_MAX = 100
 
 
@@ -55,6 +54,7 @@ class PaymentSettings:
     card_mode: str  # block or authorize
     block_minutes: int
     authorize_minutes: int
+    resolve_after_seconds: int = 60  # longer than any request can still be in flight
 
 
 @dataclass(frozen=True)
@@ -138,22 +138,33 @@ class PaymentService:
             key = await self._record(connection, account, call_sid, status="sent")
         return await self._send(key)
 
-    async def queue_top_up(
+    async def top_up_in_hand(
         self, connection: AsyncConnection, account: Row[Any], call_sid: str
-    ) -> str | None:
-        """Metering, mid-call: the next block or authorisation, queued in its transaction
-        unless one for this call is still on its way. Returns the key if queued."""
-        busy = await connection.scalar(
-            select(func.count())
-            .select_from(payment_operations)
-            .where(
-                payment_operations.c.call_sid == call_sid,
-                payment_operations.c.status.in_(("queued", "sent")),
+    ) -> bool:
+        """Metering, mid-call, funds about to run out: make sure the next block (or
+        authorisation) is bought. True if one is on its way or was just queued (in the
+        caller's transaction); False if the card cannot be used (none, no gateway, or the last
+        card payment for this call failed), so the caller should announce instead."""
+        if card_of(account) is None or self._gateway is None:
+            return False
+        last = (
+            await connection.execute(
+                select(payment_operations.c.status)
+                .where(
+                    payment_operations.c.call_sid == call_sid,
+                    payment_operations.c.kind.in_(("charge", "authorize")),
+                )
+                .order_by(payment_operations.c.operation_id.desc())
+                .limit(1)
             )
-        )
-        if busy or card_of(account) is None or self._gateway is None:
-            return None
-        return await self._record(connection, account, call_sid, status="queued")
+        ).scalar_one_or_none()
+        if last in ("queued", "sent"):
+            return True
+        if last == "failed":
+            return False
+        await self._record(connection, account, call_sid, status="queued")
+        log.info("funds running out: buying the next card payment", call_sid=call_sid)
+        return True
 
     async def _record(
         self, connection: AsyncConnection, account: Row[Any], call_sid: str, *, status: str
@@ -341,7 +352,7 @@ class PaymentService:
         """Operations sent but never answered (a crash, a timeout): ask the gateway."""
         if self._gateway is None:
             return 0
-        cutoff = self._clock() - dt.timedelta(seconds=RESOLVE_AFTER_SECONDS)
+        cutoff = self._clock() - dt.timedelta(seconds=self._settings.resolve_after_seconds)
         async with self._database.read() as connection:
             rows = (
                 await connection.execute(

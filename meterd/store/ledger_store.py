@@ -216,9 +216,12 @@ async def unreversed_keys(
     return list(rows.all())
 
 
-async def call_book_totals(connection: AsyncConnection, call_sid: str) -> dict[str, int]:
-    """Net movement per book of everything posted for the call (reversals included)."""
-    rows = await connection.execute(
+async def call_book_totals(
+    connection: AsyncConnection, call_sid: str, *, excluding_kinds: frozenset[str] = frozenset()
+) -> dict[str, int]:
+    """Net movement per book of everything posted for the call (reversals included), leaving
+    out transactions of `excluding_kinds`."""
+    query = (
         select(ledger_postings.c.book, func.sum(ledger_postings.c.amount))
         .join(
             ledger_transactions,
@@ -227,7 +230,9 @@ async def call_book_totals(connection: AsyncConnection, call_sid: str) -> dict[s
         .where(ledger_transactions.c.call_sid == call_sid)
         .group_by(ledger_postings.c.book)
     )
-    return {book: int(total) for book, total in rows}
+    if excluding_kinds:
+        query = query.where(ledger_transactions.c.kind.not_in(excluding_kinds))
+    return {book: int(total) for book, total in await connection.execute(query)}
 
 
 async def list_transactions(

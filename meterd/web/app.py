@@ -210,6 +210,7 @@ def create_app(
             card_mode=settings.card_mode,
             block_minutes=settings.block_minutes,
             authorize_minutes=settings.authorize_minutes,
+            resolve_after_seconds=settings.payment_resolve_after_seconds,
         ),
         clock,
         rates,

@@ -31,7 +31,13 @@ class ManualClock:
 
 
 def build_app(
-    database: Any, tmp_path: Any, clock: ManualClock, *, twilio_rest: Any = None, **env: str
+    database: Any,
+    tmp_path: Any,
+    clock: ManualClock,
+    *,
+    twilio_rest: Any = None,
+    gateway: Any = None,
+    **env: str,
 ) -> Any:
     settings = load_settings(
         None,
@@ -46,7 +52,7 @@ def build_app(
             **env,
         },
     )
-    return create_app(settings, database, clock=clock, twilio_rest=twilio_rest)
+    return create_app(settings, database, clock=clock, twilio_rest=twilio_rest, gateway=gateway)
 
 
 async def post_twilio(
