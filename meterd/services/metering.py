@@ -39,7 +39,14 @@ from meterd.services.rates import RateBook, RateKind
 from meterd.store import calls_store, ledger_store
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
-from meterd.store.schema import accounts, call_agent_minutes, calls, ledger_books, research_marks
+from meterd.store.schema import (
+    accounts,
+    call_agent_minutes,
+    calls,
+    ledger_books,
+    outbox,
+    research_marks,
+)
 from meterd.store.sql import insert_ignoring_conflict
 
 log = get_logger("meterd.metering")
@@ -485,31 +492,38 @@ class MeteringService:
         return f"{self._settings.public_base_url}/twilio/announcement?message={message}"
 
     async def _request_hang_ups(self) -> int:
+        """Calls whose grace period after exhaustion is over are ended (once)."""
         now = self._clock()
         cutoff = now - dt.timedelta(seconds=self._settings.grace_seconds)
-        async with self._database.write() as connection:
-            rows = (
-                await connection.execute(
+        already = exists().where(outbox.c.request_key == "call:" + calls.c.call_sid + ":hang_up")
+        async with self._database.read() as connection:
+            due = (
+                await connection.scalars(
                     select(calls.c.call_sid)
-                    .where(calls.c.exhausted_at <= cutoff, calls.c.status == CallStatus.CONNECTED)
+                    .where(
+                        calls.c.exhausted_at <= cutoff,
+                        calls.c.status == CallStatus.CONNECTED,
+                        ~already,
+                    )
                     .limit(self._settings.tick_batch_max)
                 )
             ).all()
-            requested = 0
-            for row in rows:
+        if not due:
+            return 0
+        requested = 0
+        async with self._database.write() as connection:
+            for call_sid in due:
                 if await enqueue(
                     connection,
                     OutboxKind.HANG_UP,
-                    f"call:{row.call_sid}:hang_up",
-                    call_sid=row.call_sid,
-                    target_sid=row.call_sid,
+                    f"call:{call_sid}:hang_up",
+                    call_sid=call_sid,
+                    target_sid=call_sid,
                     argument="",
                     now=now,
                 ):
                     requested += 1
-                    log.info(
-                        "grace period over; asking Twilio to end the call", call_sid=row.call_sid
-                    )
+                    log.info("grace period over; asking Twilio to end the call", call_sid=call_sid)
         return requested
 
     async def _settleable(self) -> list[str]:
