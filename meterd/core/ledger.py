@@ -258,9 +258,8 @@ MONEY_MINUTE_KINDS = frozenset(
 # Card payments: a block of minutes bought by card (`card_block`); in authorise mode a minute
 # paid by the card's authorisation (`minute_card`).
 CARD_KINDS = frozenset({"card_block", "minute_card"})
-CHARGE_KINDS = frozenset(
-    {"minute_bank", *MONEY_MINUTE_KINDS, "incident_deposit", "incident_receivable"}
-)
+INCIDENT_KINDS = frozenset({"incident_deposit", "incident_card", "incident_receivable"})
+CHARGE_KINDS = frozenset({"minute_bank", *MONEY_MINUTE_KINDS, *INCIDENT_KINDS})
 
 
 def minute(
@@ -305,6 +304,16 @@ def minute(
     )
 
 
+def incident_key(group_sid: str, k: int) -> str:
+    return f"incident:{group_sid}:{k}"
+
+
+def parse_incident_key(key: str) -> tuple[str, int]:
+    """(group_sid, k) of an incident's key."""
+    _, group_sid, k = key.split(":")
+    return group_sid, int(k)
+
+
 def incident(
     group_sid: str,
     k: int,
@@ -312,18 +321,22 @@ def incident(
     call_sid: str,
     account_id: str,
     currency: str,
-    owed: bool,
+    payer: str,
     amount_minor: int,
 ) -> Transaction:
     """The `k`-th incident of an incident group (the first call and its linked follow-ups),
-    charged from the deposit, or owed as a receivable."""
-    payer = receivable_book(account_id) if owed else deposit_book(account_id)
+    paid from the deposit, by card, or owed as a receivable (`payer`)."""
+    books = {
+        "deposit": deposit_book(account_id),
+        "card": card_receipts_book(currency),
+        "receivable": receivable_book(account_id),
+    }
     return transfer(
-        f"incident:{group_sid}:{k}",
-        "incident_receivable" if owed else "incident_deposit",
+        incident_key(group_sid, k),
+        f"incident_{payer}",
         unit=currency,
         amount=amount_minor,
-        from_book=payer,
+        from_book=books[payer],
         to_book=incident_revenue_book(currency),
         account_id=account_id,
         call_sid=call_sid,

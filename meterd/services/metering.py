@@ -34,7 +34,7 @@ from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
 from meterd.services.outbox import OutboxKind, enqueue
-from meterd.services.payments import PaymentService
+from meterd.services.payments import PaymentService, post_incident
 from meterd.services.rates import RateBook, RateKind
 from meterd.store import calls_store, ledger_store
 from meterd.store.calls_store import CallStatus
@@ -379,33 +379,31 @@ class MeteringService:
         if price == 0:
             return
         for k in range(1, needed + 1):
-            if await ledger_store.load_transaction(connection, f"incident:{group}:{k}"):
+            key = ledger.incident_key(group, k)
+            if await ledger_store.load_transaction(connection, key):
                 continue  # charged on an earlier call of the group
+            if await self._payments.incident_on_its_way(connection, key):
+                continue  # being charged to the card
             held = await ledger_store.balances_for_update(
                 connection, [ledger.deposit_book(call.account_id)]
             )
-            owed = held[ledger.deposit_book(call.account_id)] < price
-            if owed:
-                await ledger_store.create_book(
-                    connection,
-                    ledger.receivable_book(call.account_id),
-                    unit=account.currency,
-                    kind=BookKind.RECEIVABLE,
-                    account_id=call.account_id,
-                    allow_negative=True,
-                )
-            await ledger_store.post(
+            if held[ledger.deposit_book(call.account_id)] >= price:
+                payer = "deposit"
+            elif await self._payments.queue_incident(
+                connection, account, call.call_sid, key, price
+            ):
+                continue  # the card is charged next; the incident is posted when it succeeds
+            else:
+                payer = "receivable"
+            await post_incident(
                 connection,
-                ledger.incident(
-                    group,
-                    k,
-                    call_sid=call.call_sid,
-                    account_id=call.account_id,
-                    currency=account.currency,
-                    owed=owed,
-                    amount_minor=price,
-                ),
-                self._clock(),
+                key,
+                call_sid=call.call_sid,
+                account_id=call.account_id,
+                currency=account.currency,
+                payer=payer,
+                amount_minor=price,
+                now=self._clock(),
             )
 
     def _next_due(

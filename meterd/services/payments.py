@@ -37,6 +37,7 @@ from meterd.adapters.stripe_gateway import (
 )
 from meterd.clock import Clock
 from meterd.core import ledger
+from meterd.core.ledger import BookKind
 from meterd.logs import get_logger
 from meterd.services.rates import RateBook, RateKind
 from meterd.store import ledger_store
@@ -166,6 +167,55 @@ class PaymentService:
         log.info("funds running out: buying the next card payment", call_sid=call_sid)
         return True
 
+    async def incident_on_its_way(self, connection: AsyncConnection, key: str) -> bool:
+        status = await connection.scalar(
+            select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
+        )
+        return status in ("queued", "sent")
+
+    async def queue_incident(
+        self,
+        connection: AsyncConnection,
+        account: Row[Any],
+        call_sid: str,
+        key: str,
+        amount_minor: int,
+    ) -> bool:
+        """A per-incident charge the deposit cannot pay goes to the card on file, if any.
+        False if there is no card to charge (or a charge for it failed before)."""
+        if card_of(account) is None or self._gateway is None:
+            return False
+        if (
+            await connection.scalar(
+                select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
+            )
+            == "failed"
+        ):
+            return False
+        await connection.execute(
+            insert_ignoring_conflict(
+                connection,
+                payment_operations,
+                {
+                    "operation_key": key,
+                    "kind": "incident",
+                    "account_id": account.account_id,
+                    "call_sid": call_sid,
+                    "amount_minor": amount_minor,
+                    "currency": account.currency,
+                    "minutes": 0,
+                    "related_key": None,
+                    "status": "queued",
+                    "gateway_reference": None,
+                    "error": None,
+                    "created_at": self._clock(),
+                    "completed_at": None,
+                },
+                ["operation_key"],
+            )
+        )
+        return True
+
     async def _record(
         self, connection: AsyncConnection, account: Row[Any], call_sid: str, *, status: str
     ) -> str:
@@ -223,11 +273,13 @@ class PaymentService:
             ).one()
         card = card_of(account)
         try:
-            if operation.kind in ("charge", "authorize"):
+            if operation.kind in ("charge", "authorize", "incident"):
                 if card is None:
                     raise CardDeclined("no card on file")
                 send = (
-                    self._gateway.charge if operation.kind == "charge" else self._gateway.authorize
+                    self._gateway.authorize
+                    if operation.kind == "authorize"
+                    else self._gateway.charge
                 )
                 result = await send(key, card, operation.amount_minor, operation.currency)
             elif operation.kind == "capture":
@@ -276,6 +328,17 @@ class PaymentService:
             if changed.rowcount != 1:
                 return  # completed before
             operation = await _operation(connection, key)
+            if operation.kind == "incident":
+                await post_incident(
+                    connection,
+                    key,
+                    call_sid=operation.call_sid,
+                    account_id=operation.account_id,
+                    currency=operation.currency,
+                    payer="card",
+                    amount_minor=operation.amount_minor,
+                    now=self._clock(),
+                )
             if operation.kind == "charge":
                 await ledger_store.post(
                     connection,
@@ -298,7 +361,7 @@ class PaymentService:
 
     async def _fail(self, key: str, error: str) -> None:
         async with self._database.write() as connection:
-            await connection.execute(
+            changed = await connection.execute(
                 update(payment_operations)
                 .where(
                     payment_operations.c.operation_key == key,
@@ -306,6 +369,19 @@ class PaymentService:
                 )
                 .values(status="failed", error=error[:500], completed_at=self._clock())
             )
+            operation = await _operation(connection, key)
+            if changed.rowcount == 1 and operation.kind == "incident":
+                # the card said no: the incident is owed, for finance to invoice
+                await post_incident(
+                    connection,
+                    key,
+                    call_sid=operation.call_sid,
+                    account_id=operation.account_id,
+                    currency=operation.currency,
+                    payer="receivable",
+                    amount_minor=operation.amount_minor,
+                    now=self._clock(),
+                )
         log.info("payment failed", operation_key=key, error=error[:200])
 
     async def _reference_of(self, key: str | None) -> str:
@@ -367,7 +443,7 @@ class PaymentService:
             ).all()
         resolved = 0
         for operation in rows:
-            if operation.kind not in ("charge", "authorize"):
+            if operation.kind not in ("charge", "authorize", "incident"):
                 await self._send(operation.operation_key)  # capture/release/refund: idempotent
                 resolved += 1
                 continue
@@ -380,7 +456,7 @@ class PaymentService:
                     error=str(error),
                 )
                 continue
-            wanted = "succeeded" if operation.kind == "charge" else "requires_capture"
+            wanted = "requires_capture" if operation.kind == "authorize" else "succeeded"
             if found is not None and found.status in (wanted, "succeeded"):
                 await self.complete(operation.operation_key, found)
             else:
@@ -451,7 +527,7 @@ class PaymentService:
                 .where(
                     payment_operations.c.call_sid == call_sid,
                     payment_operations.c.status == "succeeded",
-                    payment_operations.c.kind.in_(("charge", "capture")),
+                    payment_operations.c.kind.in_(("charge", "capture", "incident")),
                 )
                 .order_by(payment_operations.c.operation_id)
             )
@@ -459,6 +535,13 @@ class PaymentService:
         for operation in operations:
             refund_key = f"{operation.operation_key}:refund"
             if await ledger_store.load_transaction(connection, f"payment:{refund_key}"):
+                continue
+            if operation.kind == "incident":
+                # its ledger charge is reversed with the call's other charges; only the card
+                # money goes back through the gateway
+                await self._queue(
+                    connection, refund_key, "refund", operation, operation.amount_minor
+                )
                 continue
             if operation.kind == "charge":
                 bank_book = ledger.bank_book(operation.account_id)
@@ -520,6 +603,43 @@ class PaymentService:
                 ["operation_key"],
             )
         )
+
+
+async def post_incident(
+    connection: AsyncConnection,
+    key: str,
+    *,
+    call_sid: str | None,
+    account_id: str,
+    currency: str,
+    payer: str,
+    amount_minor: int,
+    now: dt.datetime,
+) -> None:
+    """Post an incident charge (opening the customer's receivable book if it is owed)."""
+    if payer == "receivable":
+        await ledger_store.create_book(
+            connection,
+            ledger.receivable_book(account_id),
+            unit=currency,
+            kind=BookKind.RECEIVABLE,
+            account_id=account_id,
+            allow_negative=True,
+        )
+    group, k = ledger.parse_incident_key(key)
+    await ledger_store.post(
+        connection,
+        ledger.incident(
+            group,
+            k,
+            call_sid=call_sid or "",
+            account_id=account_id,
+            currency=currency,
+            payer=payer,
+            amount_minor=amount_minor,
+        ),
+        now,
+    )
 
 
 async def _operation(connection: AsyncConnection, key: str) -> Row[Any]:

@@ -16,7 +16,14 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterd.core.ledger import BookKind, LedgerError, Posting, Transaction, system_book_unit
+from meterd.core.ledger import (
+    INCIDENT_KINDS,
+    BookKind,
+    LedgerError,
+    Posting,
+    Transaction,
+    system_book_unit,
+)
 from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
 from meterd.store.sql import insert_ignoring_conflict
 
@@ -290,7 +297,7 @@ async def net_incidents(connection: AsyncConnection, call_sid: str) -> int:
         .outerjoin(reversal, reversal.c.reverses_key == ledger_transactions.c.idempotency_key)
         .where(
             ledger_transactions.c.call_sid == call_sid,
-            ledger_transactions.c.kind.in_(("incident_deposit", "incident_receivable")),
+            ledger_transactions.c.kind.in_(INCIDENT_KINDS),
             reversal.c.transaction_id.is_(None),
         )
     )

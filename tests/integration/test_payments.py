@@ -94,7 +94,7 @@ async def intents(localstripe, call_sid: str) -> list:
             for i in page.data
             if (i.metadata.to_dict() if i.metadata else {})
             .get("operation_key", "")
-            .startswith(f"call:{call_sid}:")
+            .startswith(f"call:{call_sid}:" if call_sid else "")
         ]
     finally:
         await client._requestor._client.close_async()
@@ -389,4 +389,24 @@ async def test_a_payment_left_in_flight_is_resolved_once(client, localstripe, da
     assert await services.payments.resolve_sent() == 0
     assert await balances(client) == (30, 0)
     assert len(await intents(localstripe, script.call_sid)) == 1
+    assert (await check_ledger(database)).ok
+
+
+async def test_an_incident_the_deposit_cannot_pay_goes_to_the_card_on_file(
+    client, localstripe, database
+):
+    await account(client, plan="per_incident")
+    services = client.app[SERVICES]
+    assert (await services.payments.save_card("acme", "pm_card_visa")).ok
+    script, twiml = await ring(client)
+    assert "<Conference" in twiml  # per incident: nothing to pay before connecting
+    await run_call(client, script, 600)
+    # one incident, 5000, from the card; the deposit is untouched
+    charged = await intents(localstripe, "")
+    assert [
+        i.amount for i in charged if i.metadata.to_dict()["operation_key"].startswith("incident:")
+    ] == [5000]
+    view = await call_view(client, script)
+    assert view["charges"]["incidents"] == 1 and view["charges"]["card_minor"] == 5000
+    assert view["charges"]["owed_minor"] == 0
     assert (await check_ledger(database)).ok
