@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -36,12 +37,33 @@ def _parser() -> argparse.ArgumentParser:
         dest="db_command", required=True
     )
     db.add_parser("upgrade", help="apply every pending migration")
+    backup = db.add_parser(
+        "backup",
+        help="write a consistent copy of the SQLite database to PATH, while meterd runs "
+        "(PostgreSQL: use pg_dump)",
+    )
+    backup.add_argument("path", type=Path, help="the copy to write (a new file)")
+    backup.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
 
     ledger = commands.add_parser("ledger", help="ledger tools").add_subparsers(
         dest="ledger_command", required=True
     )
     ledger.add_parser(
         "check", help="re-sum every balance and check every invariant; exit 1 on any breach"
+    )
+
+    usage = commands.add_parser(
+        "usage",
+        help="print a closed business day's usage per account (building it if the nightly job "
+        "has not); the per-call file's path goes to stderr",
+    )
+    usage.add_argument("--date", required=True, type=_business_day, help="YYYY-MM-DD")
+    usage.add_argument("--format", choices=["csv", "json"], default="csv")
+    usage.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="build the day again from the ledger and check it is byte-identical to what was "
+        "published",
     )
 
     account = commands.add_parser("account", help="manage accounts").add_subparsers(
@@ -113,6 +135,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from meterd.daemon import serve
 
         return await serve(settings)
+    if args.command == "db" and args.db_command == "backup":
+        return await asyncio.to_thread(_backup, settings, args.path, overwrite=args.overwrite)
     return await _with_database(settings, lambda database: _offline(args, settings, database))
 
 
@@ -126,6 +150,74 @@ async def _with_database(settings: Settings, work: Callable[[Any], Awaitable[int
         return await work(database)
     finally:
         await database.close()
+
+
+def _backup(settings: Settings, destination: Path, *, overwrite: bool) -> int:
+    """Copy the SQLite database with sqlite3's online backup API: one read transaction, so the
+    copy is a consistent snapshot while the daemon goes on writing (WAL). The copy is written
+    beside PATH (mode 0600), checked, made self-contained (no -wal file), then renamed into place.
+    Never migrates or otherwise changes the database."""
+    import sqlite3
+    from urllib.parse import quote
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite":
+        print(
+            "meterd: db backup copies a SQLite database, and this one is PostgreSQL; back it "
+            "up with pg_dump, e.g. pg_dump --format=custom --file=meterd.dump "
+            "'postgresql://USER@HOST/DB' (README, Operations)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_SETTINGS
+    source = Path(url.database or "")
+    if not url.database or url.database == ":memory:" or not source.is_file():
+        print(f"meterd: there is no SQLite database at {source}", file=sys.stderr)
+        return EXIT_FAILED
+    destination = destination.absolute()
+    if destination.resolve() == source.resolve():
+        print("meterd: the backup must not be the database itself", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    if destination.exists() and not overwrite:
+        print(
+            f"meterd: {destination} exists; choose a new name or pass --overwrite", file=sys.stderr
+        )
+        return EXIT_FAILED
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    try:
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        # mode=rw: never create a database that is not there
+        with (
+            contextlib.closing(
+                sqlite3.connect(
+                    f"file:{quote(str(source))}?mode=rw",
+                    uri=True,
+                    timeout=settings.sqlite_busy_timeout_ms / 1000,
+                )
+            ) as original,
+            contextlib.closing(sqlite3.connect(temporary)) as copy,
+        ):
+            original.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
+            integrity = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            pages = copy.execute("PRAGMA page_count").fetchone()[0]
+        if integrity != "ok":
+            raise sqlite3.DatabaseError(f"the copy fails its integrity check: {integrity}")
+        with temporary.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, destination)
+        directory = os.open(destination.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except (OSError, sqlite3.Error) as error:
+        temporary.unlink(missing_ok=True)
+        print(f"meterd: backup to {destination} failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"backed up {source} to {destination} ({pages} pages, integrity ok)")
+    return 0
 
 
 async def _offline(args: argparse.Namespace, settings: Settings, database: Any) -> int:
@@ -146,6 +238,8 @@ async def _offline(args: argparse.Namespace, settings: Settings, database: Any) 
             print(f"BREACH [{breach.invariant}] {breach.detail}")
         print("ledger OK" if report.ok else f"ledger BROKEN: {len(report.breaches)} breach(es)")
         return 0 if report.ok else EXIT_FAILED
+    if args.command == "usage":
+        return await _usage(args, settings, database)
 
     accounts = AccountService(
         database,
@@ -191,6 +285,47 @@ async def _offline(args: argparse.Namespace, settings: Settings, database: Any) 
         print(f"meterd: {getattr(error, 'detail', error)}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _business_day(text: str) -> Any:
+    from meterd.core.usage import InvalidBusinessDay, parse_business_day
+
+    try:
+        return parse_business_day(text)
+    except InvalidBusinessDay as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+async def _usage(args: argparse.Namespace, settings: Settings, database: Any) -> int:
+    """`meterd usage`: the day's per-account file on stdout, byte for byte."""
+    import structlog
+
+    from meterd.services.usage import (
+        UsageFile,
+        UsageMismatch,
+        UsageNotReady,
+        UsageRefused,
+        UsageService,
+    )
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: data
+    usage = UsageService.from_settings(database, settings, system_clock)
+    try:
+        await usage.build(args.date, regenerate=args.regenerate)
+    except (UsageNotReady, UsageRefused, UsageMismatch) as error:
+        print(f"meterd: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    kind = UsageFile.ACCOUNTS_JSON if args.format == "json" else UsageFile.ACCOUNTS_CSV
+    sys.stdout.flush()
+    sys.stdout.buffer.write(usage.path(args.date, kind).read_bytes())
+    sys.stdout.buffer.flush()
+    if args.regenerate:
+        print(
+            f"{args.date}: rebuilt from the ledger, identical to what was published",
+            file=sys.stderr,
+        )
+    print(f"per call: {usage.path(args.date, UsageFile.CALLS_CSV)}", file=sys.stderr)
     return 0
 
 

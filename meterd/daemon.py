@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 
 from aiohttp import web
 
+from meterd import sdnotify
 from meterd.adapters.stripe_gateway import StripeGateway, StripeSettings
 from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.clock import Clock, system_clock
 from meterd.config import Settings
 from meterd.logs import AccessLogger, get_logger
+from meterd.metrics import Metrics
 from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, create_scheduler
 from meterd.services.errors import InvariantBroken
 from meterd.store.database import open_database
 from meterd.web.app import SERVICES, create_app
+from meterd.web.ops import HEALTH, Health
 
 log = get_logger("meterd.daemon")
 
@@ -55,11 +59,13 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
 
     twilio_rest = _twilio_rest(settings)
     gateway = _gateway(settings)
+    metrics = Metrics()  # one registry for the app's middleware and the scheduler's jobs
     app = create_app(
         settings,
         database,
         clock=clock,
         on_invariant_broken=on_invariant_broken,
+        metrics=metrics,
         twilio_rest=twilio_rest,
         gateway=gateway,
     )
@@ -80,14 +86,24 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         return EXIT_STARTUP_FAILED
 
     services = app[SERVICES]
-    scheduler = create_scheduler(on_invariant_broken)
+    scheduler = create_scheduler(on_invariant_broken, metrics)
+    app[HEALTH].attach_scheduler(scheduler)
+
+    async def metering_tick() -> None:
+        metrics.observe_tick(await services.metering.tick())
+
     tick_seconds = settings.tick_interval_seconds
-    scheduler.every(tick_seconds, "metering-tick", services.metering.tick)
+    scheduler.every(tick_seconds, "metering-tick", metering_tick)
     scheduler.every(tick_seconds, "twilio-outbox", services.outbox.dispatch)
     scheduler.every(tick_seconds, "payments", services.payments.run)
     scheduler.every(
         STALE_SWEEP_INTERVAL_SECONDS, "close-stale-calls", services.ingest.close_stale_calls
     )
+    # The nightly usage for finance; and at start, the days it missed while meterd was down.
+    scheduler.cron(
+        settings.usage_cron, settings.business_timezone, "usage-nightly", services.usage.catch_up
+    )
+    scheduler.once("usage-catch-up", services.usage.catch_up)
     scheduler.start()
 
     loop = asyncio.get_running_loop()
@@ -105,7 +121,20 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
     log.info("ready", listen=f"{settings.listen_host}:{settings.listen_port}")
+    # systemd (Type=notify): ready once database, migrations, scheduler and listener are up; the
+    # watchdog then pings only while the health check passes; STOPPING=1 as a stop begins.
+    notifier = sdnotify.Notifier.from_environment()
+    notifier.ready(f"ready: listening on {settings.listen_host}:{settings.listen_port}")
+    watchdog = asyncio.create_task(
+        sdnotify.run_watchdog(
+            notifier, _watchdog_check(app[HEALTH]), sdnotify.watchdog_interval_seconds()
+        )
+    )
     await stop.wait()
+    notifier.stopping("stopping: letting the running tick and in-flight requests finish")
+    watchdog.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watchdog
     scheduler.pause()
     if not await scheduler.drain(settings.shutdown_timeout_seconds):
         log.warning("a scheduled job was still running at the stop timeout")
@@ -116,8 +145,17 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     if gateway is not None:
         await gateway.close()
     await database.close()
+    notifier.close()
     log.info("stopped", exit_status=exit_status)
     return exit_status
+
+
+def _watchdog_check(health: Health) -> sdnotify.HealthCheck:
+    async def check(timeout_seconds: float) -> tuple[bool, str]:
+        report = await health.check(timeout_seconds)
+        return report.ok, report.summary
+
+    return check
 
 
 def _gateway(settings: Settings) -> StripeGateway | None:

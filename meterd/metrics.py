@@ -204,4 +204,3 @@ def _error_code(response: web.StreamResponse) -> str:
         return ""
     code = payload.get("error") if isinstance(payload, dict) else None
     return code if isinstance(code, str) else ""
-

@@ -11,48 +11,43 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
+from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from meterd.core.ledger import LedgerError
 from meterd.logs import get_logger
+from meterd.metrics import Metrics
 from meterd.services.errors import InvariantBroken
 
 log = get_logger("meterd.scheduler")
 
 JOB_DEFAULTS = {"misfire_grace_time": 300, "coalesce": True, "max_instances": 1}
 STALE_SWEEP_INTERVAL_SECONDS = 600
+# A nightly run delayed by up to an hour (a stall, a busy loop) still runs; later than that, the
+# next run or the next start catches the day up.
+CRON_MISFIRE_GRACE_SECONDS = 3600
 
 
 class Scheduler:
-    def __init__(self, on_invariant_broken: Callable[[InvariantBroken], None]) -> None:
+    def __init__(
+        self,
+        on_invariant_broken: Callable[[InvariantBroken], None],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.apscheduler = AsyncIOScheduler(timezone=dt.UTC, job_defaults=dict(JOB_DEFAULTS))
         self._on_invariant_broken = on_invariant_broken
+        self._metrics = metrics  # job runs, failures, durations; the health check reads them
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     def every(self, seconds: int, job_id: str, work: Callable[[], Awaitable[object]]) -> None:
         """Run `work` every `seconds`; never two at once; a missed run is run once, late."""
-
-        async def run() -> None:
-            self._running += 1
-            self._idle.clear()
-            try:
-                await work()
-            except (InvariantBroken, LedgerError) as error:
-                log.critical("money invariant broken", job=job_id, error=str(error), exc_info=True)
-                self._on_invariant_broken(InvariantBroken(str(error)))
-            except Exception:
-                log.exception("scheduled job failed", job=job_id)
-            finally:
-                self._running -= 1
-                if self._running == 0:
-                    self._idle.set()
-
         self.apscheduler.add_job(
-            run,
+            self._guarded(job_id, work),
             IntervalTrigger(seconds=seconds),
             id=job_id,
             replace_existing=True,
@@ -60,6 +55,65 @@ class Scheduler:
             coalesce=True,
             misfire_grace_time=max(seconds, 30),
         )
+
+    def cron(
+        self,
+        crontab: str,
+        timezone: str,
+        job_id: str,
+        work: Callable[[], Awaitable[object]],
+        *,
+        misfire_grace_seconds: int = CRON_MISFIRE_GRACE_SECONDS,
+    ) -> None:
+        """Run `work` at the crontab's times in `timezone`; never two at once; runs missed by
+        a stall or a busy loop are run once, if no later than `misfire_grace_seconds`."""
+        self.apscheduler.add_job(
+            self._guarded(job_id, work),
+            CronTrigger.from_crontab(crontab, timezone=ZoneInfo(timezone)),
+            id=job_id,
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=misfire_grace_seconds,
+        )
+
+    def once(self, job_id: str, work: Callable[[], Awaitable[object]]) -> None:
+        """Run `work` once, as soon as the scheduler runs (however late that is)."""
+        self.apscheduler.add_job(
+            self._guarded(job_id, work),
+            id=job_id,
+            replace_existing=True,
+            max_instances=1,
+            misfire_grace_time=None,
+        )
+
+    def _guarded(
+        self, job_id: str, work: Callable[[], Awaitable[object]]
+    ) -> Callable[[], Awaitable[None]]:
+        """`work` counted, logged if it fails, stopping the daemon on a broken invariant."""
+
+        async def run() -> None:
+            self._running += 1
+            self._idle.clear()
+            if self._metrics is not None:
+                self._metrics.job_started(job_id)
+            failed = True
+            try:
+                await work()
+                failed = False
+            except (InvariantBroken, LedgerError) as error:
+                log.critical("money invariant broken", job=job_id, error=str(error), exc_info=True)
+                self._on_invariant_broken(InvariantBroken(str(error)))
+            except Exception:
+                log.exception("scheduled job failed", job=job_id)
+            finally:
+                if self._metrics is not None:
+                    self._metrics.job_finished(job_id, failed=failed)
+                self._running -= 1
+                if self._running == 0:
+                    self._idle.set()
+
+        return run
 
     def start(self) -> None:
         self.apscheduler.start()
@@ -80,5 +134,7 @@ class Scheduler:
         self.apscheduler.shutdown(wait=False)
 
 
-def create_scheduler(on_invariant_broken: Callable[[InvariantBroken], None]) -> Scheduler:
-    return Scheduler(on_invariant_broken)
+def create_scheduler(
+    on_invariant_broken: Callable[[InvariantBroken], None], metrics: Metrics | None = None
+) -> Scheduler:
+    return Scheduler(on_invariant_broken, metrics)

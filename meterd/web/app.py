@@ -17,6 +17,7 @@ from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.core.ledger import LedgerError
 from meterd.logs import get_logger
+from meterd.metrics import METRICS, Metrics, metrics_middleware
 from meterd.services.accounts import AccountService, AccountSettings
 from meterd.services.answering import AnsweringService, AnsweringSettings
 from meterd.services.call_view import CallViewService
@@ -28,6 +29,7 @@ from meterd.services.outbox import OutboxDispatcher, TwilioCalls
 from meterd.services.payments import PaymentService, PaymentSettings
 from meterd.services.rates import RateBook, RateKind
 from meterd.services.research import ResearchService
+from meterd.services.usage import UsageService
 from meterd.services.waivers import WaiverService
 from meterd.store.database import Database
 
@@ -67,6 +69,7 @@ class Services:
     rates: RateBook
     outbox: OutboxDispatcher
     payments: PaymentService
+    usage: UsageService  # the nightly usage for finance
     on_invariant_broken: Callable[[InvariantBroken], None]
 
 
@@ -176,14 +179,16 @@ def create_app(
     on_invariant_broken: Callable[[InvariantBroken], None] | None = None,
     twilio_rest: TwilioCalls | None = None,
     gateway: PaymentGateway | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The composition root: every service is built here, from settings, database and clock."""
-    from meterd.web import admin, agents, ops, twilio
+    from meterd.web import admin, agents, finance, ops, twilio
 
     app = web.Application(
         client_max_size=settings.request_body_bytes_max,
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
     )
+    app[METRICS] = metrics or Metrics()  # its own registry; ops.add_routes reads it
     accounts = AccountService(
         database,
         AccountSettings(
@@ -270,12 +275,14 @@ def create_app(
         incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
         rates=rates,
         outbox=OutboxDispatcher(database, twilio_rest, clock),
+        usage=UsageService.from_settings(database, settings, clock),
         on_invariant_broken=on_invariant_broken or _raise,
     )
     admin.add_routes(app)
     agents.add_routes(app)
     twilio.add_routes(app)
     ops.add_routes(app)
+    finance.add_routes(app)
     return app
 
 

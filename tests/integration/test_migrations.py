@@ -6,6 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
+import meterd.store.usage_schema  # noqa: F401
 from meterd.store.database import open_database
 from meterd.store.schema import metadata
 
@@ -27,6 +28,6 @@ async def test_upgrading_twice_changes_nothing(database, database_url):
             version = (
                 await connection.execute(text("SELECT version_num FROM alembic_version"))
             ).scalar_one()
-        assert version == "0004"
+        assert version == "0005"
     finally:
         await again.close()

@@ -1,0 +1,81 @@
+"""`/finance/*`: finance pulls a business day's usage (the finance token only: see app.py).
+
+    GET /finance/usage/{YYYY-MM-DD}.csv        per account
+    GET /finance/usage/{YYYY-MM-DD}.json       per account, with totals
+    GET /finance/usage/{YYYY-MM-DD}/calls.csv  per call
+
+400 for a date that does not exist or is not written YYYY-MM-DD; 404 for a day that has not
+closed, is in the future or has not been built yet; 409 for a day whose report was refused (the
+detail says why). A day's files never change once published.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from meterd.core.usage import InvalidBusinessDay, parse_business_day
+from meterd.logs import get_logger
+from meterd.services.usage import (
+    LedgerBroken,
+    UsageFile,
+    UsageMismatch,
+    UsageNotReady,
+    UsageRefused,
+)
+from meterd.web.app import SERVICES, json_error
+
+log = get_logger("meterd.finance")
+
+_CONTENT_TYPES = {
+    UsageFile.ACCOUNTS_CSV: "text/csv; charset=utf-8; header=present",
+    UsageFile.ACCOUNTS_JSON: "application/json",
+    UsageFile.CALLS_CSV: "text/csv; charset=utf-8; header=present",
+}
+_DOWNLOAD_NAMES = {
+    UsageFile.ACCOUNTS_CSV: "usage-{day}.csv",
+    UsageFile.ACCOUNTS_JSON: "usage-{day}.json",
+    UsageFile.CALLS_CSV: "usage-{day}-calls.csv",
+}
+
+
+async def _serve(request: web.Request, kind: UsageFile) -> web.StreamResponse:
+    try:
+        day = parse_business_day(request.match_info["day"])
+    except InvalidBusinessDay as error:
+        return json_error(400, "invalid_date", str(error))
+    try:
+        path = await request.app[SERVICES].usage.published_file(day, kind)
+    except UsageNotReady as error:
+        return json_error(404, "usage_not_ready", str(error))
+    except LedgerBroken:
+        raise  # a broken money invariant: the error middleware answers 500 and stops meterd
+    except UsageRefused as error:
+        return json_error(409, "usage_refused", str(error))
+    except UsageMismatch as error:
+        return json_error(500, "usage_mismatch", str(error))
+    name = _DOWNLOAD_NAMES[kind].format(day=day.isoformat())
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": _CONTENT_TYPES[kind],
+            "Content-Disposition": f'attachment; filename="{name}"',
+        },
+    )
+
+
+async def accounts_csv(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, UsageFile.ACCOUNTS_CSV)
+
+
+async def accounts_json(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, UsageFile.ACCOUNTS_JSON)
+
+
+async def calls_csv(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, UsageFile.CALLS_CSV)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/finance/usage/{day}.csv", accounts_csv)
+    app.router.add_get("/finance/usage/{day}.json", accounts_json)
+    app.router.add_get("/finance/usage/{day}/calls.csv", calls_csv)
