@@ -185,3 +185,50 @@ def test_two_daemons_on_one_postgresql_post_every_minute_once(tmp_path, fresh_po
     finally:
         assert first.stop() == 0
         assert second.stop() == 0
+
+
+def test_a_broken_money_invariant_is_logged_and_stops_the_daemon(tmp_path):
+    """Minute 1 of the call is already in the ledger with other content, behind meterd's back:
+    meterd must not carry on over it; it logs why and exits non-zero for systemd to restart."""
+    import asyncio
+
+    from meterd.core import ledger
+    from meterd.store import ledger_store
+    from meterd.store.database import open_database
+
+    daemon = Daemon(tmp_path, env=daemon_env()).start()
+    make_account(daemon, "acme", ["+14155550142"], deposit_minor=10_000)
+    script = CallScript(
+        7, dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=30)
+    )
+    script.join("customer", 0).join("agent:alice", 0)
+
+    async def plant_conflicting_minute() -> None:
+        database = await open_database(
+            f"sqlite+aiosqlite:///{tmp_path}/var/meterd.sqlite3", upgrade=False
+        )
+        try:
+            async with database.write() as connection:
+                await ledger_store.post(
+                    connection,
+                    ledger.transfer(
+                        ledger.minute_key(script.call_sid, "alice", 1),
+                        "tampered",
+                        unit="USD",
+                        amount=1,
+                        from_book=ledger.deposit_book("acme"),
+                        to_book=ledger.usage_revenue_book("USD"),
+                        account_id="acme",
+                    ),
+                    dt.datetime.now(dt.UTC),
+                )
+        finally:
+            await database.close()
+
+    asyncio.run(plant_conflicting_minute())
+    post_twilio(daemon, "/twilio/voice", script.voice())
+    for params in script.events:
+        post_twilio(daemon, "/twilio/conference", params)
+    assert daemon.process.wait(30) == 3
+    assert "money invariant broken" in daemon.log()
+    assert ledger.minute_key(script.call_sid, "alice", 1) in daemon.log()
