@@ -95,8 +95,10 @@ class IngestService:
             raise InvalidRequest("ParticipantLabel is longer than Twilio allows (128)")
         hold = parse_flag(form.get("Hold"), "Hold")
         async with self._database.write() as connection:
-            call = await calls_store.get_call(connection, call_sid)
-            if call is None:
+            noted = await calls_store.note_event(
+                connection, call_sid, event_at, self._clock(), conference_sid=conference_sid
+            )
+            if not noted:
                 raise NotFound(f"no call {call_sid[:64]!r}: the conference is not one of meterd's")
             new = await calls_store.record_event(
                 connection,
@@ -114,12 +116,8 @@ class IngestService:
                     hold=hold,
                 ),
             )
-            if not new:
+            if not new:  # a repeated delivery: what note_event did changes nothing either
                 return Recorded(call_sid, new=False)
-            if call.conference_sid is None:
-                await calls_store.update_call(connection, call_sid, conference_sid=conference_sid)
-            await calls_store.touch(connection, call_sid, event_at)
-            await calls_store.wake(connection, call_sid, self._clock())
             if kind == "conference-end":
                 await calls_store.end_call(connection, call_sid, event_at, "conference-end")
         if (
@@ -150,8 +148,7 @@ class IngestService:
             dedup_key = f"call:{call_sid}:{source}:status:{status}"
         event_at = parse_timestamp(form["Timestamp"]) if form.get("Timestamp") else now
         async with self._database.write() as connection:
-            call = await calls_store.get_call(connection, call_sid)
-            if call is None:
+            if not await calls_store.note_event(connection, call_sid, event_at, now):
                 raise NotFound(f"no call {call_sid}")
             new = await calls_store.record_event(
                 connection,
@@ -168,8 +165,6 @@ class IngestService:
             )
             if not new:
                 return Recorded(call_sid, new=False)
-            await calls_store.touch(connection, call_sid, event_at)
-            await calls_store.wake(connection, call_sid, self._clock())
             if status in TERMINAL_CALL_STATUSES:
                 await calls_store.end_call(connection, call_sid, event_at, f"call-{status}")
         return Recorded(call_sid, new=True)

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, func, select, update
+from sqlalchemy import Row, and_, case, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.core.timeline import ConferenceEvent, ResearchMark, Timeline, build_timeline
-from meterd.store.schema import calls, research_marks, webhook_events
+from meterd.store.schema import UtcDateTime, calls, research_marks, webhook_events
 from meterd.store.sql import insert_ignoring_conflict
 
 
@@ -252,14 +252,6 @@ async def stale_calls(
     )
 
 
-async def touch(connection: AsyncConnection, call_sid: str, at: dt.datetime) -> None:
-    await connection.execute(
-        update(calls)
-        .where(calls.c.call_sid == call_sid, calls.c.last_event_at < at)
-        .values(last_event_at=at)
-    )
-
-
 def params_of(raw_json: str) -> Mapping[str, str]:
     return dict(json.loads(raw_json))
 
@@ -290,3 +282,32 @@ async def wake(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> 
         .where(calls.c.call_sid == call_sid, calls.c.settled_at.is_(None))
         .values(next_due_at=now)
     )
+
+
+async def note_event(
+    connection: AsyncConnection,
+    call_sid: str,
+    event_at: dt.datetime,
+    now: dt.datetime,
+    *,
+    conference_sid: str | None = None,
+) -> bool:
+    """One statement for what every accepted callback does to its call: remember the latest
+    Twilio time heard, the conference's sid, and wake the metering tick. False if there is no
+    such call (then nothing was changed)."""
+    values: dict[str, Any] = {
+        "last_event_at": case(
+            (calls.c.last_event_at < event_at, literal(event_at, UtcDateTime())),
+            else_=calls.c.last_event_at,
+        ),
+        "next_due_at": case(
+            (calls.c.settled_at.is_(None), literal(now, UtcDateTime())),
+            else_=calls.c.next_due_at,
+        ),
+    }
+    if conference_sid is not None:
+        values["conference_sid"] = func.coalesce(calls.c.conference_sid, conference_sid)
+    result = await connection.execute(
+        update(calls).where(calls.c.call_sid == call_sid).values(**values)
+    )
+    return result.rowcount == 1
