@@ -100,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("account_id")
     grant.add_argument("--minutes", type=int, required=True)
     grant.add_argument("--reference", required=True)
+    from meterd import simulate
+
+    sim = commands.add_parser(
+        "simulate",
+        help="drive a running meterd with signed simulated Twilio traffic and check every "
+        "call's charges (exit 1 on a difference)",
+    )
+    simulate.add_arguments(sim)
     return parser
 
 
@@ -123,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"meterd: {error}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
+    if args.command == "simulate":
+        from meterd.simulate import run_parsed
+
+        return run_parsed(args, settings)
     configure_logging(settings.log_level)
     try:
         return asyncio.run(_dispatch(args, settings))

@@ -297,7 +297,7 @@ class MeteringService:
                     ),
                     self._clock(),
                 )
-            if final != posted:
+            if final < posted:  # only ever lowered here; missing minutes are posted after
                 log.info(
                     "settlement corrected live minutes",
                     call_sid=call.call_sid,

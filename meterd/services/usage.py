@@ -27,12 +27,14 @@ Decisions here:
   file adds up to the accounts file; if not, the day is refused (recorded, alerted, retried next
   run) and nothing is published.
 - **Streaming.** One read transaction (on PostgreSQL `REPEATABLE READ, READ ONLY`, so every query
-  sees the same ledger) aggregates the day's postings in the database: per account (a few rows
-  per account) and per call, the latter streamed through a server-side cursor in call-sid order
-  (byte order, so SQLite and PostgreSQL agree) and written out call by call; settled calls'
-  timelines are loaded `CALLS_PER_BATCH` at a time. Memory holds one batch of calls and one
-  total per account, whatever the day's volume; balances come from `ledger_books` less what was
-  posted since, so nothing before the day is re-read.
+  sees the same ledger) reads the day's postings once, summed in the database per call, account,
+  kind and book, through a server-side cursor in call-sid order (byte order, so SQLite and
+  PostgreSQL agree). That one pass writes the calls file call by call and adds up, per account
+  and per book, the accounts' movements and balances. The calls' own columns and the settled
+  calls' events and research marks (their timelines) are loaded `CALLS_PER_BATCH` calls at a
+  time, one query each. Memory holds one batch of calls and a few totals per account and book,
+  whatever the day's volume; balances come from `ledger_books` less what was posted since the
+  day's end and during the day, so nothing before the day is re-read.
 - **Atomic, reproducible files.** Each file is written to a temporary file in the same
   directory, fsynced, renamed into place, and the directory fsynced, before the run is recorded
   as published with the files' SHA-256. A file depends only on the database (never on when or
@@ -48,12 +50,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import hashlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -102,7 +105,7 @@ CATCH_UP_DAYS_MAX = 62
 LEASE_SECONDS = 600  # a claim older than this, not renewed, belongs to a builder that died
 HEARTBEAT_SECONDS = 60  # how often a build renews its claim
 STREAM_ROWS = 5000  # rows fetched from the server-side cursor at a time
-CALLS_PER_BATCH = 500  # settled calls whose timelines are loaded by one query
+CALLS_PER_BATCH = 2000  # calls whose columns, events and marks are loaded by one query each
 BREACHES_IN_DETAIL_MAX = 10
 # A customer leg's end, as `calls_store.customer_leg_end` reads it.
 TERMINAL_CALL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")
@@ -235,6 +238,23 @@ def _remove_stale_temporaries(directory: Path, day: dt.date) -> None:
                 path.unlink()
 
 
+@contextlib.contextmanager
+def _gc_passes_over_new_objects_only() -> Iterator[None]:
+    """While a day is built, the cyclic garbage collector leaves out the objects that existed
+    before (the daemon's modules, caches, app: 100,000 objects and more, about 70 ms a full pass
+    on a small machine). A build keeps batches of calls alive, which sets off a full pass every
+    two or three thousand calls, about a second in all over a million entries.
+
+    `gc.unfreeze` hands every object back at the end, so nothing escapes collection for longer
+    than the build; if two builds overlap, the first to end hands everything back (the other is
+    only slower). Objects are still freed as soon as nothing refers to them."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _sha256_of(path: Path) -> str | None:
     try:
         with path.open("rb") as handle:
@@ -271,6 +291,19 @@ class _AccountCalls:
     research_seconds: int = 0
     waivers: int = 0
     movements: core.Movements = field(default_factory=core.Movements)
+
+
+@dataclass
+class _Stream:
+    """What one pass over the day's postings adds up, besides the calls file."""
+
+    by_account: dict[str, _AccountCalls] = field(default_factory=dict)
+    # (account, kind, reversed kind, waiver, book, unit) -> [amount, positive, postings]
+    account_groups: dict[tuple[str, str, str | None, bool, str, str], list[int]] = field(
+        default_factory=dict
+    )
+    day_by_book: dict[str, int] = field(default_factory=dict)  # the day's net per book
+    call_error: core.UsageDoesNotReconcile | None = None  # the first call that does not add up
 
 
 def _constant(sql: str) -> Any:
@@ -322,16 +355,34 @@ def _grouped_postings(start: dt.datetime, end: dt.datetime, by: Sequence[Any]) -
     )
 
 
-def _group_of(row: Any) -> core.PostingGroup:
-    return core.PostingGroup(
-        kind=row.kind,
-        reversed_kind=row.reversed_kind,
-        waiver_memo=bool(row.waiver_memo),
-        book=row.book,
-        unit=row.unit,
-        amount=int(row.amount),
-        positive=int(row.positive),
-        postings=int(row.postings),
+def _call_rows(
+    call_sid: str, tx_account_id: str | None, movements: core.Movements, call: Any
+) -> _CallRows:
+    """A call of the stream with its `calls` columns (none if the call is not recorded)."""
+    if call is None:
+        return _CallRows(
+            call_sid=call_sid,
+            account_id=tx_account_id,
+            plan=None,
+            started_at=None,
+            ended_at=None,
+            settled_at=None,
+            waived_at=None,
+            waiver_reason=None,
+            closed_by_sweeper=False,
+            movements=movements,
+        )
+    return _CallRows(
+        call_sid=call_sid,
+        account_id=call.account_id or tx_account_id,
+        plan=call.plan,
+        started_at=call.started_at,
+        ended_at=call.ended_at,
+        settled_at=call.settled_at,
+        waived_at=call.waived_at,
+        waiver_reason=call.waiver_reason,
+        closed_by_sweeper=bool(call.closed_by_sweeper),
+        movements=movements,
     )
 
 
@@ -666,6 +717,12 @@ class UsageService:
     ) -> _Built:
         """Write the day's three files to temporary files; raise `UsageDoesNotReconcile` (and
         keep nothing) unless every account reconciles and the calls tie to the accounts."""
+        with _gc_passes_over_new_objects_only():
+            return await self._build_files(day, heartbeat=heartbeat)
+
+    async def _build_files(
+        self, day: dt.date, *, heartbeat: Callable[[], Awaitable[None]] | None
+    ) -> _Built:
         start, end = core.day_bounds(day, self.timezone)
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True, mode=0o700)
         await asyncio.to_thread(_remove_stale_temporaries, self.directory, day)
@@ -678,11 +735,18 @@ class UsageService:
                     await connection.execute(
                         text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     )
+                    # The day's aggregate is estimated big enough to be JIT-compiled, which
+                    # costs more than it saves (about 1 s); for this transaction only.
+                    await connection.execute(text("SET LOCAL jit = off"))
                 known = await self._accounts(connection)
-                usages = await self._account_usages(connection, start, end, known)
-                by_account = await self._write_calls(
+                balances = await self._balances(connection, end)
+                stream = await self._write_calls(
                     connection, day, start, end, known, built, heartbeat
                 )
+            usages = self._account_usages(end, known, balances, stream)
+            if stream.call_error is not None:
+                raise stream.call_error
+            by_account = stream.by_account
             for account_id, facts in by_account.items():
                 usage = usages.get(account_id)
                 if usage is None:
@@ -728,15 +792,45 @@ class UsageService:
         )
         return {row.account_id: (row.currency, row.created_at) for row in rows}
 
-    async def _account_usages(
+    async def _balances(
+        self, connection: AsyncConnection, end: dt.datetime
+    ) -> list[tuple[str, str, str, int, int]]:
+        """Every customer book: (account, kind, book, balance now, what was posted to it since the
+        day's end). Less the day's own postings (summed by the stream), the balance at the day's
+        start; so nothing before the day is re-read."""
+        t, p, b = ledger_transactions, ledger_postings, ledger_books
+        since = (
+            select(p.c.book.label("book"), func.sum(p.c.amount).label("since_end"))
+            .select_from(p.join(t, t.c.transaction_id == p.c.transaction_id))
+            .where(t.c.posted_at >= end)
+            .group_by(p.c.book)
+            .subquery()
+        )
+        rows = await connection.execute(
+            select(
+                b.c.account_id,
+                b.c.kind,
+                b.c.book,
+                b.c.balance,
+                func.coalesce(since.c.since_end, 0).label("since_end"),
+            )
+            .select_from(b.outerjoin(since, since.c.book == b.c.book))
+            .where(b.c.account_id.is_not(None))
+        )
+        return [
+            (row.account_id, row.kind, row.book, int(row.balance), int(row.since_end))
+            for row in rows
+        ]
+
+    def _account_usages(
         self,
-        connection: AsyncConnection,
-        start: dt.datetime,
         end: dt.datetime,
         known: dict[str, tuple[str, dt.datetime]],
+        balances: Iterable[tuple[str, str, str, int, int]],
+        stream: _Stream,
     ) -> dict[str, core.AccountUsage]:
         """Every account existing by the day's end, with its balances and the day's movements
-        (aggregated in the database: a few rows per account)."""
+        (a few groups per account, summed from the stream of the day's postings)."""
         usages = {
             account_id: core.AccountUsage(account_id, currency)
             for account_id, (currency, created_at) in known.items()
@@ -752,46 +846,21 @@ class UsageService:
                 usages[account_id] = core.AccountUsage(account_id, known[account_id][0])
             return usages[account_id]
 
-        t, p, b = ledger_transactions, ledger_postings, ledger_books
-        since = (
-            select(
-                p.c.book.label("book"),
-                func.sum(p.c.amount).label("since_start"),
-                func.sum(case((t.c.posted_at >= end, p.c.amount), else_=_constant("0"))).label(
-                    "since_end"
-                ),
-            )
-            .select_from(p.join(t, t.c.transaction_id == p.c.transaction_id))
-            .where(t.c.posted_at >= start)
-            .group_by(p.c.book)
-            .subquery()
-        )
-        balances = await connection.execute(
-            select(
-                b.c.account_id,
-                b.c.kind,
-                b.c.balance,
-                func.coalesce(since.c.since_start, 0).label("since_start"),
-                func.coalesce(since.c.since_end, 0).label("since_end"),
-            )
-            .select_from(b.outerjoin(since, since.c.book == b.c.book))
-            .where(b.c.account_id.is_not(None))
-        )
-        for row in balances:
-            balance = int(row.balance)
-            opening = balance - int(row.since_start)
-            closing = balance - int(row.since_end)
-            if row.account_id not in usages and opening == closing == 0:
+        for account_id, kind, book, balance, since_end in balances:
+            closing = balance - since_end
+            opening = closing - stream.day_by_book.get(book, 0)
+            if account_id not in usages and opening == closing == 0:
                 continue  # an account opened after the day
-            usage_of(row.account_id).balances[row.kind] = core.BookBalance(opening, closing)
-
-        groups = await connection.execute(
-            _grouped_postings(start, end, [t.c.account_id.label("account_id")]).where(
-                t.c.account_id.is_not(None)
+            usage_of(account_id).balances[kind] = core.BookBalance(opening, closing)
+        for (account_id, kind, reversed_kind, waiver_memo, book, unit), (
+            amount,
+            positive,
+            postings,
+        ) in stream.account_groups.items():
+            group = core.PostingGroup(
+                kind, reversed_kind, waiver_memo, book, unit, amount, positive, postings
             )
-        )
-        for row in groups:
-            usage_of(row.account_id).movements.add(_group_of(row), row.account_id)
+            usage_of(account_id).movements.add(group, account_id)
         return usages
 
     async def _write_calls(
@@ -803,13 +872,14 @@ class UsageService:
         known: dict[str, tuple[str, dt.datetime]],
         built: _Built,
         heartbeat: Callable[[], Awaitable[None]] | None,
-    ) -> dict[str, _AccountCalls]:
-        """Stream the day's calls in call-sid order and write their rows; return per account
-        what the rows add up to."""
+    ) -> _Stream:
+        """Stream the day's postings, grouped, in call-sid order: write the calls' rows, and sum
+        per account (the accounts' movements), per book (their balances) and what the call rows
+        add up to per account. One pass over the day's postings does all three."""
         t = ledger_transactions
         charges = _grouped_postings(
             start, end, [t.c.call_sid.label("call_sid"), t.c.account_id.label("tx_account_id")]
-        ).where(t.c.call_sid.is_not(None))
+        )  # entries without a call too (call_sid NULL): they count for accounts and books
         # calls settled or waived on the day, with or without entries: one row each, no amounts
         markers = select(
             calls.c.call_sid.label("call_sid"),
@@ -837,48 +907,61 @@ class UsageService:
         order: Any = rows.c.call_sid
         if connection.dialect.name == "postgresql":
             order = order.collate("C")  # byte order, as SQLite's BINARY and Python's own
-        query = (
-            select(
-                rows,
-                calls.c.account_id.label("call_account_id"),
-                calls.c.plan,
-                calls.c.started_at,
-                calls.c.ended_at,
-                calls.c.settled_at,
-                calls.c.waived_at,
-                calls.c.waiver_reason,
-                calls.c.closed_by_sweeper,
-            )
-            .select_from(rows.outerjoin(calls, calls.c.call_sid == rows.c.call_sid))
-            .order_by(order)
-            .execution_options(yield_per=STREAM_ROWS)
-        )
+        # The calls' own columns are read once per batch of calls (`_calls_of`), not repeated on
+        # each of a call's grouped rows.
+        query = select(rows).order_by(order).execution_options(yield_per=STREAM_ROWS)
         calls_file = built.files[UsageFile.CALLS_CSV]
         calls_file.write(core.call_csv_header())
-        line = core.new_csv_line()
-        by_account: dict[str, _AccountCalls] = {}
-        batch: list[_CallRows] = []
+        stream = _Stream()
+        by_account, account_groups, day_by_book = (
+            stream.by_account,
+            stream.account_groups,
+            stream.day_by_book,
+        )
+        # calls streamed and not yet written: (call sid, account of its first row, movements)
+        pending: list[tuple[str, str | None, core.Movements]] = []
         last_beat = self._clock()
 
-        async def flush() -> None:
+        async def flush(count: int) -> None:
+            """Write the first `count` pending calls (all of their rows have been read)."""
             nonlocal last_beat
+            if stream.call_error is not None:
+                del pending[:count]  # the day is refused; the stream still sums the accounts
+                return
+            columns = await self._calls_of(connection, [sid for sid, _, _ in pending[:count]])
+            batch = [
+                _call_rows(sid, account_id, movements, columns.get(sid))
+                for sid, account_id, movements in pending[:count]
+            ]
+            del pending[:count]
             times = await self._time_facts(
                 connection,
                 [c for c in batch if c.settled_at is not None and start <= c.settled_at < end],
             )
-            for call in batch:
-                row = self._call_usage(call, start, end, known, times.get(call.call_sid))
-                calls_file.write(core.call_csv_line(day, row, line))
-                built.calls_rows += 1
-                facts = by_account.setdefault(row.account_id, _AccountCalls())
-                facts.movements.merge(row.movements)
-                if row.status is core.RowStatus.SETTLED and row.time is not None:
-                    facts.calls += 1
-                    facts.hold_seconds += row.time.hold_seconds
-                    facts.research_seconds += row.time.research_seconds
-                if call.waived_at is not None and start <= call.waived_at < end:
-                    facts.waivers += 1
-            batch.clear()
+
+            def usages() -> Iterator[core.CallUsage]:
+                for call in batch:
+                    row = self._call_usage(call, start, end, known, times.get(call.call_sid))
+                    facts = by_account.get(row.account_id)
+                    if facts is None:
+                        facts = by_account[row.account_id] = _AccountCalls()
+                    facts.movements.merge(row.movements)
+                    if row.status is core.RowStatus.SETTLED and row.time is not None:
+                        facts.calls += 1
+                        facts.hold_seconds += row.time.hold_seconds
+                        facts.research_seconds += row.time.research_seconds
+                    if call.waived_at is not None and start <= call.waived_at < end:
+                        facts.waivers += 1
+                    yield row
+
+            try:
+                lines = core.call_csv_lines(day, usages())
+            except core.UsageDoesNotReconcile as error:
+                # raised after the accounts' own checks, which come first
+                stream.call_error = error
+                return
+            calls_file.write(lines)
+            built.calls_rows += len(batch)
             if heartbeat is not None and self._clock() - last_beat >= dt.timedelta(
                 seconds=HEARTBEAT_SECONDS
             ):
@@ -886,32 +969,77 @@ class UsageService:
                 last_beat = self._clock()
 
         result = await connection.stream(query)
-        current: _CallRows | None = None
-        async for partition in result.partitions():
-            for row in partition:
-                if current is None or row.call_sid != current.call_sid:
-                    if current is not None:
-                        batch.append(current)
-                        if len(batch) >= CALLS_PER_BATCH:
-                            await flush()
-                    current = _CallRows(
-                        call_sid=row.call_sid,
-                        account_id=row.call_account_id or row.tx_account_id,
-                        plan=row.plan,
-                        started_at=row.started_at,
-                        ended_at=row.ended_at,
-                        settled_at=row.settled_at,
-                        waived_at=row.waived_at,
-                        waiver_reason=row.waiver_reason,
-                        closed_by_sweeper=bool(row.closed_by_sweeper),
+        current: str | None = None
+        movements = core.Movements()
+        while partition := await result.fetchmany(STREAM_ROWS):
+            for (
+                call_sid,
+                tx_account_id,
+                kind,
+                reversed_kind,
+                waiver_memo,
+                book,
+                unit,
+                amount,
+                positive,
+                postings,
+            ) in partition:
+                if call_sid is not None and call_sid != current:
+                    current, movements = call_sid, core.Movements()
+                    pending.append((call_sid, tx_account_id, movements))
+                if kind is None:
+                    continue  # a call's marker: no amounts
+                amount, positive, postings = int(amount), int(positive), int(postings)
+                waiver = bool(waiver_memo)
+                day_by_book[book] = day_by_book.get(book, 0) + amount
+                if tx_account_id is not None:
+                    key = (tx_account_id, kind, reversed_kind, waiver, book, unit)
+                    total = account_groups.get(key)
+                    if total is None:
+                        account_groups[key] = [amount, positive, postings]
+                    else:
+                        total[0] += amount
+                        total[1] += positive
+                        total[2] += postings
+                if call_sid is not None:
+                    movements.add_group(
+                        kind,
+                        reversed_kind,
+                        waiver,
+                        book,
+                        unit,
+                        amount,
+                        positive,
+                        postings,
+                        tx_account_id,
                     )
-                if row.kind is not None:
-                    current.movements.add(_group_of(row), row.tx_account_id)
-        if current is not None:
-            batch.append(current)
-        if batch:
-            await flush()
-        return by_account
+            # Between partitions, so that the rows read are not kept while the calls are
+            # written; the last call read may go on in the next partition.
+            del partition
+            if len(pending) > CALLS_PER_BATCH:
+                await flush(len(pending) - 1)
+        if pending:
+            await flush(len(pending))
+        return stream
+
+    async def _calls_of(
+        self, connection: AsyncConnection, call_sids: Sequence[str]
+    ) -> dict[str, Any]:
+        """The `calls` columns the report reads, for a batch of calls (one query)."""
+        rows = await connection.execute(
+            select(
+                calls.c.call_sid,
+                calls.c.account_id,
+                calls.c.plan,
+                calls.c.started_at,
+                calls.c.ended_at,
+                calls.c.settled_at,
+                calls.c.waived_at,
+                calls.c.waiver_reason,
+                calls.c.closed_by_sweeper,
+            ).where(calls.c.call_sid.in_(call_sids))
+        )
+        return {row.call_sid: row for row in rows}
 
     def _call_usage(
         self,
@@ -952,12 +1080,31 @@ class UsageService:
     ) -> dict[str, core.TimeFacts]:
         """Each settled call's time, from its timeline exactly as settlement built it: the events
         recorded up to settlement, open intervals counted to `settled_at`
-        (`calls_store.load_timeline`, for a batch of calls at once)."""
+        (`calls_store.load_timeline`, for a batch of calls at once: one query for the marks, one
+        for the events, in call order so that each call's timeline is built as soon as its
+        events are read)."""
         by_sid = {call.call_sid: call for call in settled}
         if not by_sid:
             return {}
-        events: dict[str, list[ConferenceEvent]] = {sid: [] for sid in by_sid}
-        leg_end: dict[str, dt.datetime] = {}
+        sids = list(by_sid)
+        marks: dict[str, list[ResearchMark]] = {}
+        for sid, agent_id, start_at, end_at in await connection.execute(
+            select(
+                research_marks.c.call_sid,
+                research_marks.c.agent_id,
+                research_marks.c.start_at,
+                research_marks.c.end_at,
+            )
+            .where(research_marks.c.call_sid.in_(sids))
+            .order_by(research_marks.c.mark_id)
+        ):
+            marks.setdefault(sid, []).append(
+                ResearchMark(
+                    agent_id,
+                    int(start_at.timestamp()),
+                    None if end_at is None else int(end_at.timestamp()),
+                )
+            )
         w = webhook_events
         rows = await connection.execute(
             select(
@@ -972,70 +1119,83 @@ class UsageService:
             )
             .select_from(w.join(calls, calls.c.call_sid == w.c.call_sid))
             .where(
-                w.c.call_sid.in_(list(by_sid)),
-                w.c.route.in_(("conference", "call-status")),
+                w.c.call_sid.in_(sids),
+                calls.c.call_sid.in_(sids),  # else PostgreSQL hashes the whole calls table
+                or_(
+                    w.c.route == "conference",
+                    and_(w.c.route == "call-status", w.c.kind.in_(TERMINAL_CALL_STATUSES)),
+                ),
                 w.c.received_at <= calls.c.settled_at,
             )
+            .order_by(w.c.call_sid)  # any order, as long as a call's events come together
         )
-        for row in rows:
-            if row.event_at is None:
+        facts: dict[str, core.TimeFacts] = {}
+        current: str | None = None
+        events: list[ConferenceEvent] = []
+        leg_end: dt.datetime | None = None  # the customer's leg ended (terminal call-status)
+        for sid, route, kind, sequence_number, event_at, participant, label, hold in rows:
+            if sid != current:
+                if current is not None:
+                    facts[current] = self._time_of(by_sid[current], events, marks, leg_end)
+                current, events, leg_end = sid, [], None
+            if event_at is None:
                 continue
-            if row.route == "conference":
-                events[row.call_sid].append(
+            if route == "conference":
+                events.append(
                     ConferenceEvent(
-                        sequence_number=row.sequence_number,
-                        at_seconds=int(row.event_at.timestamp()),
-                        kind=row.kind,
-                        call_sid=row.participant_sid or "",
-                        label=row.label or "",
-                        hold=row.hold,
+                        sequence_number,
+                        int(event_at.timestamp()),
+                        kind,
+                        participant or "",
+                        label or "",
+                        hold,
                     )
                 )
-            elif row.kind in TERMINAL_CALL_STATUSES:
-                leg_end[row.call_sid] = min(leg_end.get(row.call_sid, row.event_at), row.event_at)
-        marks: dict[str, list[ResearchMark]] = {sid: [] for sid in by_sid}
-        for mark in await connection.execute(
-            select(
-                research_marks.c.call_sid,
-                research_marks.c.agent_id,
-                research_marks.c.start_at,
-                research_marks.c.end_at,
-            )
-            .where(research_marks.c.call_sid.in_(list(by_sid)))
-            .order_by(research_marks.c.mark_id)
-        ):
-            marks[mark.call_sid].append(
-                ResearchMark(
-                    mark.agent_id,
-                    int(mark.start_at.timestamp()),
-                    None if mark.end_at is None else int(mark.end_at.timestamp()),
-                )
-            )
-        facts: dict[str, core.TimeFacts] = {}
-        increment = self._settings.increment_seconds
+            elif leg_end is None or event_at < leg_end:
+                leg_end = event_at
+        if current is not None:
+            facts[current] = self._time_of(by_sid[current], events, marks, leg_end)
         for sid, call in by_sid.items():
-            assert call.settled_at is not None
-            ended = leg_end.get(sid)
-            if call.closed_by_sweeper and call.ended_at is not None:
-                ended = call.ended_at if ended is None else min(ended, call.ended_at)
-            timeline = build_timeline(
-                events[sid],
-                marks[sid],
-                now_seconds=int(call.settled_at.timestamp()),
-                research_max_seconds=self._settings.research_max_minutes * 60,
-                call_ended_at_seconds=None if ended is None else int(ended.timestamp()),
-                customer_call_sid=sid,
-            )
-            agents = timeline.agents.values()
-            facts[sid] = core.TimeFacts(
-                agents=tuple(sorted(timeline.agents)),
-                hold_seconds=timeline.hold_seconds,
-                active_seconds=sum(a.active_seconds for a in agents),
-                research_seconds=sum(a.research_seconds for a in agents),
-                billable_seconds=sum(a.billable_seconds for a in agents),
-                agent_minutes=sum(agent_minutes(a.billable_seconds, increment) for a in agents),
-            )
+            if sid not in facts:  # no event recorded by settlement
+                facts[sid] = self._time_of(call, [], marks, None)
         return facts
+
+    def _time_of(
+        self,
+        call: _CallRows,
+        events: list[ConferenceEvent],
+        marks: dict[str, list[ResearchMark]],
+        leg_end: dt.datetime | None,
+    ) -> core.TimeFacts:
+        """One settled call's time facts (`calls_store.load_timeline`, then summed)."""
+        assert call.settled_at is not None
+        ended = leg_end
+        if call.closed_by_sweeper and call.ended_at is not None:
+            ended = call.ended_at if ended is None else min(ended, call.ended_at)
+        timeline = build_timeline(
+            events,
+            marks.get(call.call_sid, []),
+            now_seconds=int(call.settled_at.timestamp()),
+            research_max_seconds=self._settings.research_max_minutes * 60,
+            call_ended_at_seconds=None if ended is None else int(ended.timestamp()),
+            customer_call_sid=call.call_sid,
+        )
+        increment = self._settings.increment_seconds
+        active = research = billable = minutes = 0
+        for agent in timeline.agents.values():
+            seconds = agent.billable_seconds
+            active += agent.active_seconds
+            research += agent.research_seconds
+            billable += seconds
+            minutes += agent_minutes(seconds, increment)
+        return core.TimeFacts(
+            agents=tuple(sorted(timeline.agents)),
+            hold_seconds=timeline.hold_seconds,
+            active_seconds=active,
+            research_seconds=research,
+            billable_seconds=billable,
+            agent_minutes=minutes,
+        )
 
 
 def _breaches(report: CheckReport) -> str:
