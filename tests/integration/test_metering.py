@@ -348,3 +348,23 @@ async def test_a_waiver_after_the_window_is_refused(client, clock):
         {"call_sid": script.call_sid, "agent_id": "alice", "reason": "software_defect"},
     )
     assert response.status == 400 and "window" in (await response.json())["detail"]
+
+
+async def test_settlement_posts_minutes_added_after_the_last_tick(client, clock):
+    await account(client)
+    script = await start_call(client)
+    script.join("customer", 0).join("agent:alice", 0).leave("agent:alice", 30).end(30)
+    await deliver(client, script.events + script.status_events)
+    await run_until(client, clock, 40)
+    assert await balances(client) == (44, 0)  # 30 s: one minute taken live
+    clock.now = START + dt.timedelta(seconds=400)
+    body = {
+        "call_sid": script.call_sid,
+        "agent_id": "alice",
+        "start": script.at(30).isoformat(),
+        "end": script.at(330).isoformat(),
+    }
+    assert (await agents(client, "/agents/research", body)).status == 200
+    await metering(client).settle_call(script.call_sid)  # before any tick meters the research
+    # active 0..30 + research 30..330 = 330 s = 6 minutes, all from the bank
+    assert await balances(client) == (39, 0)
