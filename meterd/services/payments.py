@@ -329,16 +329,7 @@ class PaymentService:
                 return  # completed before
             operation = await _operation(connection, key)
             if operation.kind == "incident":
-                await post_incident(
-                    connection,
-                    key,
-                    call_sid=operation.call_sid,
-                    account_id=operation.account_id,
-                    currency=operation.currency,
-                    payer="card",
-                    amount_minor=operation.amount_minor,
-                    now=self._clock(),
-                )
+                await self._post_incident_of(connection, operation, "card")
             if operation.kind == "charge":
                 await ledger_store.post(
                     connection,
@@ -372,17 +363,23 @@ class PaymentService:
             operation = await _operation(connection, key)
             if changed.rowcount == 1 and operation.kind == "incident":
                 # the card said no: the incident is owed, for finance to invoice
-                await post_incident(
-                    connection,
-                    key,
-                    call_sid=operation.call_sid,
-                    account_id=operation.account_id,
-                    currency=operation.currency,
-                    payer="receivable",
-                    amount_minor=operation.amount_minor,
-                    now=self._clock(),
-                )
+                await self._post_incident_of(connection, operation, "receivable")
         log.info("payment failed", operation_key=key, error=error[:200])
+
+    async def _post_incident_of(
+        self, connection: AsyncConnection, operation: Row[Any], payer: str
+    ) -> None:
+        """The incident a card operation was for: paid by the card, or owed if it failed."""
+        await post_incident(
+            connection,
+            operation.operation_key,
+            call_sid=operation.call_sid,
+            account_id=operation.account_id,
+            currency=operation.currency,
+            payer=payer,
+            amount_minor=operation.amount_minor,
+            now=self._clock(),
+        )
 
     async def _reference_of(self, key: str | None) -> str:
         async with self._database.read() as connection:
