@@ -40,17 +40,22 @@ def minute_due_at_seconds(
 
 
 def next_minute_due_at_seconds(
-    billable: Sequence[Interval], minutes_posted: int, increment_seconds: int, now_seconds: int
+    *,
+    billable_seconds: int,
+    accruing: bool,
+    minutes_posted: int,
+    increment_seconds: int,
+    now_seconds: int,
 ) -> int | None:
-    """When the next minute falls due if billable time keeps accruing: only an interval still
-    open at `now_seconds` accrues. None if the agent is not accruing now."""
-    accruing = any(i.end_seconds >= now_seconds for i in billable)
+    """When the next minute falls due if billable time keeps running from `now_seconds`: minute
+    `minutes_posted + 1` is due once billable time passes `minutes_posted * increment_seconds`.
+    None if the agent's billable time is not running (`accruing`, from the timeline's state at
+    `now_seconds`, not from its intervals: an interval that begins this very second is still
+    empty). Never earlier than one second from now, so a tick always makes progress."""
     if not accruing:
         return None
-    billable_seconds = sum(i.seconds for i in billable)
-    # minute minutes_posted + 1 is due once billable > minutes_posted * increment
-    needed = minutes_posted * increment_seconds - billable_seconds
-    return now_seconds + max(needed, 0) + 1
+    needed_seconds = minutes_posted * increment_seconds - billable_seconds
+    return now_seconds + max(needed_seconds, 0) + 1
 
 
 def incidents_due(union_billable_seconds: int) -> int:
@@ -83,10 +88,10 @@ def fund_minute(
     deposit_minor: int,
     rate_minor: int,
     allow_debt: bool,
-    card_minutes: int = 0,
+    card_hold_minor: int = 0,
 ) -> Funding:
     """The funding of one agent-minute, in the plan's order: bank, then deposit at the rate,
-    then the minutes a card authorisation still covers; past all, debt under allow_debt, else
+    then the money a card authorisation still holds; past all, debt under allow_debt, else
     a receivable (every minute is still written). A card block, in block mode, lands in the
     bank, so it is the bank that pays."""
     if not per_minute:
@@ -97,7 +102,7 @@ def fund_minute(
         return Funding(Source.COVERED)
     if deposit_minor >= rate_minor:
         return Funding(Source.DEPOSIT, amount_minor=rate_minor)
-    if card_minutes >= 1:
+    if card_hold_minor >= rate_minor:
         return Funding(Source.CARD, amount_minor=rate_minor)
     if allow_debt:
         return Funding(Source.DEBT, amount_minor=rate_minor)

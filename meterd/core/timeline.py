@@ -182,6 +182,10 @@ class AgentTime:
     active: tuple[Interval, ...]
     research: tuple[Interval, ...]
     billable: tuple[Interval, ...]  # union(active, research)
+    # Billable time is still running at `now_seconds`: the agent is active with the customer
+    # (both in, neither held) or has research open below its limit. Kept apart from the
+    # intervals, which may be empty at that very second (a join stamped `now`, or later).
+    accruing: bool = False
 
     @property
     def active_seconds(self) -> int:
@@ -298,6 +302,7 @@ def build_timeline(
     call_ended_at_seconds: int | None = None,
     customer_label: str = "customer",
     customer_call_sid: str = "",
+    research_now_seconds: int | None = None,
 ) -> Timeline:
     """Per-agent active / research / billable time and the customer's hold time of one call.
 
@@ -305,6 +310,8 @@ def build_timeline(
     customer's call has ended, closes the customer's presence at that time. The customer is
     the participant labelled `customer_label`, or whose CallSid is `customer_call_sid` (the
     call's own sid: meterd put that leg in the conference), label or not.
+    `research_now_seconds` closes open research marks, when their clock (meterd's: agents flag
+    research through meterd) differs from the events' (Twilio's); default `now_seconds`.
     """
     if research_max_seconds < 0:
         raise ValueError(f"research_max_seconds must be >= 0, not {research_max_seconds}")
@@ -378,6 +385,14 @@ def build_timeline(
                     _note_hold(entries, at, leg.name, held)
                     leg.move(at, in_conference=True, held=held)
 
+    customer_available_now = call_ended_at_seconds is None and any(
+        leg.in_conference and not leg.held for sid, leg in legs.items() if sid not in leg_agent
+    )
+    agents_available_now = {
+        agent_id
+        for sid, agent_id in leg_agent.items()
+        if legs[sid].in_conference and not legs[sid].held
+    }
     open_until = now_seconds if call_ended_at_seconds is None else call_ended_at_seconds
     for leg in legs.values():
         if leg.in_conference:
@@ -395,13 +410,17 @@ def build_timeline(
     for call_sid, agent_id in leg_agent.items():
         agent_available.setdefault(agent_id, []).extend(legs[call_sid].available)
 
+    research_now = now_seconds if research_now_seconds is None else research_now_seconds
     research_by_agent: dict[str, list[Interval]] = {}
+    researching_now: set[str] = set()
     for mark in sorted(set(research), key=_mark_key):
         research_by_agent.setdefault(mark.agent_id, [])
         name = f"{AGENT_LABEL_PREFIX}{mark.agent_id}"
         limit_seconds = mark.start_seconds + research_max_seconds
         if mark.end_seconds is None:
-            end_seconds = min(now_seconds, limit_seconds)
+            if research_now < limit_seconds:
+                researching_now.add(mark.agent_id)
+            end_seconds = min(research_now, limit_seconds)
         else:
             end_seconds = min(mark.end_seconds, limit_seconds)
         if end_seconds <= mark.start_seconds:
@@ -418,8 +437,14 @@ def build_timeline(
     for agent_id in sorted(agent_available.keys() | research_by_agent.keys()):
         active = intersection(customer_available, agent_available.get(agent_id, ()))
         research_time = union(research_by_agent.get(agent_id, ()))
+        accruing = agent_id in researching_now or (
+            customer_available_now and agent_id in agents_available_now
+        )
         agents[agent_id] = AgentTime(
-            active=active, research=research_time, billable=union(active + research_time)
+            active=active,
+            research=research_time,
+            billable=union(active + research_time),
+            accruing=accruing,
         )
     all_active = union(i for agent in agents.values() for i in agent.active)
 

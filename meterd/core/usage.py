@@ -101,7 +101,7 @@ __all__ = [
     "tie_calls",
 ]
 
-# The memo of a waiver's reversals (meterd.services.metering.reverse_charges): what tells a
+# The memo of a waiver's reversals (meterd.services.funding.reverse_charges): what tells a
 # waiver from a settlement correction, which reverses with another memo.
 WAIVER_MEMO = "waiver"
 REVERSAL = "reversal"

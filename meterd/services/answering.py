@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.clock import Clock
-from meterd.core import ledger
 from meterd.core.plans import Plan, effective_plan
 from meterd.logs import get_logger
 from meterd.services.accounts import pin_hash
 from meterd.services.errors import InvalidRequest, NotFound
+from meterd.services.funding import FundingAuthority, lock_account
 from meterd.services.payments import PaymentService
-from meterd.store import calls_store, ledger_store
+from meterd.store import calls_store
 from meterd.store.calls_store import CallStatus, EventRecord
 from meterd.store.database import Database
 from meterd.store.schema import accounts, caller_ids, calls
@@ -106,7 +106,6 @@ class Answer:
 @dataclass(frozen=True)
 class AnsweringSettings:
     pin_secret: str
-    rate_per_agent_minute_minor: int
     pay_attempts: int = 3
     business_timezone: str = "UTC"  # whose calendar day `valid_until` ends on
 
@@ -124,12 +123,14 @@ class AnsweringService:
         database: Database,
         settings: AnsweringSettings,
         clock: Clock,
-        payments: PaymentService | None = None,
+        payments: PaymentService,
+        funding: FundingAuthority,
     ) -> None:
         self._database = database
         self._settings = settings
         self._clock = clock
         self._payments = payments
+        self._funding = funding
 
     async def incoming(self, form: Mapping[str, str], params: list[tuple[str, str]]) -> Answer:
         return await self._pay_if_needed(await self._incoming(form, params))
@@ -227,10 +228,25 @@ class AnsweringService:
         )
 
     async def _connect(self, call_sid: str, account_id: str) -> Answer:
+        """Connect a caller who has just paid, unless they hung up while the payment was on its
+        way: then the call stays ended and the payment is given back."""
         async with self._database.write() as connection:
-            await calls_store.update_call(
-                connection, call_sid, status=CallStatus.CONNECTED, last_event_at=self._clock()
+            connected = await connection.execute(
+                update(calls)
+                .where(calls.c.call_sid == call_sid, calls.c.status == CallStatus.MENU)
+                .values(status=CallStatus.CONNECTED, last_event_at=self._clock())
             )
+            if connected.rowcount != 1:
+                call = await calls_store.get_call(connection, call_sid, for_update=True)
+                assert call is not None
+                if call.status != CallStatus.CONNECTED:
+                    await lock_account(connection, account_id)
+                    await self._payments.give_back(connection, call)
+                    log.info(
+                        "caller hung up while paying; the payment is given back",
+                        call_sid=call_sid,
+                    )
+                    return Answer(Action.HANG_UP, call_sid)
         log.info("connecting caller after payment", call_sid=call_sid, account_id=account_id)
         return Answer(Action.CONNECT, call_sid)
 
@@ -357,7 +373,9 @@ class AnsweringService:
             Plan(account.fallback_plan),
             now.astimezone(ZoneInfo(self._settings.business_timezone)).date(),
         )
-        if plan is Plan.PER_MINUTE and not await self._funded(connection, account_id):
+        if plan is Plan.PER_MINUTE and not await self._funding.can_connect(
+            connection, account_id, call_sid, now
+        ):
             if self._payments is not None and self._payments.available:
                 await calls_store.update_call(
                     connection, call_sid, account_id=account_id, plan=plan.value, last_event_at=now
@@ -388,16 +406,6 @@ class AnsweringService:
         )
         log.info("connecting caller", call_sid=call_sid, account_id=account_id, plan=plan.value)
         return Answer(Action.CONNECT, call_sid)
-
-    async def _funded(self, connection: AsyncConnection, account_id: str) -> bool:
-        held = await ledger_store.balances(
-            connection, [ledger.bank_book(account_id), ledger.deposit_book(account_id)]
-        )
-        return (
-            held.get(ledger.bank_book(account_id), 0) >= 1
-            or held.get(ledger.deposit_book(account_id), 0)
-            >= self._settings.rate_per_agent_minute_minor
-        )
 
     async def _answer_from_state(self, connection: AsyncConnection, call_sid: str) -> Answer:
         call = await calls_store.get_call(connection, call_sid)

@@ -33,6 +33,7 @@ from meterd.core.rating import Funding, Source
 from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
+from meterd.services.funding import FundingAuthority, lock_account
 from meterd.services.outbox import OutboxKind, enqueue
 from meterd.services.payments import PaymentService, post_incident
 from meterd.services.rates import RateBook, RateKind
@@ -82,12 +83,14 @@ class MeteringService:
         clock: Clock,
         rates: RateBook,
         payments: PaymentService,
+        funding: FundingAuthority,
     ) -> None:
         self._database = database
         self._settings = settings
         self._clock = clock
         self._rates = rates
         self._payments = payments
+        self._funding = funding
 
     async def tick(self) -> TickReport:
         """Meter every due call (bounded), request hang-ups after exhaustion, settle calls."""
@@ -126,39 +129,44 @@ class MeteringService:
             ):
                 await calls_store.update_call(connection, call_sid, next_due_at=None)
                 return 0
+            account = await lock_account(connection, call.account_id)
             timeline = await calls_store.load_timeline(
                 connection, call, now, self._research_max_seconds
             )
-            posted = await self._post_due_minutes(connection, call, timeline)
-            next_due = self._next_due(timeline, await _minutes_posted(connection, call_sid), now)
+            posted = await self._post_due_minutes(connection, call, account, timeline)
+            next_due = self._next_due(
+                call, timeline, await _minutes_posted(connection, call_sid), now
+            )
             await calls_store.update_call(connection, call_sid, next_due_at=next_due)
-            if call.plan == Plan.PER_MINUTE.value:
-                await self._watch_funds(connection, call, timeline, now)
+            if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
+                await self._watch_funds(connection, call, account, timeline, now)
         return posted
 
     async def settle_call(self, call_sid: str) -> bool:
-        """Make the call's ledger equal the rule exactly, once. True if settled now."""
+        """Make the call's ledger equal the rule exactly, once. True if settled now; False if
+        it was settled before, is being metered elsewhere, or research on it is still open."""
         now = self._clock()
         async with self._database.write() as connection:
             call = await _lock_call(connection, call_sid)
             if call is None or call.settled_at is not None:
                 return False
+            if await calls_store.research_open(connection, call_sid, now, self._research_max):
+                return False  # started after the call was chosen: settle once it stops
             timeline = await calls_store.load_timeline(
                 connection, call, now, self._research_max_seconds
             )
             if call.account_id is not None and call.plan is not None:
+                account = await lock_account(connection, call.account_id)
                 # give back first, so minutes given back to the bank can pay for missing ones
-                await self._reverse_unsupported_minutes(connection, call, timeline)
-                await self._post_due_minutes(connection, call, timeline)
-                if call.plan == Plan.PER_MINUTE.value:
-                    await self._pay_from_bank_first(connection, call, now)
-                if call.plan == Plan.PER_INCIDENT.value:
-                    await self._charge_incidents(connection, call, timeline, now)
-                if call.waived_at is not None:
-                    await reverse_charges(connection, call_sid, now)
-                await self._payments.queue_settlement(
-                    connection, call_sid, waived=call.waived_at is not None
-                )
+                bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
+                await self._post_due_minutes(connection, call, account, timeline)
+                if call.plan == Plan.PER_MINUTE.value and bank_returned:
+                    await self._pay_from_bank_first(connection, call, bank_returned, now)
+                if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
+                    await self._charge_incidents(connection, call, account, timeline)
+                # card: capture what was used, release the rest; a waived call (or one that
+                # never connected) has every charge given back
+                await self._payments.queue_settlement(connection, call)
             await calls_store.update_call(connection, call_sid, settled_at=now, next_due_at=None)
         log.info("call settled", call_sid=call_sid)
         return True
@@ -167,14 +175,13 @@ class MeteringService:
     def _research_max_seconds(self) -> int:
         return self._settings.research_max_minutes * 60
 
+    @property
+    def _research_max(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self._research_max_seconds)
+
     async def _post_due_minutes(
-        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline
+        self, connection: AsyncConnection, call: Row[Any], account: Row[Any], timeline: Timeline
     ) -> int:
-        account = (
-            await connection.execute(
-                select(accounts).where(accounts.c.account_id == call.account_id)
-            )
-        ).one()
         posted_by_agent = await _minutes_posted(connection, call.call_sid)
         count = 0
         for agent_id, time in sorted(timeline.agents.items()):
@@ -184,15 +191,11 @@ class MeteringService:
                 due_at_seconds = rating.minute_due_at_seconds(
                     time.billable, n, self._settings.increment_seconds
                 )
-                assert due_at_seconds is not None  # n <= target: it is due
-                await self._post_minute(
-                    connection,
-                    call,
-                    account,
-                    agent_id,
-                    n,
-                    dt.datetime.fromtimestamp(due_at_seconds, dt.UTC),
-                )
+                if due_at_seconds is None:  # n <= target: it is due
+                    raise InvariantBroken(f"minute {n} of {agent_id} has no due time")
+                due_at = dt.datetime.fromtimestamp(due_at_seconds, dt.UTC)
+                funding = await self._funding.fund_minute(connection, account, call, due_at)
+                await self._post_minute(connection, call, account, agent_id, n, funding)
                 count += 1
             if target > already:
                 await _set_minutes_posted(connection, call.call_sid, agent_id, target)
@@ -205,34 +208,15 @@ class MeteringService:
         account: Row[Any],
         agent_id: str,
         n: int,
-        due_at: dt.datetime,
+        funding: Funding,
     ) -> None:
-        account_id, currency = account.account_id, account.currency
-        per_minute = call.plan == Plan.PER_MINUTE.value
-        funding = Funding(Source.COVERED)
-        if per_minute:
-            held = await ledger_store.balances_for_update(
-                connection, [ledger.bank_book(account_id), ledger.deposit_book(account_id)]
-            )
-            rate_minor = await self._rates.rate_at(
-                connection, RateKind.PER_AGENT_MINUTE, currency, due_at
-            )
-            card_minutes = await self._payments.card_minutes_left(connection, call.call_sid)
-            funding = rating.fund_minute(
-                per_minute=True,
-                bank_minutes=held[ledger.bank_book(account_id)],
-                deposit_minor=held[ledger.deposit_book(account_id)],
-                rate_minor=rate_minor,
-                allow_debt=self._settings.on_exhausted == "allow_debt",
-                card_minutes=card_minutes,
-            )
-            await self._prepare_books(connection, account_id, currency, funding)
+        await self._prepare_books(connection, account.account_id, account.currency, funding)
         transaction = ledger.minute(
             call.call_sid,
             agent_id,
             n,
-            account_id=account_id,
-            currency=currency,
+            account_id=account.account_id,
+            currency=account.currency,
             source=funding.source.value,
             amount_minor=funding.amount_minor,
         )
@@ -272,8 +256,10 @@ class MeteringService:
 
     async def _reverse_unsupported_minutes(
         self, connection: AsyncConnection, call: Row[Any], timeline: Timeline
-    ) -> None:
-        """Give back minutes taken live that the final timeline does not support."""
+    ) -> int:
+        """Give back minutes taken live that the final timeline does not support. Returns how
+        many banked minutes went back to the bank."""
+        bank_returned = 0
         for agent_id, posted in (await _minutes_posted(connection, call.call_sid)).items():
             time = timeline.agents.get(agent_id)
             final = (
@@ -290,13 +276,15 @@ class MeteringService:
                         f"minute {n} of {agent_id} on {call.call_sid} is "
                         f"counted as posted but is not in the ledger"
                     )
-                await ledger_store.post(
+                result = await ledger_store.post(
                     connection,
                     ledger.reversal_of(
                         original, memo="settlement: not supported by the final timeline"
                     ),
                     self._clock(),
                 )
+                if original.kind == "minute_bank" and not result.replayed:
+                    bank_returned += 1
             if final < posted:  # only ever lowered here; missing minutes are posted after
                 log.info(
                     "settlement corrected live minutes",
@@ -306,26 +294,29 @@ class MeteringService:
                     final=final,
                 )
                 await _set_minutes_posted(connection, call.call_sid, agent_id, final)
+        return bank_returned
 
     async def _pay_from_bank_first(
-        self, connection: AsyncConnection, call: Row[Any], now: dt.datetime
+        self, connection: AsyncConnection, call: Row[Any], bank_returned: int, now: dt.datetime
     ) -> None:
-        """Live, a minute may have been paid with money while the bank was briefly empty (a
-        minute taken on a late leave event held a banked minute that settlement gave back).
-        The final word follows the funding order: while the account has banked minutes, the
-        call's money-paid minutes are rebooked onto the bank, newest first."""
+        """Live, a minute may have been paid with money while the bank was briefly empty: a
+        minute taken on a late leave event held a banked minute that settlement just gave back.
+        The final word follows the funding order: the call's money-paid minutes are rebooked
+        onto the bank, newest first, for at most the banked minutes settlement gave back (a
+        block bought by card later in the call is not such a minute: the deposit rightly paid
+        before the card)."""
         bank_book = ledger.bank_book(call.account_id)
-        bank = (await ledger_store.balances_for_update(connection, [bank_book]))[bank_book]
-        if bank <= 0:
+        bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
+        rebook = min(bank, bank_returned)
+        if rebook <= 0:
             return
         paid = await ledger_store.unreversed_keys(
             connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
         )
-        for key in reversed(paid):
-            if bank == 0:
-                break
+        for key in list(reversed(paid))[:rebook]:
             original = await ledger_store.load_transaction(connection, key)
-            assert original is not None
+            if original is None:
+                raise InvariantBroken(f"{key} is listed but not in the ledger")
             await ledger_store.post(
                 connection,
                 ledger.reversal_of(original, memo="settlement: paid from the bank instead"),
@@ -346,13 +337,13 @@ class MeteringService:
                 ),
                 now,
             )
-            bank -= 1
 
     async def _charge_incidents(
-        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline, now: dt.datetime
+        self, connection: AsyncConnection, call: Row[Any], account: Row[Any], timeline: Timeline
     ) -> None:
         """Per incident: one incident per started 2 hours of billable time, shared by an
-        incident's linked follow-up calls; from the deposit, else owed as a receivable."""
+        incident's linked follow-up calls (a waived call's time no longer counts), at the price
+        in force when the call ended; from the deposit, else the card on file, else owed."""
         group = call.incident_group or call.call_sid
         group_seconds = timeline.billable_union_seconds
         settled_members = (
@@ -361,6 +352,7 @@ class MeteringService:
                     (calls.c.incident_group == group) | (calls.c.call_sid == group),
                     calls.c.call_sid != call.call_sid,
                     calls.c.settled_at.is_not(None),
+                    calls.c.waived_at.is_(None),
                 )
             )
         ).all()
@@ -370,31 +362,21 @@ class MeteringService:
             )
             group_seconds += member_timeline.billable_union_seconds
         needed = rating.incidents_due(group_seconds)
-        account = (
-            await connection.execute(
-                select(accounts).where(accounts.c.account_id == call.account_id)
-            )
-        ).one()
-        price = await self._rates.rate_at(connection, RateKind.INCIDENT, account.currency, now)
+        completed_at = call.ended_at or self._clock()
+        price = await self._rates.rate_at(
+            connection, RateKind.INCIDENT, account.currency, completed_at
+        )
         if price == 0:
             return
         for k in range(1, needed + 1):
             key = ledger.incident_key(group, k)
             if await ledger_store.load_transaction(connection, key):
                 continue  # charged on an earlier call of the group
-            if await self._payments.incident_on_its_way(connection, key):
-                continue  # being charged to the card
-            held = await ledger_store.balances_for_update(
-                connection, [ledger.deposit_book(call.account_id)]
-            )
-            if held[ledger.deposit_book(call.account_id)] >= price:
-                payer = "deposit"
-            elif await self._payments.queue_incident(
+            payer = await self._funding.incident_payer(
                 connection, account, call.call_sid, key, price
-            ):
+            )
+            if payer is None:
                 continue  # the card is charged next; the incident is posted when it succeeds
-            else:
-                payer = "receivable"
             await post_incident(
                 connection,
                 key,
@@ -407,57 +389,55 @@ class MeteringService:
             )
 
     def _next_due(
-        self, timeline: Timeline, posted: dict[str, int], now: dt.datetime
+        self, call: Row[Any], timeline: Timeline, posted: dict[str, int], now: dt.datetime
     ) -> dt.datetime | None:
+        """The next time the tick must look at the call: when its next minute falls due if
+        billable time keeps running; and, while it is connected or has research open, no later
+        than one increment from now (a heartbeat: funds are watched, and a state the events
+        have not told us about yet cannot stall it)."""
         now_seconds = int(now.timestamp())
         candidates = [
             rating.next_minute_due_at_seconds(
-                time.billable,
-                posted.get(agent_id, 0),
-                self._settings.increment_seconds,
-                now_seconds,
+                billable_seconds=time.billable_seconds,
+                accruing=time.accruing,
+                minutes_posted=posted.get(agent_id, 0),
+                increment_seconds=self._settings.increment_seconds,
+                now_seconds=now_seconds,
             )
             for agent_id, time in timeline.agents.items()
         ]
         due = [c for c in candidates if c is not None]
+        live = call.status == CallStatus.CONNECTED or any(
+            time.accruing for time in timeline.agents.values()
+        )
+        if live:
+            due.append(now_seconds + self._settings.increment_seconds)
         return dt.datetime.fromtimestamp(min(due), dt.UTC) if due else None
 
     async def _watch_funds(
-        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline, now: dt.datetime
+        self,
+        connection: AsyncConnection,
+        call: Row[Any],
+        account: Row[Any],
+        timeline: Timeline,
+        now: dt.datetime,
     ) -> None:
         """With a card on file, the next block (or authorisation) is bought before the minutes
-        run out. Without one (or when the card failed), under `announce`: warn the conference
-        when few minutes are left, announce when they are gone, and end the call
-        `grace_seconds` later (see `_request_hang_ups`). Minutes in the grace period are still
-        written (owed)."""
+        run out (the funding authority decides, once per account). Without one (or when the
+        card failed), under `announce`: warn the conference when few minutes are left, announce
+        when they are gone, and end the call `grace_seconds` later (see `_request_hang_ups`).
+        Minutes in the grace period are still written (owed)."""
         if call.status != CallStatus.CONNECTED or call.conference_sid is None:
             return
-        account = (
-            await connection.execute(
-                select(accounts).where(accounts.c.account_id == call.account_id)
-            )
-        ).one()
-        held = await ledger_store.balances(
-            connection, [ledger.bank_book(call.account_id), ledger.deposit_book(call.account_id)]
+        accruing_agents = sum(1 for time in timeline.agents.values() if time.accruing)
+        funds, card_behind = await self._funding.keep_funded(
+            connection, account, call.call_sid, accruing_agents, now
         )
-        rate_minor = await self._rates.rate_at(
-            connection, RateKind.PER_AGENT_MINUTE, account.currency, now
-        )
-        left = rating.minutes_left(
-            held[ledger.bank_book(call.account_id)],
-            held[ledger.deposit_book(call.account_id)],
-            rate_minor,
-        ) + await self._payments.card_minutes_left(connection, call.call_sid)
-        accruing_agents = sum(
-            1
-            for time in timeline.agents.values()
-            if any(i.end_seconds >= int(now.timestamp()) for i in time.billable)
-        )
-        running_out = left <= max(1, accruing_agents)
-        if running_out and await self._payments.top_up_in_hand(connection, account, call.call_sid):
+        if card_behind:
             return  # a card payment is bought or on its way: nothing to announce
         if self._settings.on_exhausted == "allow_debt":
             return
+        left = funds.minutes_left
         if call.warned_at is None and 0 < left <= self._settings.warn_minutes_left:
             await enqueue(
                 connection,
@@ -501,6 +481,7 @@ class MeteringService:
                     .where(
                         calls.c.exhausted_at <= cutoff,
                         calls.c.status == CallStatus.CONNECTED,
+                        calls.c.waived_at.is_(None),
                         ~already,
                     )
                     .limit(self._settings.tick_batch_max)
@@ -548,17 +529,6 @@ class MeteringService:
                 .limit(self._settings.tick_batch_max)
             )
             return list(rows.all())
-
-
-async def reverse_charges(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> int:
-    """Reverse every charge of the call not reversed yet (a waiver). Idempotent."""
-    count = 0
-    for key in await ledger_store.unreversed_keys(connection, call_sid, ledger.CHARGE_KINDS):
-        original = await ledger_store.load_transaction(connection, key)
-        assert original is not None
-        await ledger_store.post(connection, ledger.reversal_of(original, memo="waiver"), now)
-        count += 1
-    return count
 
 
 async def _lock_call(connection: AsyncConnection, call_sid: str) -> Row[Any] | None:

@@ -38,11 +38,18 @@ from meterd.adapters.stripe_gateway import (
 from meterd.clock import Clock
 from meterd.core import ledger
 from meterd.core.ledger import BookKind
+from meterd.core.money import ceil_div
 from meterd.logs import get_logger
+from meterd.services.funding import (
+    card_money_used_minor,
+    lock_account,
+    owes_nothing,
+    reverse_charges,
+)
 from meterd.services.rates import RateBook, RateKind
-from meterd.store import ledger_store
+from meterd.store import calls_store, ledger_store
 from meterd.store.database import Database
-from meterd.store.schema import accounts, ledger_postings, ledger_transactions, payment_operations
+from meterd.store.schema import accounts, payment_operations
 from meterd.store.sql import insert_ignoring_conflict
 
 log = get_logger("meterd.payments")
@@ -124,54 +131,58 @@ class PaymentService:
 
     async def pay_for_call(self, call_sid: str, account_id: str) -> Outcome:
         """Charge a block (or place an authorisation) on the card on file, now, for a caller
-        waiting to be connected. Succeeds only if the gateway said yes."""
+        waiting to be connected. Succeeds only if the gateway said yes.
+
+        One gate per call, at most one charge: while the call's last gate payment is in flight
+        (a slow gateway, or an answer lost to a timeout), a retry asks the gateway about that
+        payment by its key instead of charging again; a new payment is made only once the last
+        one is known to have failed."""
         if self._gateway is None:
             return Outcome(False, "no_gateway")
         async with self._database.write() as connection:
-            account = (
-                await connection.execute(
-                    select(accounts).where(accounts.c.account_id == account_id)
-                )
-            ).one()
-            card = card_of(account)
-            if card is None:
+            await calls_store.get_call(connection, call_sid, for_update=True)
+            account = await lock_account(connection, account_id)
+            if card_of(account) is None:
                 return Outcome(False, "no_card")
-            key = await self._record(connection, account, call_sid, status="sent")
+            last = await _last_purchase(connection, call_sid)
+            if last is not None and last.status == "succeeded":
+                return Outcome(True)  # paid before: a retried webhook
+            if last is not None and last.status in ("queued", "sent"):
+                in_flight = last
+            else:
+                in_flight = None
+                key = await self._record(connection, account, call_sid, status="sent")
+        if in_flight is not None:
+            return await self._resolve_gate_payment(in_flight)
         return await self._send(key)
 
-    async def top_up_in_hand(
+    async def _resolve_gate_payment(self, operation: Row[Any]) -> Outcome:
+        """A gate payment still in flight: the gateway's word on it, by its key."""
+        assert self._gateway is not None
+        try:
+            found = await self._gateway.find(operation.operation_key)
+        except GatewayError:
+            return Outcome(False, "unavailable")
+        wanted = "requires_capture" if operation.kind == "authorize" else "succeeded"
+        if found is not None and found.status in (wanted, "succeeded"):
+            await self.complete(operation.operation_key, found)
+            return Outcome(True)
+        age = self._clock() - operation.created_at
+        if age < dt.timedelta(seconds=self._settings.resolve_after_seconds):
+            return Outcome(False, "unavailable")  # may still be on its way: never charge twice
+        await self._fail(
+            operation.operation_key,
+            f"not completed at the gateway ({found.status if found else 'never received'})",
+        )
+        return Outcome(False, "unavailable")
+
+    async def queue_top_up(
         self, connection: AsyncConnection, account: Row[Any], call_sid: str
-    ) -> bool:
-        """Metering, mid-call, funds about to run out: make sure the next block (or
-        authorisation) is bought. True if one is on its way or was just queued (in the
-        caller's transaction); False if the card cannot be used (none, no gateway, or the last
-        card payment for this call failed), so the caller should announce instead."""
-        if card_of(account) is None or self._gateway is None:
-            return False
-        last = (
-            await connection.execute(
-                select(payment_operations.c.status)
-                .where(
-                    payment_operations.c.call_sid == call_sid,
-                    payment_operations.c.kind.in_(("charge", "authorize")),
-                )
-                .order_by(payment_operations.c.operation_id.desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
-        if last in ("queued", "sent"):
-            return True
-        if last == "failed":
-            return False
+    ) -> None:
+        """The next block (or authorisation), decided by the funding authority, sent by the
+        payments job."""
         await self._record(connection, account, call_sid, status="queued")
         log.info("funds running out: buying the next card payment", call_sid=call_sid)
-        return True
-
-    async def incident_on_its_way(self, connection: AsyncConnection, key: str) -> bool:
-        status = await connection.scalar(
-            select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
-        )
-        return status in ("queued", "sent")
 
     async def queue_incident(
         self,
@@ -180,18 +191,9 @@ class PaymentService:
         call_sid: str,
         key: str,
         amount_minor: int,
-    ) -> bool:
-        """A per-incident charge the deposit cannot pay goes to the card on file, if any.
-        False if there is no card to charge (or a charge for it failed before)."""
-        if card_of(account) is None or self._gateway is None:
-            return False
-        if (
-            await connection.scalar(
-                select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
-            )
-            == "failed"
-        ):
-            return False
+    ) -> None:
+        """A per-incident charge the deposit cannot pay, to the card on file (decided by the
+        funding authority)."""
         await connection.execute(
             insert_ignoring_conflict(
                 connection,
@@ -214,7 +216,6 @@ class PaymentService:
                 ["operation_key"],
             )
         )
-        return True
 
     async def _record(
         self, connection: AsyncConnection, account: Row[Any], call_sid: str, *, status: str
@@ -311,8 +312,16 @@ class PaymentService:
         return Outcome(True)
 
     async def complete(self, key: str, result: GatewayResult) -> None:
-        """Record the gateway's yes, with its ledger postings, once."""
+        """Record the gateway's yes, with its ledger postings, once. A payment that completes
+        for a call that owes nothing (waived, or never connected) is given back at once."""
         async with self._database.write() as connection:
+            operation = await _operation(connection, key)
+            call = (
+                None
+                if operation.call_sid is None
+                else await calls_store.get_call(connection, operation.call_sid, for_update=True)
+            )
+            await lock_account(connection, operation.account_id)
             changed = await connection.execute(
                 update(payment_operations)
                 .where(
@@ -327,7 +336,6 @@ class PaymentService:
             )
             if changed.rowcount != 1:
                 return  # completed before
-            operation = await _operation(connection, key)
             if operation.kind == "incident":
                 await self._post_incident_of(connection, operation, "card")
             if operation.kind == "charge":
@@ -343,6 +351,8 @@ class PaymentService:
                     ),
                     self._clock(),
                 )
+            if call is not None and owes_nothing(call):
+                await self.give_back(connection, call)
         log.info(
             "payment succeeded",
             operation_key=key,
@@ -474,100 +484,120 @@ class PaymentService:
         await self.send_queued()
         await self.resolve_sent()
 
-    # --- authorise mode ---------------------------------------------------------------------
+    # --- settlement and giving back ---------------------------------------------------------
 
-    async def card_minutes_left(self, connection: AsyncConnection, call_sid: str) -> int:
-        """Minutes the call's succeeded authorisations still cover."""
-        authorised = await connection.scalar(
-            select(func.coalesce(func.sum(payment_operations.c.minutes), 0)).where(
-                payment_operations.c.call_sid == call_sid,
-                payment_operations.c.kind == "authorize",
-                payment_operations.c.status == "succeeded",
-            )
-        )
-        used = await _card_minutes_used(connection, call_sid)
-        return int(authorised or 0) - used
-
-    async def queue_settlement(
-        self, connection: AsyncConnection, call_sid: str, waived: bool
-    ) -> None:
-        """At settlement: capture what each authorisation paid for (in order), release the
-        rest; a waived call captures nothing."""
-        holds = (
-            await connection.execute(
-                select(payment_operations)
-                .where(
-                    payment_operations.c.call_sid == call_sid,
-                    payment_operations.c.kind == "authorize",
-                    payment_operations.c.status == "succeeded",
-                )
-                .order_by(payment_operations.c.operation_id)
-            )
-        ).all()
+    async def queue_settlement(self, connection: AsyncConnection, call: Row[Any]) -> None:
+        """At settlement: capture what each authorisation paid for (in order) and release the
+        rest. A call that owes nothing (waived, never connected) has everything given back."""
+        if owes_nothing(call):
+            await self.give_back(connection, call)
+            return
+        holds = await _operations(connection, call.call_sid, ("authorize",), ("succeeded",))
         if not holds:
             return
-        used_minor = (
-            0 if waived else await _card_money_used(connection, call_sid, holds[0].currency)
-        )
+        used_minor = await card_money_used_minor(connection, call.call_sid, holds[0].currency)
         for hold in holds:
             take = min(used_minor, hold.amount_minor)
             used_minor -= take
             kind, amount = ("capture", take) if take else ("release", 0)
             await self._queue(connection, f"{hold.operation_key}:{kind}", kind, hold, amount)
 
-    async def queue_refunds(self, connection: AsyncConnection, call_sid: str) -> None:
-        """A waiver: card blocks bought on this call are refunded for their minutes the bank
-        still holds (so nothing is refunded twice over), captured authorisations in full."""
-        operations = (
-            await connection.execute(
-                select(payment_operations)
-                .where(
-                    payment_operations.c.call_sid == call_sid,
-                    payment_operations.c.status == "succeeded",
-                    payment_operations.c.kind.in_(("charge", "capture", "incident")),
-                )
-                .order_by(payment_operations.c.operation_id)
-            )
-        ).all()
-        for operation in operations:
-            refund_key = f"{operation.operation_key}:refund"
-            if await ledger_store.load_transaction(connection, f"payment:{refund_key}"):
-                continue
-            if operation.kind == "incident":
-                # its ledger charge is reversed with the call's other charges; only the card
-                # money goes back through the gateway
-                await self._queue(
-                    connection, refund_key, "refund", operation, operation.amount_minor
-                )
-                continue
-            if operation.kind == "charge":
-                bank_book = ledger.bank_book(operation.account_id)
-                bank = (await ledger_store.balances_for_update(connection, [bank_book]))[bank_book]
-                minutes = min(operation.minutes, max(bank, 0))
-                amount = operation.amount_minor * minutes // operation.minutes
-            else:
-                minutes, amount = 0, operation.amount_minor
-            if amount == 0 and minutes == 0:
-                continue
-            await ledger_store.post(
+    async def give_back(self, connection: AsyncConnection, call: Row[Any]) -> int:
+        """Leave the account as if the call's charges had never been made (a waiver, or a call
+        that never connected). Idempotent; called again whenever one of the call's card
+        payments completes later. In the caller's transaction, under the account's lock.
+
+        - every charge of the call is reversed in the ledger (minutes to the bank, money to
+          the deposit, off the receivable or back to the card's receipts);
+        - card payments not sent yet are cancelled (a queued capture becomes a release);
+        - a block bought on the call is refunded for the minutes of it the bank still holds
+          (all of them, unless another call of the account used some), the money pro rata,
+          rounded up: never against the customer;
+        - an authorisation not captured is released; a capture or a card-paid incident is
+          refunded in full (their ledger money came back with the reversals above).
+        Payments still in flight are given back when they complete (`complete`). Returns how
+        many ledger charges were reversed now."""
+        reversed_count = 0
+        if call.waived_at is not None:
+            reversed_count = await reverse_charges(connection, call.call_sid, self._clock())
+        for pending in await _operations(
+            connection, call.call_sid, ("charge", "authorize", "incident", "capture"), ("queued",)
+        ):
+            await self._cancel(connection, pending.operation_key)
+        captured_or_released = {
+            operation.related_key
+            for operation in await _operations(
                 connection,
-                ledger.card_refund(
-                    refund_key,
-                    account_id=operation.account_id,
-                    call_sid=call_sid,
-                    minutes=minutes,
-                    currency=operation.currency,
-                    amount_minor=amount,
-                ),
-                self._clock(),
+                call.call_sid,
+                ("capture", "release"),
+                ("queued", "sent", "succeeded"),
             )
-            if amount:
-                reference_key = (
-                    operation.operation_key if operation.kind == "charge" else operation.related_key
-                )
+        }
+        for operation in await _operations(
+            connection,
+            call.call_sid,
+            ("charge", "authorize", "capture", "incident"),
+            ("succeeded",),
+        ):
+            if operation.kind == "authorize":
+                if operation.operation_key not in captured_or_released:
+                    key = f"{operation.operation_key}:release"
+                    await self._queue(connection, key, "release", operation, 0)
+            elif operation.kind == "charge":
+                await self._refund_block(connection, operation)
+            else:  # a capture (refunded on its authorisation's intent) or an incident
                 await self._queue(
-                    connection, refund_key, "refund", operation, amount, related_key=reference_key
+                    connection,
+                    f"{operation.operation_key}:refund",
+                    "refund",
+                    operation,
+                    operation.amount_minor,
+                    related_key=operation.related_key
+                    if operation.kind == "capture"
+                    else operation.operation_key,
                 )
+        return reversed_count
+
+    async def _refund_block(self, connection: AsyncConnection, block: Row[Any]) -> None:
+        refund_key = f"{block.operation_key}:refund"
+        if await ledger_store.load_transaction(connection, f"payment:{refund_key}"):
+            return
+        bank_book = ledger.bank_book(block.account_id)
+        bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
+        minutes = min(block.minutes, max(bank, 0))
+        amount = ceil_div(block.amount_minor * minutes, block.minutes) if block.minutes else 0
+        if minutes == 0 and amount == 0:
+            return
+        await ledger_store.post(
+            connection,
+            ledger.card_refund(
+                refund_key,
+                account_id=block.account_id,
+                call_sid=block.call_sid,
+                minutes=minutes,
+                currency=block.currency,
+                amount_minor=amount,
+            ),
+            self._clock(),
+        )
+        if amount:
+            await self._queue(connection, refund_key, "refund", block, amount)
+
+    async def _cancel(self, connection: AsyncConnection, key: str) -> None:
+        """A payment not sent yet that is no longer wanted: it never reaches the gateway. A
+        capture cancelled becomes the release of its authorisation."""
+        changed = await connection.execute(
+            update(payment_operations)
+            .where(
+                payment_operations.c.operation_key == key,
+                payment_operations.c.status == "queued",
+            )
+            .values(status="failed", error="cancelled: nothing is owed", completed_at=self._clock())
+        )
+        operation = await _operation(connection, key)
+        if changed.rowcount == 1 and operation.kind == "capture":
+            hold = await _operation(connection, operation.related_key)
+            await self._queue(connection, f"{hold.operation_key}:release", "release", hold, 0)
 
     async def _queue(
         self,
@@ -647,44 +677,34 @@ async def _operation(connection: AsyncConnection, key: str) -> Row[Any]:
     ).one()
 
 
-async def _card_minutes_used(connection: AsyncConnection, call_sid: str) -> int:
-    """Minutes of the call paid by card authorisation, less those given back."""
-    return await _net_kind(connection, call_sid, "minute_card", ledger.MINUTES_USED)
-
-
-async def _card_money_used(connection: AsyncConnection, call_sid: str, currency: str) -> int:
-    """Money of the call paid by card authorisation, less what was given back."""
-    return -await _net_kind(
-        connection, call_sid, "minute_card", ledger.card_receipts_book(currency)
+async def _operations(
+    connection: AsyncConnection, call_sid: str, kinds: tuple[str, ...], statuses: tuple[str, ...]
+) -> list[Row[Any]]:
+    return list(
+        (
+            await connection.execute(
+                select(payment_operations)
+                .where(
+                    payment_operations.c.call_sid == call_sid,
+                    payment_operations.c.kind.in_(kinds),
+                    payment_operations.c.status.in_(statuses),
+                )
+                .order_by(payment_operations.c.operation_id)
+            )
+        ).all()
     )
 
 
-async def _net_kind(connection: AsyncConnection, call_sid: str, kind: str, book: str) -> int:
-    """Net amount on `book` of the call's `kind` transactions, less their reversals."""
-    original = ledger_transactions.alias("original")
-    direct = await connection.scalar(
-        select(func.coalesce(func.sum(ledger_postings.c.amount), 0))
-        .join(
-            ledger_transactions,
-            ledger_transactions.c.transaction_id == ledger_postings.c.transaction_id,
+async def _last_purchase(connection: AsyncConnection, call_sid: str) -> Row[Any] | None:
+    """The call's latest block or authorisation."""
+    return (
+        await connection.execute(
+            select(payment_operations)
+            .where(
+                payment_operations.c.call_sid == call_sid,
+                payment_operations.c.kind.in_(("charge", "authorize")),
+            )
+            .order_by(payment_operations.c.operation_id.desc())
+            .limit(1)
         )
-        .where(
-            ledger_transactions.c.call_sid == call_sid,
-            ledger_transactions.c.kind == kind,
-            ledger_postings.c.book == book,
-        )
-    )
-    reversed_ = await connection.scalar(
-        select(func.coalesce(func.sum(ledger_postings.c.amount), 0))
-        .join(
-            ledger_transactions,
-            ledger_transactions.c.transaction_id == ledger_postings.c.transaction_id,
-        )
-        .join(original, original.c.idempotency_key == ledger_transactions.c.reverses_key)
-        .where(
-            ledger_transactions.c.call_sid == call_sid,
-            original.c.kind == kind,
-            ledger_postings.c.book == book,
-        )
-    )
-    return int(direct or 0) + int(reversed_ or 0)
+    ).one_or_none()

@@ -3,10 +3,16 @@
 Within `waiver_days` of the call's end (or, while it is up, at any time), with a reason from the
 configured list. Every charge is reversed by a compensating transaction: minutes back to the
 bank, money back to the deposit (or off the receivable); nothing is deleted. The call is marked
-waived, so minutes posted after the waiver (the call goes on, settlement corrects) are reversed
-too. Card money is refunded through the gateway: a block bought on this call for the minutes of
-it the bank still holds after the call's minutes came back, a captured authorisation in full.
+waived: its later minutes are metered at no charge, it buys no more card payments, hears no
+announcement and is not hung up on. Card money goes back through the gateway (`PaymentService.
+give_back`): blocks bought on the call, captures and card-paid incidents are refunded,
+authorisations released, payments not sent yet cancelled, and payments still in flight are given
+back when they complete. The account ends exactly as if the call's charges had never been made.
 A second waiver of the same call changes nothing.
+
+A waiver of one call of a linked incident group gives back exactly the incidents posted on that
+call; the other calls keep theirs, and the waived call's time no longer counts toward the
+group's later incidents.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 from meterd.clock import Clock
 from meterd.services import validation as v
 from meterd.services.errors import InvalidRequest, NotFound
-from meterd.services.metering import reverse_charges
+from meterd.services.funding import lock_account
 from meterd.services.payments import PaymentService
 from meterd.services.research import AGENT_ID
 from meterd.store import calls_store
@@ -65,10 +71,12 @@ class WaiverService:
                     waived_at=now,
                     waiver_reason=f"{reason} (agent {agent_id})",
                 )
-            reversed_count = await reverse_charges(connection, call_sid, now)
-            # card money goes back through the gateway (an authorisation not yet captured is
-            # released at settlement, which captures nothing for a waived call)
-            await self._payments.queue_refunds(connection, call_sid)
+            reversed_count = 0
+            if call.account_id is not None:
+                await lock_account(connection, call.account_id)
+                waived = await calls_store.get_call(connection, call_sid)
+                assert waived is not None
+                reversed_count = await self._payments.give_back(connection, waived)
         return {
             "call_sid": call_sid,
             "waived": True,

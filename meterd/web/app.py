@@ -22,6 +22,7 @@ from meterd.services.accounts import AccountService, AccountSettings
 from meterd.services.answering import AnsweringService, AnsweringSettings
 from meterd.services.call_view import CallViewService
 from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, NotFound, ServiceError
+from meterd.services.funding import FundingAuthority
 from meterd.services.incidents import IncidentService
 from meterd.services.ingest import IngestService
 from meterd.services.metering import MeteringService, MeteringSettings
@@ -220,16 +221,22 @@ def create_app(
         clock,
         rates,
     )
+    funding = FundingAuthority(
+        rates,
+        payments,
+        card_mode=settings.card_mode,
+        allow_debt=settings.on_exhausted == "allow_debt",
+    )
     answering = AnsweringService(
         database,
         AnsweringSettings(
             pin_secret=settings.secret("pin_secret"),
-            rate_per_agent_minute_minor=settings.rate_per_agent_minute_minor,
             pay_attempts=settings.pay_attempts,
             business_timezone=settings.business_timezone,
         ),
         clock,
         payments,
+        funding,
     )
     metering = MeteringService(
         database,
@@ -246,6 +253,7 @@ def create_app(
         clock,
         rates,
         payments,
+        funding,
     )
     app[SERVICES] = Services(
         settings=settings,

@@ -1,0 +1,280 @@
+"""The funding authority: the one place that decides how an account's calls are paid for.
+
+Every path that takes or gives back an account's minutes or money asks it, inside its own
+database transaction: the connect gate (answering), each live minute and the top-up before funds
+run out (metering), settlement (incidents), a waiver and a card payment's completion (payments).
+Its decisions follow billing-rules.md: bank, then deposit at the per-minute rate in force when the
+minute is due, then the card (block mode: a block bought into the bank; authorise mode: the
+call's authorisations, by money), then debt under `allow_debt`, else owed (a receivable).
+
+It is serialised per account. `lock_account` takes the account's row lock on PostgreSQL
+(`SELECT ... FOR UPDATE`); on SQLite the write transaction (`BEGIN IMMEDIATE`) is exclusive
+already. Two calls of one account are therefore decided one after the other, and each decision
+sees the other's postings and card operations (one block bought when one suffices).
+
+One lock order everywhere, so no two transactions wait on each other in a circle: the call's row
+(if any), then the account's row, then the account's books. System books are never row-locked:
+their balance is the sum of their postings, not a row every posting updates.
+
+What it knows of the card (from `payment_operations`): a block queued or sent for the account,
+an authorisation queued or sent for the call, the money the call's authorisations still hold
+(authorised less the money of minutes paid from them), and whether the call's last card
+payment failed (then it announces instead of trying the card again).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Row, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.core import ledger, rating
+from meterd.core.rating import Funding, Source
+from meterd.services.errors import InvariantBroken
+from meterd.services.rates import RateBook, RateKind
+from meterd.store import ledger_store
+from meterd.store.calls_store import CallStatus
+from meterd.store.schema import accounts, ledger_postings, ledger_transactions, payment_operations
+
+if TYPE_CHECKING:
+    from meterd.services.payments import PaymentService
+
+IN_FLIGHT = ("queued", "sent")
+CARD_PURCHASE_KINDS = ("charge", "authorize")
+
+
+async def lock_account(connection: AsyncConnection, account_id: str) -> Row[Any]:
+    """The account's row, locked until the transaction ends (PostgreSQL; SQLite's write
+    transaction is exclusive already). Take it after the call's row, before the books."""
+    query = select(accounts).where(accounts.c.account_id == account_id)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    account = (await connection.execute(query)).one_or_none()
+    if account is None:
+        raise InvariantBroken(f"account {account_id} is referenced but does not exist")
+    return account
+
+
+def has_card(account: Row[Any]) -> bool:
+    return bool(account.card_customer and account.card_on_file)
+
+
+def owes_nothing(call: Row[Any]) -> bool:
+    """A waived call, or one that never connected (the caller hung up while paying): nothing of
+    it is kept, whenever its card payments complete."""
+    return call.waived_at is not None or call.status == CallStatus.REJECTED
+
+
+@dataclass(frozen=True)
+class Funds:
+    """What an account can pay a call's minutes with, at one moment, under its lock."""
+
+    bank_minutes: int
+    deposit_minor: int
+    rate_minor: int  # per agent-minute, in force at the moment asked about
+    card_hold_minor: int  # authorise mode: money the call's authorisations still hold
+
+    @property
+    def minutes_left(self) -> int:
+        """Agent-minutes bank, deposit and the call's authorisations can still pay for."""
+        from_card = self.card_hold_minor // self.rate_minor if self.rate_minor > 0 else 0
+        return rating.minutes_left(self.bank_minutes, self.deposit_minor, self.rate_minor) + max(
+            from_card, 0
+        )
+
+    @property
+    def can_pay_a_minute(self) -> bool:
+        return (
+            self.bank_minutes >= 1
+            or self.rate_minor == 0
+            or self.deposit_minor >= self.rate_minor
+            or self.card_hold_minor >= self.rate_minor
+        )
+
+
+class FundingAuthority:
+    def __init__(
+        self,
+        rates: RateBook,
+        payments: PaymentService,
+        *,
+        card_mode: str,
+        allow_debt: bool,
+    ) -> None:
+        self._rates = rates
+        self._payments = payments
+        self._block_mode = card_mode == "block"
+        self._allow_debt = allow_debt
+
+    async def funds(
+        self, connection: AsyncConnection, account: Row[Any], call_sid: str, at: dt.datetime
+    ) -> Funds:
+        bank, deposit = (
+            ledger.bank_book(account.account_id),
+            ledger.deposit_book(account.account_id),
+        )
+        held = await ledger_store.balances(connection, [bank, deposit])
+        rate_minor = await self._rates.rate_at(
+            connection, RateKind.PER_AGENT_MINUTE, account.currency, at
+        )
+        card_hold_minor = 0
+        if not self._block_mode:
+            card_hold_minor = await card_hold_left_minor(connection, call_sid, account.currency)
+        return Funds(held.get(bank, 0), held.get(deposit, 0), rate_minor, card_hold_minor)
+
+    # --- the connect gate ---------------------------------------------------------------------
+
+    async def can_connect(
+        self, connection: AsyncConnection, account_id: str, call_sid: str, now: dt.datetime
+    ) -> bool:
+        """A per-minute caller is connected with a banked minute, one agent-minute at the rate
+        in force now in the deposit, or an authorisation of this call that holds one."""
+        account = await lock_account(connection, account_id)
+        return (await self.funds(connection, account, call_sid, now)).can_pay_a_minute
+
+    # --- each minute --------------------------------------------------------------------------
+
+    async def fund_minute(
+        self,
+        connection: AsyncConnection,
+        account: Row[Any],
+        call: Row[Any],
+        due_at: dt.datetime,
+    ) -> Funding:
+        """How one agent-minute of the call, due at `due_at`, is paid. A waived call's minutes
+        are still metered, at no charge (the waiver gives back every charge of the call)."""
+        if call.plan != "per_minute" or call.waived_at is not None:
+            return Funding(Source.COVERED)
+        funds = await self.funds(connection, account, call.call_sid, due_at)
+        return rating.fund_minute(
+            per_minute=True,
+            bank_minutes=funds.bank_minutes,
+            deposit_minor=funds.deposit_minor,
+            rate_minor=funds.rate_minor,
+            allow_debt=self._allow_debt,
+            card_hold_minor=funds.card_hold_minor,
+        )
+
+    # --- before funds run out -----------------------------------------------------------------
+
+    async def keep_funded(
+        self,
+        connection: AsyncConnection,
+        account: Row[Any],
+        call_sid: str,
+        accruing_agents: int,
+        now: dt.datetime,
+    ) -> tuple[Funds, bool]:
+        """Before the funds run out (no more minutes left than agents accruing), the card's next
+        block (account-wide) or authorisation (this call) is bought, queued here unless one is
+        on its way already. Returns the funds and whether the card stands behind the call (a
+        payment on its way, or a usable card on file); False: the call should be announced."""
+        funds = await self.funds(connection, account, call_sid, now)
+        if await self._card_payment_on_its_way(connection, account.account_id, call_sid):
+            return funds, True
+        if not self._payments.available or not has_card(account):
+            return funds, False
+        if await self._last_card_payment_failed(connection, call_sid):
+            return funds, False
+        if funds.minutes_left <= max(1, accruing_agents):
+            await self._payments.queue_top_up(connection, account, call_sid)
+        return funds, True
+
+    async def _card_payment_on_its_way(
+        self, connection: AsyncConnection, account_id: str, call_sid: str
+    ) -> bool:
+        operations = payment_operations.c
+        query = select(func.count()).where(operations.status.in_(IN_FLIGHT))
+        if self._block_mode:  # a block lands in the account's bank: any call's will do
+            query = query.where(operations.account_id == account_id, operations.kind == "charge")
+        else:  # an authorisation pays only the call it was placed for
+            query = query.where(operations.call_sid == call_sid, operations.kind == "authorize")
+        return bool(await connection.scalar(query))
+
+    async def _last_card_payment_failed(self, connection: AsyncConnection, call_sid: str) -> bool:
+        operations = payment_operations.c
+        last = await connection.scalar(
+            select(operations.status)
+            .where(operations.call_sid == call_sid, operations.kind.in_(CARD_PURCHASE_KINDS))
+            .order_by(operations.operation_id.desc())
+            .limit(1)
+        )
+        return last == "failed"
+
+    # --- incidents ----------------------------------------------------------------------------
+
+    async def incident_payer(
+        self,
+        connection: AsyncConnection,
+        account: Row[Any],
+        call_sid: str,
+        key: str,
+        price_minor: int,
+    ) -> str | None:
+        """Who pays an incident: the deposit if it holds the price, else the card on file (queued
+        here; the incident is posted when the card says yes, owed if it says no), else it is
+        owed. None when it went to the card (or is on its way there)."""
+        status = await connection.scalar(
+            select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
+        )
+        if status in IN_FLIGHT:
+            return None
+        deposit = ledger.deposit_book(account.account_id)
+        if (await ledger_store.balances(connection, [deposit])).get(deposit, 0) >= price_minor:
+            return "deposit"
+        if status != "failed" and self._payments.available and account.card_on_file is not None:
+            await self._payments.queue_incident(connection, account, call_sid, key, price_minor)
+            return None
+        return "receivable"
+
+
+async def card_hold_left_minor(connection: AsyncConnection, call_sid: str, currency: str) -> int:
+    """Authorise mode: the money the call's succeeded authorisations still hold, less the money
+    of the minutes paid from them (net of reversals)."""
+    authorised = await connection.scalar(
+        select(func.coalesce(func.sum(payment_operations.c.amount_minor), 0)).where(
+            payment_operations.c.call_sid == call_sid,
+            payment_operations.c.kind == "authorize",
+            payment_operations.c.status == "succeeded",
+        )
+    )
+    if not authorised:
+        return 0
+    return int(authorised) - await card_money_used_minor(connection, call_sid, currency)
+
+
+async def card_money_used_minor(connection: AsyncConnection, call_sid: str, currency: str) -> int:
+    """Money of the call's minutes paid by card authorisation, less what was given back: the
+    call's net movement on the card receipts book from minute postings and their reversals."""
+    original = ledger_transactions.alias("original")
+    minute_card = (ledger_transactions.c.kind == "minute_card") | (original.c.kind == "minute_card")
+    moved = await connection.scalar(
+        select(func.coalesce(func.sum(ledger_postings.c.amount), 0))
+        .join(
+            ledger_transactions,
+            ledger_transactions.c.transaction_id == ledger_postings.c.transaction_id,
+        )
+        .outerjoin(original, original.c.idempotency_key == ledger_transactions.c.reverses_key)
+        .where(
+            ledger_transactions.c.call_sid == call_sid,
+            minute_card,
+            ledger_postings.c.book == ledger.card_receipts_book(currency),
+        )
+    )
+    return -int(moved or 0)
+
+
+async def reverse_charges(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> int:
+    """Reverse every charge of the call not reversed yet (a waiver: minutes back to the bank,
+    money back to the deposit, off the receivable or back to the card's receipts). Idempotent."""
+    count = 0
+    for key in await ledger_store.unreversed_keys(connection, call_sid, ledger.CHARGE_KINDS):
+        original = await ledger_store.load_transaction(connection, key)
+        if original is None:
+            raise InvariantBroken(f"{key} is listed but not in the ledger")
+        await ledger_store.post(connection, ledger.reversal_of(original, memo="waiver"), now)
+        count += 1
+    return count
