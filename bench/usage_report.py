@@ -288,19 +288,22 @@ def _sqlite_value(value: Any) -> Any:
     return value
 
 
-MOVE_BALANCE_SQLITE = (
-    "CREATE TRIGGER ledger_postings_move_balance AFTER INSERT ON ledger_postings "
-    "BEGIN UPDATE ledger_books SET balance = balance + NEW.amount WHERE book = NEW.book; END"
-)
+# What the trigger would have kept: customer books' running balances (system books keep none,
+# their stored balance stays 0: migration 0006).
 SUM_BALANCES = (
     "UPDATE ledger_books SET balance = COALESCE((SELECT SUM(amount) FROM ledger_postings "
-    "WHERE ledger_postings.book = ledger_books.book), 0)"
+    "WHERE ledger_postings.book = ledger_books.book), 0) "
+    "WHERE substr(ledger_books.book, 1, 7) <> 'system:'"
 )
 
 
 def load_sqlite(path: Path, rows: Rows) -> None:
     connection = sqlite3.connect(path)
     connection.execute("PRAGMA synchronous=OFF")  # the load only; meterd itself uses FULL
+    (move_balance,) = connection.execute(  # put back exactly as the migrations made it
+        "SELECT sql FROM sqlite_master WHERE type = 'trigger' "
+        "AND name = 'ledger_postings_move_balance'"
+    ).fetchone()
     connection.execute("DROP TRIGGER ledger_postings_move_balance")
     for table, (columns, values) in _tables(rows).items():
         marks = ", ".join("?" for _ in columns)
@@ -309,7 +312,7 @@ def load_sqlite(path: Path, rows: Rows) -> None:
             (tuple(_sqlite_value(v) for v in row) for row in values),
         )
     connection.execute(SUM_BALANCES)
-    connection.execute(MOVE_BALANCE_SQLITE)
+    connection.execute(move_balance)
     connection.commit()
     connection.execute("ANALYZE")
     connection.close()

@@ -230,6 +230,10 @@ class AccountService:
                     account_id=account_id,
                     allow_negative=False,
                 )
+                # so that no call's first posting has to insert (and wait on) a system book
+                await ledger_store.open_system_books(
+                    connection, ledger_store.system_books(currency)
+                )
                 await self._grant_included_minutes(connection, account_id, products, now)
         except IntegrityError as error:
             raise self._conflict(error) from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, literal, select
 
 from meterd.store.database import Database
+from meterd.store.ledger_store import system_book_clause
 from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
 
 FINDINGS_MAX = 100  # per kind of breach; the count is always reported in full
@@ -31,9 +32,11 @@ class CheckReport:
 
 
 async def check_ledger(database: Database) -> CheckReport:
-    """Every transaction balances per unit and has postings; every book's stored balance equals
-    the sum of its postings; no book that may not go negative is negative; every reversal
-    names a transaction that exists."""
+    """Every transaction balances per unit and has postings; every customer book's stored
+    balance equals the sum of its postings, and every system book's stored balance is 0 (it
+    keeps none: its balance is the sum of its postings, migration 0006); a book is of kind
+    'system' exactly when its name says `system:`; no book that may not go negative is negative
+    (by the sum of its postings); every reversal names a transaction that exists."""
     breaches: list[Breach] = []
     t, p, b = ledger_transactions, ledger_postings, ledger_books
     async with database.read() as connection:
@@ -75,10 +78,11 @@ async def check_ledger(database: Database) -> CheckReport:
         ]
 
         sums = select(p.c.book, func.sum(p.c.amount).label("total")).group_by(p.c.book).subquery()
+        system = system_book_clause(b.c.book)
         mismatched = await connection.execute(
             select(b.c.book, b.c.balance, func.coalesce(sums.c.total, 0))
             .outerjoin(sums, sums.c.book == b.c.book)
-            .where(b.c.balance != func.coalesce(sums.c.total, 0))
+            .where(~system, b.c.balance != func.coalesce(sums.c.total, 0))
             .order_by(b.c.book)
             .limit(FINDINGS_MAX)
         )
@@ -88,6 +92,39 @@ async def check_ledger(database: Database) -> CheckReport:
                 f"book {row[0]} holds {row[1]} but its postings sum to {row[2]}",
             )
             for row in mismatched
+        ]
+
+        kept = await connection.execute(
+            select(b.c.book, b.c.balance)
+            .where(system, b.c.balance != 0)
+            .order_by(b.c.book)
+            .limit(FINDINGS_MAX)
+        )
+        breaches += [
+            Breach(
+                "system book keeps no stored balance",
+                f"book {row[0]} holds {row[1]}, but a system book's stored balance stays 0 "
+                f"(its balance is the sum of its postings)",
+            )
+            for row in kept
+        ]
+
+        misnamed = await connection.execute(
+            select(b.c.book, b.c.kind, b.c.account_id)
+            .where(
+                (system & ((b.c.kind != "system") | b.c.account_id.is_not(None)))
+                | (~system & (b.c.kind == "system"))
+            )
+            .order_by(b.c.book)
+            .limit(FINDINGS_MAX)
+        )
+        breaches += [
+            Breach(
+                "book kind matches its name",
+                f"book {row[0]} is of kind {row[1]} (account {row[2]}); kind 'system', with no "
+                f"account, is for exactly the books named system:...",
+            )
+            for row in misnamed
         ]
 
         negative = await connection.execute(

@@ -2,8 +2,15 @@
 
 `post()` runs inside the caller's database transaction. It claims the idempotency key with
 `INSERT ... ON CONFLICT DO NOTHING` and writes the postings in that same transaction, so the key
-is claimed if and only if the postings are written. Triggers move the balances and the CHECK on
-`ledger_books` refuses a balance below zero, aborting everything.
+is claimed if and only if the postings are written. A trigger moves the running balance of every
+customer book and the CHECK on `ledger_books` refuses a balance below zero, aborting everything.
+
+System books (`system:...`, kind 'system') keep no running balance (migration 0006): their
+stored `balance` stays 0 and their balance is the sum of their postings, which `balance()` and
+`balances()` return. So a posting never updates, and never row-locks, a system book: every minute
+touches `system:minutes:used`, and transactions reaching system books in different orders would
+otherwise deadlock on PostgreSQL. A system book is opened on its first posting (or with its
+account's currency, `open_system_books`); after that, posting to it reads its row and writes none.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import ColumnElement, func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from meterd.core import ledger
 from meterd.core.ledger import (
     INCIDENT_KINDS,
     BookKind,
@@ -28,6 +36,18 @@ from meterd.store.schema import ledger_books, ledger_postings, ledger_transactio
 from meterd.store.sql import insert_ignoring_conflict
 
 BALANCE_CHECK_NAME = "ck_ledger_books_balance_not_negative"
+SYSTEM_PREFIX = "system:"
+
+
+def is_system_book(book: str) -> bool:
+    """A system book keeps no running balance (see the module's docstring)."""
+    return book.startswith(SYSTEM_PREFIX)
+
+
+def system_book_clause(book: ColumnElement[str]) -> ColumnElement[bool]:
+    """SQL: `book` names a system book; the same exact prefix test as the trigger (migration
+    0006) and `is_system_book` (LIKE would be case-insensitive on SQLite)."""
+    return func.substr(book, 1, len(SYSTEM_PREFIX)) == SYSTEM_PREFIX
 
 
 class IdempotencyConflict(LedgerError):
@@ -57,7 +77,11 @@ async def create_book(
     account_id: str | None,
     allow_negative: bool,
 ) -> None:
-    """Open a book (idempotent)."""
+    """Open a book (idempotent). A book that exists is only read: the insert is tried only for
+    a book not there yet."""
+    exists = await connection.scalar(select(ledger_books.c.book).where(ledger_books.c.book == book))
+    if exists is not None:
+        return
     statement = insert_ignoring_conflict(
         connection,
         ledger_books,
@@ -72,6 +96,57 @@ async def create_book(
         ["book"],
     )
     await connection.execute(statement)
+
+
+def system_books(currency: str) -> list[str]:
+    """Every system book that postings in `currency` (and in minutes) use."""
+    return sorted(
+        {
+            ledger.MINUTES_ISSUED,
+            ledger.MINUTES_USED,
+            ledger.MINUTES_UNBANKED,
+            ledger.deposits_received_book(currency),
+            ledger.usage_revenue_book(currency),
+            ledger.incident_revenue_book(currency),
+            ledger.card_receipts_book(currency),
+            ledger.block_revenue_book(currency),
+        }
+    )
+
+
+async def open_system_books(connection: AsyncConnection, books: list[str]) -> None:
+    """Open the system books among `books` that do not exist yet, in name order. Only the first
+    posting ever to a system book inserts its row (and on PostgreSQL a concurrent first posting
+    to the same book waits for that insert to commit; the fixed order keeps two such first
+    postings from waiting on each other). Account creation opens its currency's books, so calls
+    never do."""
+    wanted = sorted({book for book in books if is_system_book(book)})
+    if not wanted:
+        return
+    existing = set(
+        (
+            await connection.scalars(
+                select(ledger_books.c.book).where(ledger_books.c.book.in_(wanted))
+            )
+        ).all()
+    )
+    for book in wanted:
+        if book not in existing:
+            await connection.execute(
+                insert_ignoring_conflict(
+                    connection,
+                    ledger_books,
+                    {
+                        "book": book,
+                        "unit": system_book_unit(book),
+                        "kind": BookKind.SYSTEM.value,
+                        "account_id": None,
+                        "allow_negative": True,
+                        "balance": 0,  # stays 0: a system book's balance is its postings' sum
+                    },
+                    ["book"],
+                )
+            )
 
 
 async def post(
@@ -110,16 +185,7 @@ async def post(
             )
         return PostResult(earlier.transaction_id, replayed=True)
 
-    for posting in transaction.postings:
-        if posting.book.startswith("system:"):
-            await create_book(
-                connection,
-                posting.book,
-                unit=system_book_unit(posting.book),
-                kind=BookKind.SYSTEM,
-                account_id=None,
-                allow_negative=True,
-            )
+    await open_system_books(connection, [p.book for p in transaction.postings])
     rows = [
         {"transaction_id": transaction_id, "book": p.book, "unit": p.unit, "amount": p.amount}
         for p in transaction.postings
@@ -141,19 +207,30 @@ async def post(
 
 
 async def balance(connection: AsyncConnection, book: str) -> int:
-    value = (
-        await connection.execute(select(ledger_books.c.balance).where(ledger_books.c.book == book))
-    ).scalar_one_or_none()
-    if value is None:
+    """A book's balance: a customer book's running balance, a system book's sum of postings
+    (a scan of that book's postings: for reports and checks, not for every minute)."""
+    held = await balances(connection, [book])
+    if book not in held:
         raise UnknownBook(f"no book {book!r}")
-    return int(value)
+    return held[book]
 
 
 async def balances(connection: AsyncConnection, books: list[str]) -> dict[str, int]:
+    """The balances of those of `books` that exist (see `balance`)."""
     rows = await connection.execute(
         select(ledger_books.c.book, ledger_books.c.balance).where(ledger_books.c.book.in_(books))
     )
-    return {row.book: int(row.balance) for row in rows}
+    held = {row.book: int(row.balance) for row in rows}
+    system = [book for book in held if is_system_book(book)]
+    if system:
+        sums = await connection.execute(
+            select(ledger_postings.c.book, func.sum(ledger_postings.c.amount))
+            .where(ledger_postings.c.book.in_(system))
+            .group_by(ledger_postings.c.book)
+        )
+        held.update(dict.fromkeys(system, 0))
+        held.update({book: int(total) for book, total in sums})
+    return held
 
 
 async def posted_sum(connection: AsyncConnection, book: str) -> int:
@@ -169,7 +246,11 @@ async def posted_sum(connection: AsyncConnection, book: str) -> int:
 
 async def balances_for_update(connection: AsyncConnection, books: list[str]) -> dict[str, int]:
     """Balances, locked until the transaction ends (PostgreSQL; SQLite's write transaction is
-    exclusive already), so a funding decision cannot be overtaken by another transaction."""
+    exclusive already), so a funding decision cannot be overtaken by another transaction.
+    Customer books only: a system book is never locked (migration 0006)."""
+    locked_system = [book for book in books if is_system_book(book)]
+    if locked_system:
+        raise LedgerError(f"system books are never locked: {locked_system}")
     query = (
         select(ledger_books.c.book, ledger_books.c.balance)
         .where(ledger_books.c.book.in_(books))

@@ -91,7 +91,9 @@ ledger_books = Table(
     Column("kind", String(16), nullable=False),
     Column("account_id", String(64), ForeignKey("accounts.account_id"), nullable=True),
     Column("allow_negative", Boolean, nullable=False),
-    # Kept by a trigger on every posting; `meterd ledger check` re-sums it from the postings.
+    # A customer book's running balance, kept by a trigger on every posting; `meterd ledger check`
+    # re-sums it from the postings. A system book (`system:...`) keeps none (migration 0006): its
+    # stored balance stays 0 and its balance is the sum of its postings (`ledger_store.balance`).
     Column("balance", BigInteger, nullable=False),
     UniqueConstraint("book", "unit", name="uq_ledger_books_book_unit"),
     CheckConstraint("allow_negative OR balance >= 0", name="ck_ledger_books_balance_not_negative"),
