@@ -253,15 +253,7 @@ async def _offline(args: argparse.Namespace, settings: Settings, database: Any) 
     if args.command == "usage":
         return await _usage(args, settings, database)
 
-    accounts = AccountService(
-        database,
-        AccountSettings(
-            default_currency=settings.currency,
-            included_minutes=settings.included_minutes,
-            pin_secret=settings.secret("pin_secret"),
-        ),
-        system_clock,
-    )
+    accounts = AccountService(database, AccountSettings.of(settings), system_clock)
     try:
         result: Any
         if args.account_command == "add":

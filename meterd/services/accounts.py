@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.clock import Clock
+from meterd.config import Settings
 from meterd.core import ledger
 from meterd.core.entitlements import email_ticket_eligibility
 from meterd.core.ledger import MINUTES, MINUTES_MAX, BookKind
@@ -67,6 +68,17 @@ class AccountSettings:
     included_minutes: int
     pin_secret: str
     business_timezone: str = "UTC"  # whose calendar day `valid_until` and `*_until` end on
+
+    @classmethod
+    def of(cls, settings: Settings) -> AccountSettings:
+        """From the daemon's settings: the API and the CLI both build theirs here, so they
+        agree on the business day (and so on the plan in force near midnight)."""
+        return cls(
+            default_currency=settings.currency,
+            included_minutes=settings.included_minutes,
+            pin_secret=settings.secret("pin_secret"),
+            business_timezone=settings.business_timezone,
+        )
 
 
 @dataclass(frozen=True)

@@ -190,16 +190,7 @@ def create_app(
         middlewares=[metrics_middleware, error_middleware, auth_middleware],
     )
     app[METRICS] = metrics or Metrics()  # its own registry; ops.add_routes reads it
-    accounts = AccountService(
-        database,
-        AccountSettings(
-            default_currency=settings.currency,
-            included_minutes=settings.included_minutes,
-            pin_secret=settings.secret("pin_secret"),
-            business_timezone=settings.business_timezone,
-        ),
-        clock,
-    )
+    accounts = AccountService(database, AccountSettings.of(settings), clock)
     rates = RateBook(
         database,
         clock,
