@@ -23,6 +23,18 @@ def minutes_due(billable_seconds: int, increment_seconds: int) -> int:
     return ceil_div(billable_seconds, increment_seconds)
 
 
+def minutes_due_live(billable_seconds: int, accruing: bool, increment_seconds: int) -> int:
+    """Minutes due now. While billable time is running (`accruing`) it passes the next
+    threshold this very instant, so the minute that begins there is due: the first as soon as
+    the agent becomes billable (also when the interval that began is still 0 s long, e.g. a
+    join stamped this second, or stamped ahead of our clock), the n-th at `(n - 1) * increment`.
+    Not accruing, this is `minutes_due`; at completion nothing accrues, so the final count is
+    `minutes_due` of the final billable time and settlement corrects the difference."""
+    if accruing:
+        return billable_seconds // increment_seconds + 1
+    return minutes_due(billable_seconds, increment_seconds)
+
+
 def minute_due_at_seconds(
     billable: Sequence[Interval], n: int, increment_seconds: int
 ) -> int | None:
@@ -47,15 +59,14 @@ def next_minute_due_at_seconds(
     increment_seconds: int,
     now_seconds: int,
 ) -> int | None:
-    """When the next minute falls due if billable time keeps running from `now_seconds`: minute
-    `minutes_posted + 1` is due once billable time passes `minutes_posted * increment_seconds`.
-    None if the agent's billable time is not running (`accruing`, from the timeline's state at
-    `now_seconds`, not from its intervals: an interval that begins this very second is still
-    empty). Never earlier than one second from now, so a tick always makes progress."""
+    """When minute `minutes_posted + 1` falls due (`minutes_due_live`) if billable time keeps
+    running from `now_seconds`: when it reaches `minutes_posted * increment_seconds`. None if
+    the agent's billable time is not running (`accruing`, the timeline's state at now, not its
+    intervals: one that begins this very second is still empty). Never before now + 1 s."""
     if not accruing:
         return None
     needed_seconds = minutes_posted * increment_seconds - billable_seconds
-    return now_seconds + max(needed_seconds, 0) + 1
+    return now_seconds + max(needed_seconds, 1)
 
 
 def incidents_due(union_billable_seconds: int) -> int:

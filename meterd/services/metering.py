@@ -133,7 +133,7 @@ class MeteringService:
             timeline = await calls_store.load_timeline(
                 connection, call, now, self._research_max_seconds
             )
-            posted = await self._post_due_minutes(connection, call, account, timeline)
+            posted = await self._post_due_minutes(connection, call, account, timeline, now)
             next_due = self._next_due(
                 call, timeline, await _minutes_posted(connection, call_sid), now
             )
@@ -159,7 +159,7 @@ class MeteringService:
                 account = await lock_account(connection, call.account_id)
                 # give back first, so minutes given back to the bank can pay for missing ones
                 bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
-                await self._post_due_minutes(connection, call, account, timeline)
+                await self._post_due_minutes(connection, call, account, timeline, now)
                 if call.plan == Plan.PER_MINUTE.value and bank_returned:
                     await self._pay_from_bank_first(connection, call, bank_returned, now)
                 if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
@@ -180,19 +180,25 @@ class MeteringService:
         return dt.timedelta(seconds=self._research_max_seconds)
 
     async def _post_due_minutes(
-        self, connection: AsyncConnection, call: Row[Any], account: Row[Any], timeline: Timeline
+        self,
+        connection: AsyncConnection,
+        call: Row[Any],
+        account: Row[Any],
+        timeline: Timeline,
+        now: dt.datetime,
     ) -> int:
+        now_seconds = int(now.timestamp())
         posted_by_agent = await _minutes_posted(connection, call.call_sid)
         count = 0
+        increment = self._settings.increment_seconds
         for agent_id, time in sorted(timeline.agents.items()):
             already = posted_by_agent.get(agent_id, 0)
-            target = rating.minutes_due(time.billable_seconds, self._settings.increment_seconds)
+            target = rating.minutes_due_live(time.billable_seconds, time.accruing, increment)
             for n in range(already + 1, target + 1):
-                due_at_seconds = rating.minute_due_at_seconds(
-                    time.billable, n, self._settings.increment_seconds
-                )
-                if due_at_seconds is None:  # n <= target: it is due
-                    raise InvariantBroken(f"minute {n} of {agent_id} has no due time")
+                due_at_seconds = rating.minute_due_at_seconds(time.billable, n, increment)
+                if due_at_seconds is None:
+                    # due because time is running and reaches its threshold now
+                    due_at_seconds = max([now_seconds, *(i.end_seconds for i in time.billable)])
                 due_at = dt.datetime.fromtimestamp(due_at_seconds, dt.UTC)
                 funding = await self._funding.fund_minute(connection, account, call, due_at)
                 await self._post_minute(connection, call, account, agent_id, n, funding)

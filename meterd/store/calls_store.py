@@ -271,49 +271,19 @@ def params_of(raw_json: str) -> Mapping[str, str]:
     return dict(json.loads(raw_json))
 
 
-# Twilio's clock may run ahead of or behind ours; an estimate beyond this is not believed.
-TWILIO_CLOCK_OFFSET_SECONDS_MAX = 600
-
-
-async def twilio_clock_offset_seconds(connection: AsyncConnection, call_sid: str) -> int:
-    """How far Twilio's clock runs ahead of ours (negative: behind), estimated from the call's
-    conference callbacks: the largest `Timestamp - received_at`, i.e. the one delivered with
-    the least delay. 0 with none; limited to +/- TWILIO_CLOCK_OFFSET_SECONDS_MAX."""
-    rows = await connection.execute(
-        select(webhook_events.c.event_at, webhook_events.c.received_at).where(
-            webhook_events.c.call_sid == call_sid,
-            webhook_events.c.route == "conference",
-            webhook_events.c.event_at.is_not(None),
-        )
-    )
-    offsets = [int((row.event_at - row.received_at).total_seconds()) for row in rows]
-    if not offsets:
-        return 0
-    limit = TWILIO_CLOCK_OFFSET_SECONDS_MAX
-    return max(-limit, min(limit, max(offsets)))
-
-
 async def load_timeline(
     connection: AsyncConnection, call: Row[Any], now: dt.datetime, research_max_seconds: int
 ) -> Timeline:
-    """The call's timeline from everything recorded for it, open intervals counted to `now`.
-
-    Conference time is Twilio's (its event timestamps), research time is ours (agents flag it
-    through meterd), so what is still open is closed at `now` on each one's own clock: Twilio's
-    "now" is ours plus its estimated offset. So a join stamped by a clock running ahead of ours
-    is counted from the moment it arrives, not from when our clock reaches its stamp."""
+    """The call's timeline from everything recorded for it, open intervals counted to `now`."""
     events = await conference_events(connection, call.call_sid)
     research = await marks(connection, call.call_sid)
     leg_end = await customer_leg_end(connection, call.call_sid)
     if call.closed_by_sweeper and call.ended_at is not None:
         leg_end = call.ended_at if leg_end is None else min(leg_end, call.ended_at)
-    now_seconds = int(now.timestamp())
-    offset_seconds = await twilio_clock_offset_seconds(connection, call.call_sid) if events else 0
     return build_timeline(
         events,
         research,
-        now_seconds=now_seconds + offset_seconds,
-        research_now_seconds=now_seconds,
+        now_seconds=int(now.timestamp()),
         research_max_seconds=research_max_seconds,
         call_ended_at_seconds=None if leg_end is None else int(leg_end.timestamp()),
         customer_call_sid=call.call_sid,

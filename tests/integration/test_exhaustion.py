@@ -79,7 +79,7 @@ async def test_announce_then_hang_up_and_every_minute_is_still_written(client, t
     # minute 1 at 0 s leaves 2 minutes: the warning (warn_minutes_left = 2);
     # minute 3 at 120 s leaves none: the "no minutes left" announcement;
     # grace_seconds = 60 later, at 180 s, the call is ended
-    assert await outbox_created(database) == {"warn": 1, "exhausted": 121, "hang_up": 181}
+    assert await outbox_created(database) == {"warn": 1, "exhausted": 120, "hang_up": 180}
     requests = twilio.requests
     assert [r.path for r in requests] == [
         f"/2010-04-01/Accounts/{ACCOUNT_SID}/Conferences/{script.conference_sid}.json",
