@@ -168,10 +168,13 @@ class FundingAuthority:
         accruing_agents: int,
         now: dt.datetime,
     ) -> tuple[Funds, bool]:
-        """Before the funds run out (no more minutes left than agents accruing), the card's next
-        block (account-wide) or authorisation (this call) is bought, queued here unless one is
-        on its way already. Returns the funds and whether the card stands behind the call (a
-        payment on its way, or a usable card on file); False: the call should be announced."""
+        """When the funds cannot pay the next minute of every accruing agent (fewer minutes left
+        than agents accruing; none left while nobody accrues), the card's next block
+        (account-wide) or authorisation (this call) is bought, queued here unless one is on its
+        way already: not earlier, so the deposit pays before the card; the minute now running
+        leaves the payment a whole increment to land. Returns the funds and whether the card
+        stands behind the call (a payment on its way, or a usable card on file); False: the call
+        should be announced."""
         funds = await self.funds(connection, account, call_sid, now)
         if await self._card_payment_on_its_way(connection, account.account_id, call_sid):
             return funds, True
@@ -179,7 +182,7 @@ class FundingAuthority:
             return funds, False
         if await self._last_card_payment_failed(connection, call_sid):
             return funds, False
-        if funds.minutes_left <= max(1, accruing_agents):
+        if funds.minutes_left < max(1, accruing_agents):
             await self._payments.queue_top_up(connection, account, call_sid)
         return funds, True
 

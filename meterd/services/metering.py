@@ -262,10 +262,10 @@ class MeteringService:
 
     async def _reverse_unsupported_minutes(
         self, connection: AsyncConnection, call: Row[Any], timeline: Timeline
-    ) -> int:
-        """Give back minutes taken live that the final timeline does not support. Returns how
-        many banked minutes went back to the bank."""
-        bank_returned = 0
+    ) -> list[int]:
+        """Give back minutes taken live that the final timeline does not support. Returns the
+        transaction ids of the banked minutes among them (their minutes went back to the bank)."""
+        bank_returned: list[int] = []
         for agent_id, posted in (await _minutes_posted(connection, call.call_sid)).items():
             time = timeline.agents.get(agent_id)
             final = (
@@ -274,9 +274,8 @@ class MeteringService:
                 else rating.minutes_due(time.billable_seconds, self._settings.increment_seconds)
             )
             for n in range(final + 1, posted + 1):
-                original = await ledger_store.load_transaction(
-                    connection, ledger.minute_key(call.call_sid, agent_id, n)
-                )
+                key = ledger.minute_key(call.call_sid, agent_id, n)
+                original = await ledger_store.load_transaction(connection, key)
                 if original is None:
                     raise InvariantBroken(
                         f"minute {n} of {agent_id} on {call.call_sid} is "
@@ -290,7 +289,7 @@ class MeteringService:
                     self._clock(),
                 )
                 if original.kind == "minute_bank" and not result.replayed:
-                    bank_returned += 1
+                    bank_returned.append(await ledger_store.transaction_id(connection, key))
             if final < posted:  # only ever lowered here; missing minutes are posted after
                 log.info(
                     "settlement corrected live minutes",
@@ -303,23 +302,32 @@ class MeteringService:
         return bank_returned
 
     async def _pay_from_bank_first(
-        self, connection: AsyncConnection, call: Row[Any], bank_returned: int, now: dt.datetime
+        self,
+        connection: AsyncConnection,
+        call: Row[Any],
+        bank_returned: list[int],
+        now: dt.datetime,
     ) -> None:
-        """Live, a minute may have been paid with money while the bank was briefly empty: a
-        minute taken on a late leave event held a banked minute that settlement just gave back.
-        The final word follows the funding order: the call's money-paid minutes are rebooked
-        onto the bank, newest first, for at most the banked minutes settlement gave back (a
-        block bought by card later in the call is not such a minute: the deposit rightly paid
-        before the card)."""
+        """Live, a minute may have been paid with money while the bank was empty only because
+        an earlier minute, taken on a late leave event, held a banked minute that settlement
+        has just given back. The final word follows the funding order: each such money-paid
+        minute (posted after a given-back banked minute, matched one to one) is rebooked onto
+        the bank, while the bank holds minutes. A money-paid minute posted before any of them
+        rightly paid from the deposit and stays."""
         bank_book = ledger.bank_book(call.account_id)
         bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
-        rebook = min(bank, bank_returned)
-        if rebook <= 0:
+        if bank <= 0 or not bank_returned:
             return
-        paid = await ledger_store.unreversed_keys(
+        held_back = sorted(bank_returned)
+        rebook: list[str] = []
+        for key in await ledger_store.unreversed_keys(
             connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
-        )
-        for key in list(reversed(paid))[:rebook]:
+        ):
+            paid_id = await ledger_store.transaction_id(connection, key)
+            if held_back and held_back[0] < paid_id and len(rebook) < bank:
+                held_back.pop(0)
+                rebook.append(key)
+        for key in rebook:
             original = await ledger_store.load_transaction(connection, key)
             if original is None:
                 raise InvariantBroken(f"{key} is listed but not in the ledger")

@@ -286,6 +286,18 @@ async def load_transaction(connection: AsyncConnection, key: str) -> Transaction
     )
 
 
+async def transaction_id(connection: AsyncConnection, key: str) -> int:
+    """The id of a posted transaction (ids grow in posting order)."""
+    value = await connection.scalar(
+        select(ledger_transactions.c.transaction_id).where(
+            ledger_transactions.c.idempotency_key == key
+        )
+    )
+    if value is None:
+        raise LedgerError(f"no transaction {key!r}")
+    return int(value)
+
+
 async def unreversed_keys(
     connection: AsyncConnection, call_sid: str, kinds: frozenset[str]
 ) -> list[str]:
