@@ -69,6 +69,14 @@ def next_minute_due_at_seconds(
     return now_seconds + max(needed_seconds, 1)
 
 
+def block_refund_minor(price_minor: int, block_minutes: int, minutes_returned: int) -> int:
+    """The money given back for `minutes_returned` unused minutes of a block bought for
+    `price_minor`: pro rata, rounded up (never against the customer); all of it for all."""
+    if block_minutes <= 0 or not 0 <= minutes_returned <= block_minutes:
+        raise ValueError(f"cannot return {minutes_returned} of a {block_minutes}-minute block")
+    return ceil_div(price_minor * minutes_returned, block_minutes)
+
+
 def incidents_due(union_billable_seconds: int) -> int:
     """Per-incident: one incident per started 2 hours of billable communication."""
     return ceil_div(union_billable_seconds, INCIDENT_SECONDS)

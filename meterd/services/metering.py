@@ -382,10 +382,22 @@ class MeteringService:
         )
         if price == 0:
             return
-        for k in range(1, needed + 1):
+        # The group's incidents so far: keys incident:<group>:1, 2, ... A key is used once
+        # (charged, on its way to the card, or given back by a waiver); one given back no
+        # longer counts, so a later call of the group charges the next free key instead.
+        charged, free_k = 0, 1
+        while True:
+            key = ledger.incident_key(group, free_k)
+            posted = await ledger_store.load_transaction(connection, key) is not None
+            if posted:
+                charged += 0 if await ledger_store.is_reversed(connection, key) else 1
+            elif await self._payments.operation_status(connection, key) in ("queued", "sent"):
+                charged += 1
+            elif await self._payments.operation_status(connection, key) is None:
+                break
+            free_k += 1
+        for k in range(free_k, free_k + max(needed - charged, 0)):
             key = ledger.incident_key(group, k)
-            if await ledger_store.load_transaction(connection, key):
-                continue  # charged on an earlier call of the group
             payer = await self._funding.incident_payer(
                 connection, account, call.call_sid, key, price
             )

@@ -36,9 +36,8 @@ from meterd.adapters.stripe_gateway import (
     PaymentGateway,
 )
 from meterd.clock import Clock
-from meterd.core import ledger
+from meterd.core import ledger, rating
 from meterd.core.ledger import BookKind
-from meterd.core.money import ceil_div
 from meterd.logs import get_logger
 from meterd.services.funding import (
     card_money_used_minor,
@@ -175,6 +174,11 @@ class PaymentService:
             f"not completed at the gateway ({found.status if found else 'never received'})",
         )
         return Outcome(False, "unavailable")
+
+    async def operation_status(self, connection: AsyncConnection, key: str) -> str | None:
+        return await connection.scalar(
+            select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
+        )
 
     async def queue_top_up(
         self, connection: AsyncConnection, account: Row[Any], call_sid: str
@@ -565,7 +569,7 @@ class PaymentService:
         bank_book = ledger.bank_book(block.account_id)
         bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
         minutes = min(block.minutes, max(bank, 0))
-        amount = ceil_div(block.amount_minor * minutes, block.minutes) if block.minutes else 0
+        amount = rating.block_refund_minor(block.amount_minor, block.minutes, minutes)
         if minutes == 0 and amount == 0:
             return
         await ledger_store.post(

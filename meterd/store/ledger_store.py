@@ -298,6 +298,15 @@ async def transaction_id(connection: AsyncConnection, key: str) -> int:
     return int(value)
 
 
+async def is_reversed(connection: AsyncConnection, key: str) -> bool:
+    value = await connection.scalar(
+        select(ledger_transactions.c.transaction_id).where(
+            ledger_transactions.c.reverses_key == key
+        )
+    )
+    return value is not None
+
+
 async def unreversed_keys(
     connection: AsyncConnection, call_sid: str, kinds: frozenset[str]
 ) -> list[str]:
