@@ -365,7 +365,16 @@ class PaymentService:
         )
 
     async def _fail(self, key: str, error: str) -> None:
+        """Record the gateway's no (or that it never saw the payment), once. An incident the
+        card did not pay is owed, unless its call owes nothing (waived)."""
         async with self._database.write() as connection:
+            operation = await _operation(connection, key)
+            call = (
+                None
+                if operation.call_sid is None
+                else await calls_store.get_call(connection, operation.call_sid, for_update=True)
+            )
+            await lock_account(connection, operation.account_id)
             changed = await connection.execute(
                 update(payment_operations)
                 .where(
@@ -374,8 +383,8 @@ class PaymentService:
                 )
                 .values(status="failed", error=error[:500], completed_at=self._clock())
             )
-            operation = await _operation(connection, key)
-            if changed.rowcount == 1 and operation.kind == "incident":
+            owed = call is None or not owes_nothing(call)
+            if changed.rowcount == 1 and operation.kind == "incident" and owed:
                 # the card said no: the incident is owed, for finance to invoice
                 await self._post_incident_of(connection, operation, "receivable")
         log.info("payment failed", operation_key=key, error=error[:200])

@@ -565,3 +565,25 @@ async def test_a_connect_charge_that_timed_out_but_succeeded_is_not_charged_agai
     # what the card keeps is in the bank, no more and no less
     assert await account_state(client) == (30 * kept_total // BLOCK, 0, 0)
     assert (await check_ledger(database)).ok
+
+
+async def test_a_card_incident_left_in_flight_by_a_crash_then_waived_is_not_owed(
+    client, localstripe, database
+):
+    """A per-incident charge claimed for the card (`sent`) when the daemon died, the call then
+    waived: the gateway never saw it, so it fails on resolution; the waived call owes nothing
+    (no receivable), and nothing is charged."""
+    await account(client, plan="per_incident")
+    assert (await client.app[SERVICES].payments.save_card("acme", "pm_card_visa")).ok
+    before = await account_state(client)
+    script, _ = await ring(client)
+    await drive(client, [script], 600, pay_after_settling=False)  # the incident is queued
+    async with database.write() as connection:  # claimed, then the process died
+        await connection.exec_driver_sql(
+            "UPDATE payment_operations SET status = 'sent' WHERE kind = 'incident'"
+        )
+    await waive(client, script.call_sid)
+    await settle_payments(client)  # resolution: never received at the gateway -> failed
+    await assert_as_if_never_charged(client, localstripe, script.call_sid, before)
+    view = await call_view(client, script)
+    assert view["charges"]["owed_minor"] == 0 and view["charges"]["incidents"] == 0
