@@ -52,6 +52,11 @@ from meterd.store.sql import insert_ignoring_conflict
 
 log = get_logger("meterd.metering")
 
+# At most this many minutes are posted for one call in one transaction: a call whose backlog is
+# larger (a join a day old, a daemon stopped for hours) is caught up over several ticks, each
+# transaction short, so webhooks and other calls are never held behind one call's backlog.
+MINUTES_PER_TRANSACTION_MAX = 200
+
 
 @dataclass(frozen=True)
 class MeteringSettings:
@@ -133,9 +138,13 @@ class MeteringService:
             timeline = await calls_store.load_timeline(
                 connection, call, now, self._research_max_seconds
             )
-            posted = await self._post_due_minutes(connection, call, account, timeline, now)
-            next_due = self._next_due(
-                call, timeline, await _minutes_posted(connection, call_sid), now
+            posted, backlog = await self._post_due_minutes(connection, call, account, timeline, now)
+            next_due = (
+                now  # more minutes are due than one transaction posts: go on at the next tick
+                if backlog
+                else self._next_due(
+                    call, timeline, await _minutes_posted(connection, call_sid), now
+                )
             )
             await calls_store.update_call(connection, call_sid, next_due_at=next_due)
             if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
@@ -157,6 +166,13 @@ class MeteringService:
             )
             if call.account_id is not None and call.plan is not None:
                 account = await lock_account(connection, call.account_id)
+                missing = self._minutes_missing(
+                    timeline, await _minutes_posted(connection, call_sid)
+                )
+                if missing > MINUTES_PER_TRANSACTION_MAX:
+                    # catch the backlog up in bounded transactions first; settle after
+                    await self._post_due_minutes(connection, call, account, timeline, now)
+                    return False
                 # give back first, so minutes given back to the bank can pay for missing ones
                 bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
                 await self._post_due_minutes(connection, call, account, timeline, now)
@@ -186,14 +202,17 @@ class MeteringService:
         account: Row[Any],
         timeline: Timeline,
         now: dt.datetime,
-    ) -> int:
+    ) -> tuple[int, bool]:
+        """Post the minutes now due, at most MINUTES_PER_TRANSACTION_MAX. Returns how many
+        were posted and whether more are due."""
         now_seconds = int(now.timestamp())
         posted_by_agent = await _minutes_posted(connection, call.call_sid)
         count = 0
         increment = self._settings.increment_seconds
         for agent_id, time in sorted(timeline.agents.items()):
             already = posted_by_agent.get(agent_id, 0)
-            target = rating.minutes_due_live(time.billable_seconds, time.accruing, increment)
+            due = rating.minutes_due_live(time.billable_seconds, time.accruing, increment)
+            target = min(due, already + MINUTES_PER_TRANSACTION_MAX - count)
             for n in range(already + 1, target + 1):
                 due_at_seconds = rating.minute_due_at_seconds(time.billable, n, increment)
                 if due_at_seconds is None:
@@ -205,7 +224,21 @@ class MeteringService:
                 count += 1
             if target > already:
                 await _set_minutes_posted(connection, call.call_sid, agent_id, target)
-        return count
+            if target < due:
+                return count, True
+        return count, False
+
+    def _minutes_missing(self, timeline: Timeline, posted: dict[str, int]) -> int:
+        """Minutes the timeline makes due that are not posted yet, over all agents."""
+        increment = self._settings.increment_seconds
+        return sum(
+            max(
+                0,
+                rating.minutes_due_live(t.billable_seconds, t.accruing, increment)
+                - posted.get(a, 0),
+            )
+            for a, t in timeline.agents.items()
+        )
 
     async def _post_minute(
         self,

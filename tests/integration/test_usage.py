@@ -210,11 +210,12 @@ async def test_a_day_of_every_plan_a_waiver_a_deposit_and_a_late_correction_in_h
     await deposit(client, "globex", 10_000, "d1")
 
     # call 1, 23:50 on D0: alice talks 120 s, but her leave reaches us only after midnight, so
-    # live metering takes 4 minutes on D0: minutes 1-3 from the bank, minute 4 for 1.00
+    # live metering takes 4 minutes on D0 (to 23:53:59; minute 5 would fall due at 23:54:00):
+    # minutes 1-3 from the bank, minute 4 for 1.00
     call1 = await place_call(client, clock, 1, ACME, utc(2026, 11, 19, 23, 50))
     call1.join("customer", 0).join("agent:alice", 0).leave("agent:alice", 120).end(120)
     await deliver(client, call1.events[:3])
-    await tick_until(client, clock, utc(2026, 11, 19, 23, 54))
+    await tick_until(client, clock, utc(2026, 11, 19, 23, 53, 59))
     # the late correction, 00:10 on D1: settlement gives minutes 3 (to the bank) and 4 (1.00)
     # back; the call is charged 2 minutes in all
     clock.now = utc(2026, 11, 20, 0, 10)

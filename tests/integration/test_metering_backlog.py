@@ -1,0 +1,82 @@
+"""A call whose minutes fell due while nobody metered it (a join a day old: the daemon was
+stopped, or the tick fell behind) is caught up in bounded transactions: at most
+MINUTES_PER_TRANSACTION_MAX minutes of one call per transaction, the rest at the next ticks,
+and settlement waits until the backlog is small (issue 12, finding 0). SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from meterd.services.ledger_check import check_ledger
+from meterd.services.metering import MINUTES_PER_TRANSACTION_MAX
+from meterd.store.schema import calls
+
+from .test_metering import START, account, call_view, deliver, metering, start_call
+from .twilio_app import ManualClock, build_app
+
+DAY_SECONDS = 24 * 60 * 60
+
+
+@pytest.fixture
+def clock():
+    return ManualClock(START)
+
+
+@pytest.fixture
+async def client(aiohttp_client, database, tmp_path, clock):
+    return await aiohttp_client(
+        build_app(database, tmp_path, clock, METERD_SETTLE_DELAY_SECONDS="60")
+    )
+
+
+async def next_due(database, call_sid: str) -> dt.datetime | None:
+    async with database.read() as connection:
+        return await connection.scalar(
+            calls.select()
+            .with_only_columns(calls.c.next_due_at)
+            .where(calls.c.call_sid == call_sid)
+        )
+
+
+async def test_a_day_of_backlog_is_posted_in_bounded_batches(client, clock, database):
+    await account(client, plan="service_agreement", valid_until="2030-01-01")
+    script = await start_call(client)
+    script.join("customer", 0).join("agent:alice", 0)
+    await deliver(client, script.events)
+    clock.advance(DAY_SECONDS - 30)  # nobody metered for a day: 1440 minutes due at once
+    batches = []
+    while True:
+        report = await metering(client).tick()
+        assert report.minutes_posted <= MINUTES_PER_TRANSACTION_MAX
+        if report.minutes_posted == 0:
+            break
+        batches.append(report.minutes_posted)
+        if sum(batches) < 1440:  # more due: the call is looked at again at once
+            assert await next_due(database, script.call_sid) == clock.now
+    assert sum(batches) == 1440 and len(batches) == 8  # 7 x 200 + 40
+    assert (await call_view(client, script))["agents"]["alice"]["agent_minutes"] == 1440
+    assert (await check_ledger(database)).ok
+
+
+async def test_settlement_of_a_large_backlog_waits_until_it_is_caught_up(client, clock, database):
+    await account(client, plan="service_agreement", valid_until="2030-01-01")
+    script = await start_call(client)
+    script.join("customer", 0).join("agent:alice", 0)
+    await deliver(client, script.events)
+    end = 1000 * 60  # 1000 minutes, none metered live
+    script.leave("agent:alice", end).end(end)
+    await deliver(client, script.events[3:] + script.status_events)
+    clock.now = START + dt.timedelta(seconds=end + 61)
+    settled_after = None
+    for tick in range(1, 20):
+        report = await metering(client).tick()
+        assert report.minutes_posted <= MINUTES_PER_TRANSACTION_MAX
+        if report.calls_settled:
+            settled_after = tick
+            break
+    view = await call_view(client, script)
+    assert view["settled_at"] is not None and settled_after is not None and settled_after > 1
+    assert view["agents"]["alice"]["agent_minutes"] == 1000
+    assert (await check_ledger(database)).ok
