@@ -380,6 +380,17 @@ SETTINGS: tuple[Setting, ...] = (
         "Twilio's REST API address (tests point it at a local server)",
         check=_check_public_base_url,
     ),
+    Setting(
+        "twilio_clock_skew_seconds_max",
+        "twilio",
+        int,
+        300,
+        "a conference or call-status callback whose Timestamp is earlier than the call's voice "
+        "webhook (by meterd's clock) by more than this is refused with 400, as is one ahead of "
+        "meterd's clock by more than a day (or this, if larger)",
+        minimum=0,
+        maximum=7 * 24 * 3600,
+    ),
     # [payments]
     Setting(
         "pay_connector",

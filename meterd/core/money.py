@@ -41,7 +41,7 @@ def currency_exponent(currency: str) -> int:
 
 
 def check_currency(currency: str) -> str:
-    if not _CURRENCY_CODE.match(currency):
+    if not _CURRENCY_CODE.fullmatch(currency):
         raise MoneyError(f"{currency!r} is not an ISO 4217 currency code such as USD")
     return currency
 

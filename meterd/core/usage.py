@@ -143,7 +143,7 @@ _DAY_TEXT = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
 def parse_business_day(text: str) -> dt.date:
-    if not _DAY_TEXT.match(text):
+    if not _DAY_TEXT.fullmatch(text):
         raise InvalidBusinessDay(f"expected a date written YYYY-MM-DD, got {text[:40]!r}")
     try:
         return dt.date.fromisoformat(text)

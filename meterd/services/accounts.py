@@ -111,7 +111,7 @@ def _caller_ids(body: Mapping[str, Any]) -> list[str]:
     if not isinstance(value, list) or len(value) > CALLER_IDS_MAX:
         raise InvalidRequest(f"caller_ids must be a list of at most {CALLER_IDS_MAX} numbers")
     for number in value:
-        if not isinstance(number, str) or not E164.match(number):
+        if not isinstance(number, str) or not E164.fullmatch(number):
             raise InvalidRequest(
                 f"caller_ids: {number!r} is not an E.164 number like +14155550100"[:200]
             )
@@ -168,7 +168,7 @@ def _pin(body: Mapping[str, Any]) -> str | None:
     value = body.get("pin")
     if value is None:
         return None
-    if not isinstance(value, str) or not PIN.match(value):
+    if not isinstance(value, str) or not PIN.fullmatch(value):
         raise InvalidRequest("pin must be 4 to 8 digits, as text")
     return value
 

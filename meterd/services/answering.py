@@ -36,7 +36,7 @@ from meterd.store.schema import accounts, caller_ids, calls
 
 log = get_logger("meterd.answering")
 
-CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
+CALL_SID = re.compile(r"\ACA[0-9a-fA-F]{32}\Z")  # \Z: "$" would let a trailing newline in
 PIN_ATTEMPTS_MAX = 3
 
 # <Pay>'s Result values (twilio.md) and what the caller is told about each.

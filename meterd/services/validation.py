@@ -53,7 +53,7 @@ def text(
         raise InvalidRequest(f"{field} must be non-empty text")
     if len(value) > max_chars:
         raise InvalidRequest(f"{field} must be at most {max_chars} characters")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise InvalidRequest(f"{field} has an invalid format: {value!r}"[:200])
     return value
 

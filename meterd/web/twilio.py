@@ -12,9 +12,11 @@ from multidict import MultiDict
 
 from meterd.logs import get_logger
 from meterd.services.answering import Answer
+from meterd.services.errors import InvalidRequest
+from meterd.services.twilio_fields import check_webhook
 from meterd.web import twiml
 from meterd.web.app import SERVICES, json_error
-from meterd.web.twilio_request import TwilioRequestRejected, read_signed_form
+from meterd.web.twilio_request import CALL_SID_CHARS_MAX, TwilioRequestRejected, read_signed_form
 
 log = get_logger("meterd.twilio")
 
@@ -31,14 +33,18 @@ async def _signed_form(request: web.Request) -> MultiDict[str]:
         body_bytes_max=settings.request_body_bytes_max,
     )
     structlog.contextvars.bind_contextvars(
-        call_sid=form.get("CallSid") or form.get("FriendlyName", "")
+        call_sid=(form.get("CallSid") or form.get("FriendlyName", ""))[:CALL_SID_CHARS_MAX]
     )
     return form
 
 
 def _twilio_route(
+    name: str,
     handler: Callable[[web.Request, MultiDict[str]], Awaitable[web.Response]],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`handler` behind the signature check and the field checks of route `name` (a key of
+    `twilio_fields.REQUIRED_FIELDS`): a handler only ever sees a signed, well-formed form."""
+
     async def route(request: web.Request) -> web.Response:
         try:
             form = await _signed_form(request)
@@ -51,6 +57,16 @@ def _twilio_route(
                 status=rejected.status,
             )
             return json_error(rejected.status, rejected.code, rejected.detail)
+        try:
+            check_webhook(name, form.items())
+        except InvalidRequest as malformed:
+            log.warning(
+                "twilio webhook refused: malformed field",
+                path=request.path,
+                detail=malformed.detail,
+                status=400,
+            )
+            return json_error(400, malformed.code, malformed.detail)
         return await handler(request, form)
 
     return route
@@ -130,11 +146,11 @@ async def announcement(request: web.Request, form: MultiDict[str]) -> web.Respon
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/twilio/voice", _twilio_route(voice))
-    app.router.add_post("/twilio/pin", _twilio_route(pin))
-    app.router.add_post("/twilio/pay", _twilio_route(pay))
-    app.router.add_post("/twilio/pay-status", _twilio_route(pay_status))
-    app.router.add_post("/twilio/conference", _twilio_route(conference))
-    app.router.add_post("/twilio/call-status", _twilio_route(call_status))
-    app.router.add_post("/twilio/fallback", _twilio_route(fallback))
-    app.router.add_post("/twilio/announcement", _twilio_route(announcement))
+    app.router.add_post("/twilio/voice", _twilio_route("voice", voice))
+    app.router.add_post("/twilio/pin", _twilio_route("pin", pin))
+    app.router.add_post("/twilio/pay", _twilio_route("pay", pay))
+    app.router.add_post("/twilio/pay-status", _twilio_route("pay-status", pay_status))
+    app.router.add_post("/twilio/conference", _twilio_route("conference", conference))
+    app.router.add_post("/twilio/call-status", _twilio_route("call-status", call_status))
+    app.router.add_post("/twilio/fallback", _twilio_route("fallback", fallback))
+    app.router.add_post("/twilio/announcement", _twilio_route("announcement", announcement))

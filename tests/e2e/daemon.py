@@ -17,6 +17,7 @@ from typing import Any
 METERD = str(Path(sys.executable).parent / "meterd")
 ADMIN_TOKEN = "e2e-admin-token-0123456789"
 START_TIMEOUT_SECONDS = 30
+E2E_TWILIO_CLOCK_SKEW_SECONDS = str(24 * 3600)
 
 
 def free_port() -> int:
@@ -36,6 +37,11 @@ class Daemon:
             {
                 "METERD_LISTEN": f"127.0.0.1:{self.port}",
                 "METERD_ADMIN_TOKEN": ADMIN_TOKEN,
+                # The e2e tests (and `meterd simulate`) replay calls that happened up to an hour
+                # or so ago, after answering their voice webhook now: let their conference
+                # events through. The default (300 s) is tested in-process; pass a smaller value
+                # in `env` to test it here.
+                "METERD_TWILIO_CLOCK_SKEW_SECONDS_MAX": E2E_TWILIO_CLOCK_SKEW_SECONDS,
                 **(env or {}),
             }
         )
