@@ -384,7 +384,7 @@ SETTINGS: tuple[Setting, ...] = (
         "twilio_clock_skew_seconds_max",
         "twilio",
         int,
-        300,
+        86400,
         "a conference or call-status callback whose Timestamp is earlier than the call's voice "
         "webhook (by meterd's clock) by more than this is refused with 400, as is one ahead of "
         "meterd's clock by more than a day (or this, if larger)",
