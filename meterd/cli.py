@@ -121,7 +121,21 @@ def _product(text: str) -> dict[str, Any]:
     return product
 
 
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Every file meterd makes is private to its user: the state directory, the SQLite file and
+    # the -wal and -shm files SQLite makes beside it, generated tokens, usage files. (The systemd
+    # unit says UMask=0077 too; this covers every other way of starting meterd.)
+    previous_umask = os.umask(PRIVATE_UMASK)
+    try:
+        return _main(argv)
+    finally:
+        os.umask(previous_umask)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     config_path = args.config or (
         Path(os.environ["METERD_CONFIG"]) if os.environ.get("METERD_CONFIG") else None
@@ -135,11 +149,31 @@ def main(argv: list[str] | None = None) -> int:
         from meterd.simulate import run_parsed
 
         return run_parsed(args, settings)
-    configure_logging(settings.log_level)
+    # `meterd usage` writes its data to stdout: its log goes to stderr
+    configure_logging(
+        settings.log_level, stream=sys.stderr if args.command == "usage" else sys.stdout
+    )
+    _warn_about_secret_modes(settings)
     try:
         return asyncio.run(_dispatch(args, settings))
     except KeyboardInterrupt:
         return 130
+
+
+def _warn_about_secret_modes(settings: Settings) -> None:
+    if not settings.secret_modes_fixed:
+        return
+    from meterd.logs import get_logger
+
+    get_logger("meterd.config").warning(
+        "the secrets directory was open to other users: made it private; whoever could read it "
+        "may have the tokens: rotate them unless you are sure nobody did (README, Operations, "
+        "File modes)",
+        fixed=[
+            {"path": str(path), "mode_was": f"{was:04o}", "mode": f"{now:04o}"}
+            for path, was, now in settings.secret_modes_fixed
+        ],
+    )
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -302,9 +336,8 @@ def _business_day(text: str) -> Any:
 
 
 async def _usage(args: argparse.Namespace, settings: Settings, database: Any) -> int:
-    """`meterd usage`: the day's per-account file on stdout, byte for byte."""
-    import structlog
-
+    """`meterd usage`: the day's per-account file on stdout, byte for byte (its log went to
+    stderr: `main`)."""
     from meterd.services.usage import (
         UsageFile,
         UsageMismatch,
@@ -313,7 +346,6 @@ async def _usage(args: argparse.Namespace, settings: Settings, database: Any) ->
         UsageService,
     )
 
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: data
     usage = UsageService.from_settings(database, settings, system_clock)
     try:
         await usage.build(args.date, regenerate=args.regenerate)

@@ -3,7 +3,10 @@
 Every setting is declared once in `SETTINGS`; `config/meterd.toml` documents each with its default
 (a test keeps the two in step). Secrets (tokens, keys) are never read from the TOML file: they come
 from the environment, from systemd credentials (`$CREDENTIALS_DIRECTORY/<name>`), or, for the tokens
-meterd itself issues, from a file generated once in the state directory.
+meterd itself issues, from a file generated once in the state directory. That directory
+(`<state_dir>/secrets`) is kept 0700 and its files 0600: looser modes found there (a directory
+made by hand, a restored copy) are tightened before a token is read, and `Settings` lists what was
+changed so the start can warn about it; modes that cannot be tightened stop the start.
 
 A bad value raises `ConfigError` naming the setting; `meterd run` turns it into exit status 2.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -481,6 +485,8 @@ class Settings:
     public_base_url: str
     generated_secret_files: tuple[Path, ...] = field(default=())
     secrets_from_state_dir: frozenset[str] = field(default=frozenset())
+    # secrets directory and files others could read, made private: (path, mode was, mode now)
+    secret_modes_fixed: tuple[tuple[Path, int, int], ...] = field(default=())
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -600,7 +606,7 @@ def load_settings(
     database_url = values["database_url"] or f"sqlite+aiosqlite:///{state_dir}/meterd.sqlite3"
     host, port = _parse_listen(values["listen"])
     public_base_url = values["public_base_url"] or f"http://{values['listen']}"
-    resolved, generated = _resolve_secrets(env, state_dir)
+    resolved, generated, modes_fixed = _resolve_secrets(env, state_dir)
     return Settings(
         values=values,
         secrets=resolved,
@@ -610,6 +616,7 @@ def load_settings(
         listen_port=port,
         public_base_url=public_base_url,
         generated_secret_files=tuple(generated),
+        secret_modes_fixed=tuple(modes_fixed),
         secrets_from_state_dir=frozenset(
             s.name
             for s in SECRETS
@@ -624,9 +631,16 @@ def load_settings(
     )
 
 
-def _resolve_secrets(env: Mapping[str, str], state_dir: Path) -> tuple[dict[str, str], list[Path]]:
+SECRETS_DIR_MODE = 0o700
+SECRET_FILE_MODE = 0o600
+
+
+def _resolve_secrets(
+    env: Mapping[str, str], state_dir: Path
+) -> tuple[dict[str, str], list[Path], list[tuple[Path, int, int]]]:
     resolved: dict[str, str] = {}
     generated: list[Path] = []
+    modes_fixed: list[tuple[Path, int, int]] = []
     credentials_dir = env.get("CREDENTIALS_DIRECTORY")
     for secret in SECRETS:
         value: str | None = None
@@ -639,9 +653,11 @@ def _resolve_secrets(env: Mapping[str, str], state_dir: Path) -> tuple[dict[str,
         elif secret.generated:
             path = state_dir / "secrets" / secret.name
             origin = str(path)
+            _make_private(path.parent, SECRETS_DIR_MODE, modes_fixed)  # a stat once tight
             if not path.exists():
                 _write_new_secret(path)
                 generated.append(path)
+            _make_private(path, SECRET_FILE_MODE, modes_fixed)
             value = path.read_text().strip()
         if value is None:
             continue
@@ -651,7 +667,28 @@ def _resolve_secrets(env: Mapping[str, str], state_dir: Path) -> tuple[dict[str,
                 f"{SECRET_MIN_CHARS} characters with no spaces"
             )
         resolved[secret.name] = value
-    return resolved, generated
+    return resolved, generated, modes_fixed
+
+
+def _make_private(path: Path, mode: int, fixed: list[tuple[Path, int, int]]) -> None:
+    """If `path` exists and its group or others have any access, chmod it to `mode` and note it
+    in `fixed`; if that fails, refuse to go on with a secret others may read."""
+    try:
+        was = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ConfigError(f"cannot check the mode of {path}: {error}") from None
+    if not was & 0o077:
+        return
+    try:
+        path.chmod(mode)
+    except OSError as error:
+        raise ConfigError(
+            f"{path} is mode {was:04o}, open to others, and cannot be made {mode:04o}: {error}; "
+            f"fix its mode (and rotate the tokens in it)"
+        ) from None
+    fixed.append((path, was, mode))
 
 
 def _write_new_secret(path: Path) -> None:

@@ -19,6 +19,7 @@ from meterd.metrics import Metrics
 from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, create_scheduler
 from meterd.services.errors import InvariantBroken
 from meterd.store.database import open_database
+from meterd.store.outage import describe, is_unavailable
 from meterd.web.app import SERVICES, create_app
 from meterd.web.ops import HEALTH, Health
 
@@ -46,9 +47,20 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         database=_redacted(settings.database_url),
         state_dir=str(settings.state_dir),
     )
-    database = await open_database(
-        settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms
-    )
+    try:
+        database = await open_database(
+            settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms
+        )
+    except Exception as error:
+        if not is_unavailable(error):
+            raise
+        # One line, no traceback: under systemd a start is retried every 5 s until it answers.
+        log.error(
+            "cannot start: the database is unavailable",
+            database=_redacted(settings.database_url),
+            **describe(error),
+        )
+        return EXIT_STARTUP_FAILED
     stop = asyncio.Event()
     exit_status = EXIT_OK
 
@@ -86,7 +98,7 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         return EXIT_STARTUP_FAILED
 
     services = app[SERVICES]
-    scheduler = create_scheduler(on_invariant_broken, metrics)
+    scheduler = create_scheduler(on_invariant_broken, metrics, database.outage)
     app[HEALTH].attach_scheduler(scheduler)
 
     async def metering_tick() -> None:

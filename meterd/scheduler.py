@@ -2,8 +2,10 @@
 
 Every job is idempotent in the database, so a job that runs twice (two daemons, a restart) does
 no harm. Defaults are explicit: APScheduler's own 1-second misfire grace would silently drop runs
-after a short stall. A job that fails is logged and runs again next time; a job that finds a
-broken money invariant stops the daemon.
+after a short stall. A job that fails is logged and runs again next time (while the database is
+unavailable, as one rate-limited line without a traceback: `meterd/store/outage.py`); a job that
+finds a broken money invariant stops the daemon. A run skipped because the previous one has not
+finished is one info line (`logs.py` turns APScheduler's warning into it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from meterd.core.ledger import LedgerError
 from meterd.logs import get_logger
 from meterd.metrics import Metrics
 from meterd.services.errors import InvariantBroken
+from meterd.store.outage import OutageLog, is_unavailable
 
 log = get_logger("meterd.scheduler")
 
@@ -36,10 +39,12 @@ class Scheduler:
         self,
         on_invariant_broken: Callable[[InvariantBroken], None],
         metrics: Metrics | None = None,
+        outage: OutageLog | None = None,
     ) -> None:
         self.apscheduler = AsyncIOScheduler(timezone=dt.UTC, job_defaults=dict(JOB_DEFAULTS))
         self._on_invariant_broken = on_invariant_broken
         self._metrics = metrics  # job runs, failures, durations; the health check reads them
+        self._outage = outage or OutageLog()  # the database's, so its recovery line is shared
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -104,8 +109,11 @@ class Scheduler:
             except (InvariantBroken, LedgerError) as error:
                 log.critical("money invariant broken", job=job_id, error=str(error), exc_info=True)
                 self._on_invariant_broken(InvariantBroken(str(error)))
-            except Exception:
-                log.exception("scheduled job failed", job=job_id)
+            except Exception as error:
+                if is_unavailable(error):
+                    self._outage.failure(f"job:{job_id}", error)
+                else:
+                    log.exception("scheduled job failed", job=job_id)
             finally:
                 if self._metrics is not None:
                     self._metrics.job_finished(job_id, failed=failed)
@@ -135,6 +143,8 @@ class Scheduler:
 
 
 def create_scheduler(
-    on_invariant_broken: Callable[[InvariantBroken], None], metrics: Metrics | None = None
+    on_invariant_broken: Callable[[InvariantBroken], None],
+    metrics: Metrics | None = None,
+    outage: OutageLog | None = None,
 ) -> Scheduler:
-    return Scheduler(on_invariant_broken, metrics)
+    return Scheduler(on_invariant_broken, metrics, outage)

@@ -7,26 +7,45 @@ would fail with "database is locked" whatever the busy timeout). Reads use a sec
 plain deferred transactions, which WAL lets run beside the writer.
 
 PostgreSQL runs at READ COMMITTED; correctness under concurrency rests on unique idempotency keys
-(`INSERT ... ON CONFLICT DO NOTHING`) and on balances changed by atomic, checked updates.
+(`INSERT ... ON CONFLICT DO NOTHING`) and on balances changed by atomic, checked updates. A pooled
+connection is pinged before use (`pool_pre_ping`), and one that an error shows broken (the
+server went away, or asyncpg's "cannot switch to state" of a connection left mid-operation) is
+discarded rather than handed out again.
+
+The SQLite file is created mode 0600 before SQLite opens it, so its `-wal` and `-shm` files,
+which SQLite creates with the database file's mode, are private too; files left readable by
+others (an older meterd, a copy) are made 0600, and the log says so.
+
+`Database.outage` logs database outages (`meterd/store/outage.py`): failures are reported to it
+by whoever caught them; a write transaction that commits tells it the database is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from meterd.store.outage import OutageLog, is_unavailable
+
+log = structlog.get_logger("meterd.database")
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any fixed number: held while migrating so two daemons starting together do not race.
 MIGRATION_LOCK_ID = 0x6D65746572
+SQLITE_FILE_MODE = 0o600
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 class Database:
@@ -37,12 +56,13 @@ class Database:
         self, url: str, *, busy_timeout_ms: int = 5000, connect_args: dict[str, Any] | None = None
     ) -> None:
         self.url = url
+        self.outage = OutageLog()
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
             database = parsed.database or ""
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            if database and database != ":memory:" and not database.startswith("file:"):
+                _private_sqlite_files(Path(database))
             self._writer = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
             self._reader = create_async_engine(url, pool_size=4, max_overflow=0, pool_timeout=60)
             _sqlite_pragmas(self._writer, busy_timeout_ms, begin="BEGIN IMMEDIATE")
@@ -55,6 +75,7 @@ class Database:
                 pool_pre_ping=True,
                 connect_args=connect_args or {},
             )
+            _discard_broken_connections(self._writer)
             self._reader = self._writer
         else:
             raise ValueError(f"unsupported database {self.dialect!r}")
@@ -63,6 +84,7 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         async with self._writer.begin() as connection:
             yield connection
+        self.outage.recovered()  # committed: if the database was away, it is back
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -86,6 +108,56 @@ class Database:
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()
+
+
+def _private_sqlite_files(database: Path) -> None:
+    """Create the SQLite file 0600 if it is missing (SQLite gives its -wal and -shm files the
+    database file's mode); make any of its files that others can read 0600, and say so."""
+    database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(database, os.O_RDWR | os.O_CREAT, SQLITE_FILE_MODE))
+    except OSError:
+        return  # SQLite will report it, with its own words, on the first connection
+    for suffix in SQLITE_SUFFIXES:
+        path = database.with_name(database.name + suffix)
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if not mode & 0o077:
+            continue
+        try:
+            path.chmod(SQLITE_FILE_MODE)
+        except OSError as error:
+            log.warning(
+                "the database file is readable by others and cannot be made private",
+                path=str(path),
+                mode=f"{mode:04o}",
+                error=str(error),
+            )
+        else:
+            log.warning(
+                "the database file was readable by others: made it private",
+                path=str(path),
+                mode_was=f"{mode:04o}",
+                mode=f"{SQLITE_FILE_MODE:04o}",
+            )
+
+
+def _discard_broken_connections(engine: AsyncEngine) -> None:
+    """Treat every error that shows the connection broken as a disconnect, so SQLAlchemy drops
+    the connection instead of returning it to the pool (its asyncpg dialect counts only a closed
+    connection). A connection left mid-operation is dropped alone; when the server went away,
+    the rest of the pool is too (the pre-ping replaces them as they are checked out)."""
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def on_error(context: ExceptionContext) -> None:
+        if context.is_disconnect or not is_unavailable(context.original_exception):
+            return
+        context.is_disconnect = True
+        text = str(context.original_exception)
+        if "another operation is in progress" in text or "cannot switch to state" in text:
+            context.invalidate_pool_on_disconnect = False
 
 
 def _sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int, *, begin: str) -> None:

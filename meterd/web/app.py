@@ -33,6 +33,7 @@ from meterd.services.research import ResearchService
 from meterd.services.usage import UsageService
 from meterd.services.waivers import WaiverService
 from meterd.store.database import Database
+from meterd.store.outage import is_unavailable
 
 log = get_logger("meterd.web")
 
@@ -90,7 +91,8 @@ def json_error(
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes a JSON error: 4xx for bad input, 500 only for a real fault (logged
-    with its cause). A broken money invariant is logged and stops the daemon."""
+    with its cause), 503 while the database is unavailable (one rate-limited line, no
+    traceback). A broken money invariant is logged and stops the daemon."""
     structlog.contextvars.clear_contextvars()
     try:
         return await handler(request)
@@ -141,10 +143,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return json_error(
                 CLIENT_CLOSED_REQUEST, "client_closed_request", "the request body was cut short"
             )
+        if is_unavailable(error):
+            # An outage, not a bug: one line without a traceback, rate-limited per route.
+            request.app[SERVICES].database.outage.failure(
+                f"request:{_route(request)}", error, method=request.method
+            )
+            return json_error(
+                503,
+                "database_unavailable",
+                "meterd cannot reach its database right now; try again shortly",
+                headers={"Retry-After": "1"},
+            )
         log.exception("request failed", path=request.path, method=request.method)
         return json_error(
             500, "internal_error", "meterd failed to handle this request; the cause is in its log"
         )
+
+
+def _route(request: web.Request) -> str:
+    """The route's pattern (`/admin/calls/{call_sid}`), not the path: one kind per route."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
 
 
 def _client_went_away(request: web.Request, error: Exception) -> bool:

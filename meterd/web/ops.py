@@ -10,6 +10,10 @@ on each scrape. It passes when
   `tick_stuck_seconds`.
 A database that does not answer is asked once at a time: a later check waits for the same
 question rather than piling up another one.
+
+The endpoints are open, so what they say is short: `/healthz` says the database is
+`unavailable` (or gave no answer in time), never the driver's text, which names hosts, databases
+and users; the log has the error's class and text, once per change.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from meterd.logs import get_logger
 from meterd.metrics import METRICS, Metrics
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
+from meterd.store.outage import describe, is_unavailable
 from meterd.store.schema import calls
 from meterd.web.app import SERVICES
 
@@ -47,7 +52,8 @@ OPEN_STATUSES = (CallStatus.MENU, CallStatus.CONNECTED)
 @dataclass(frozen=True)
 class HealthReport:
     ok: bool
-    reason: str  # why not ok; "" when ok
+    reason: str  # why not ok, short and safe to show anyone; "" when ok
+    database: str  # "ok", "unavailable", "no answer" (in time) or "failing" (any other error)
     open_calls: dict[str, int] | None  # by status; None if the database did not answer
     tick_lag_seconds: float | None  # of the last metering tick, if any ran
 
@@ -91,16 +97,22 @@ class Health:
         timeout_seconds = min(timeout_seconds, DATABASE_PING_TIMEOUT_SECONDS)
         reasons: list[str] = []
         open_calls: dict[str, int] | None = None
+        database = "ok"
+        problem: dict[str, str] = {}  # the error's class and text: for the log only
         try:
             open_calls = await self._open_calls(timeout_seconds)
         except TimeoutError:
+            database = "no answer"
             reasons.append(f"database: no answer within {timeout_seconds:.1f} s")
         except Exception as error:  # any failure to answer is a reason to be unhealthy
-            reasons.append(f"database: {error!r}"[:300])
+            database = "unavailable" if is_unavailable(error) else "failing"
+            reasons.append(f"database: {database}")
+            problem = describe(error)
         reasons.extend(self._scheduler_problems())
         report = HealthReport(
             ok=not reasons,
             reason="; ".join(reasons),
+            database=database,
             open_calls=open_calls,
             tick_lag_seconds=self._metrics.last_tick_lag_seconds,
         )
@@ -112,7 +124,7 @@ class Health:
             if report.ok:
                 log.info("healthy again")
             else:
-                log.warning("health check failed", reason=report.reason)
+                log.warning("health check failed", reason=report.reason, **problem)
             self._ok_before = report.ok
         return report
 
@@ -167,7 +179,9 @@ async def healthz(request: web.Request) -> web.Response:
     report = await request.app[HEALTH].check()
     if report.ok:
         return web.json_response({"status": "ok"})
-    return web.json_response({"status": "unhealthy", "reason": report.reason}, status=503)
+    return web.json_response(
+        {"status": "unhealthy", "reason": report.reason, "database": report.database}, status=503
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
