@@ -149,9 +149,10 @@ def _main(argv: list[str] | None) -> int:
         from meterd.simulate import run_parsed
 
         return run_parsed(args, settings)
-    # `meterd usage` writes its data to stdout: its log goes to stderr
+    # the daemon logs to stdout (the journal); every other command prints its answer there
+    # (JSON, CSV), so its log goes to stderr
     configure_logging(
-        settings.log_level, stream=sys.stderr if args.command == "usage" else sys.stdout
+        settings.log_level, stream=sys.stdout if args.command == "run" else sys.stderr
     )
     _warn_about_secret_modes(settings)
     try:

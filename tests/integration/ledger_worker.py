@@ -15,6 +15,7 @@ import random
 import sys
 from pathlib import Path
 
+from meterd.logs import configure_logging
 from meterd.store import ledger_store
 from meterd.store.database import open_database
 
@@ -56,4 +57,5 @@ async def main(url: str, account_id: str, mode: str, go_file: Path) -> None:
 
 
 if __name__ == "__main__":
+    configure_logging("warning", stream=sys.stderr)  # stdout carries the result (JSON)
     asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])))
