@@ -79,7 +79,7 @@ def test_live_minutes_are_the_final_count_or_the_one_beginning_now(
         assert rating.minutes_due(billable + 1, increment) <= live
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(call=realistic_calls())
 def test_accruing_means_billable_time_grows_in_the_next_second(call: Call) -> None:
     """With everything known up to `now` (no event or research end stamped later), an agent is
