@@ -319,13 +319,7 @@ class PaymentService:
         """Record the gateway's yes, with its ledger postings, once. A payment that completes
         for a call that owes nothing (waived, or never connected) is given back at once."""
         async with self._database.write() as connection:
-            operation = await _operation(connection, key)
-            call = (
-                None
-                if operation.call_sid is None
-                else await calls_store.get_call(connection, operation.call_sid, for_update=True)
-            )
-            await lock_account(connection, operation.account_id)
+            operation, call = await _lock_operation(connection, key)
             changed = await connection.execute(
                 update(payment_operations)
                 .where(
@@ -368,13 +362,7 @@ class PaymentService:
         """Record the gateway's no (or that it never saw the payment), once. An incident the
         card did not pay is owed, unless its call owes nothing (waived)."""
         async with self._database.write() as connection:
-            operation = await _operation(connection, key)
-            call = (
-                None
-                if operation.call_sid is None
-                else await calls_store.get_call(connection, operation.call_sid, for_update=True)
-            )
-            await lock_account(connection, operation.account_id)
+            operation, call = await _lock_operation(connection, key)
             changed = await connection.execute(
                 update(payment_operations)
                 .where(
@@ -688,6 +676,21 @@ async def _operation(connection: AsyncConnection, key: str) -> Row[Any]:
             select(payment_operations).where(payment_operations.c.operation_key == key)
         )
     ).one()
+
+
+async def _lock_operation(
+    connection: AsyncConnection, key: str
+) -> tuple[Row[Any], Row[Any] | None]:
+    """A payment operation and its call, locked in the one order: the call's row, then the
+    account's row (funding.py)."""
+    operation = await _operation(connection, key)
+    call = (
+        None
+        if operation.call_sid is None
+        else await calls_store.get_call(connection, operation.call_sid, for_update=True)
+    )
+    await lock_account(connection, operation.account_id)
+    return operation, call
 
 
 async def _operations(
