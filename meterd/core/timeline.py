@@ -302,6 +302,7 @@ def build_timeline(
     call_ended_at_seconds: int | None = None,
     customer_label: str = "customer",
     customer_call_sid: str = "",
+    research_now_seconds: int | None = None,
 ) -> Timeline:
     """Per-agent active / research / billable time and the customer's hold time of one call.
 
@@ -309,6 +310,8 @@ def build_timeline(
     customer's call has ended, closes the customer's presence at that time. The customer is
     the participant labelled `customer_label`, or whose CallSid is `customer_call_sid` (the
     call's own sid: meterd put that leg in the conference), label or not.
+    `research_now_seconds` closes open research marks when their clock (meterd's: agents flag
+    research through meterd) differs from the events' (Twilio's); default `now_seconds`.
     """
     if research_max_seconds < 0:
         raise ValueError(f"research_max_seconds must be >= 0, not {research_max_seconds}")
@@ -407,6 +410,7 @@ def build_timeline(
     for call_sid, agent_id in leg_agent.items():
         agent_available.setdefault(agent_id, []).extend(legs[call_sid].available)
 
+    research_now = now_seconds if research_now_seconds is None else research_now_seconds
     research_by_agent: dict[str, list[Interval]] = {}
     researching_now: set[str] = set()
     for mark in sorted(set(research), key=_mark_key):
@@ -414,9 +418,9 @@ def build_timeline(
         name = f"{AGENT_LABEL_PREFIX}{mark.agent_id}"
         limit_seconds = mark.start_seconds + research_max_seconds
         if mark.end_seconds is None:
-            if now_seconds < limit_seconds:
+            if research_now < limit_seconds:
                 researching_now.add(mark.agent_id)
-            end_seconds = min(now_seconds, limit_seconds)
+            end_seconds = min(research_now, limit_seconds)
         else:
             end_seconds = min(mark.end_seconds, limit_seconds)
         if end_seconds <= mark.start_seconds:

@@ -274,16 +274,24 @@ def params_of(raw_json: str) -> Mapping[str, str]:
 async def load_timeline(
     connection: AsyncConnection, call: Row[Any], now: dt.datetime, research_max_seconds: int
 ) -> Timeline:
-    """The call's timeline from everything recorded for it, open intervals counted to `now`."""
+    """The call's timeline from everything recorded for it, open intervals counted to `now`.
+
+    Conference time is Twilio's: its clock has reached at least the latest timestamp it sent,
+    so what is open in the conference is counted to that stamp when it is ahead of our `now`
+    (Twilio's clock running ahead of ours); research runs on our clock and is counted to `now`.
+    So time Twilio has already told us of is never cut short by our clock lagging behind."""
     events = await conference_events(connection, call.call_sid)
     research = await marks(connection, call.call_sid)
     leg_end = await customer_leg_end(connection, call.call_sid)
     if call.closed_by_sweeper and call.ended_at is not None:
         leg_end = call.ended_at if leg_end is None else min(leg_end, call.ended_at)
+    now_seconds = int(now.timestamp())
+    twilio_now_seconds = max([now_seconds, *(event.at_seconds for event in events)])
     return build_timeline(
         events,
         research,
-        now_seconds=int(now.timestamp()),
+        now_seconds=twilio_now_seconds,
+        research_now_seconds=now_seconds,
         research_max_seconds=research_max_seconds,
         call_ended_at_seconds=None if leg_end is None else int(leg_end.timestamp()),
         customer_call_sid=call.call_sid,
