@@ -176,7 +176,7 @@ class MeteringService:
                 # give back first, so minutes given back to the bank can pay for missing ones
                 bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
                 await self._post_due_minutes(connection, call, account, timeline, now)
-                if call.plan == Plan.PER_MINUTE.value and bank_returned:
+                if call.plan == Plan.PER_MINUTE.value:
                     await self._pay_from_bank_first(connection, call, bank_returned, now)
                 if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
                     await self._charge_incidents(connection, call, account, timeline)
@@ -349,7 +349,7 @@ class MeteringService:
         rightly paid from the deposit and stays."""
         bank_book = ledger.bank_book(call.account_id)
         bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
-        if bank <= 0 or not bank_returned:
+        if bank <= 0:
             return
         held_back = sorted(bank_returned)
         rebook: list[str] = []
@@ -359,6 +359,13 @@ class MeteringService:
             paid_id = await ledger_store.transaction_id(connection, key)
             if held_back and held_back[0] < paid_id and len(rebook) < bank:
                 held_back.pop(0)
+                rebook.append(key)
+        # minutes nothing could pay when they fell due (owed, or debt) are paid from the bank
+        # once it holds minutes again, e.g. the block bought because they could not be paid
+        for key in await ledger_store.unreversed_keys(
+            connection, call.call_sid, frozenset({"minute_receivable", "minute_debt"})
+        ):
+            if key not in rebook and len(rebook) < bank:
                 rebook.append(key)
         for key in rebook:
             original = await ledger_store.load_transaction(connection, key)

@@ -592,6 +592,10 @@ class Run:
             f"loose={prediction.loose!r}, outcomes {prediction.outcomes}"
         )
         for index in range(len(s.calls)):
+            # a call waived while another is open had charges when that other call rang, which
+            # the model (leaving a waived call's charges out) does not see: its gate is loose
+            if prediction.loose:
+                continue
             if gates[index] not in prediction.gate_options[index]:
                 self.problem(
                     "gate",
