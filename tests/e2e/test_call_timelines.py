@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -226,9 +227,15 @@ def test_a_forged_webhook_is_refused_by_the_daemon(daemon):
 def test_access_log_lines_carry_the_call_sid(daemon):
     script = CallScript(110, BASE)
     post_twilio(daemon, "/twilio/voice", script.voice())
-    access = [
-        json.loads(line)
-        for line in daemon.log().splitlines()
-        if '"path": "/twilio/voice"' in line and '"event": "request"' in line
-    ]
-    assert any(line.get("call_sid") == script.call_sid for line in access)
+    deadline = time.monotonic() + 10  # the access line is written just after the answer
+    while True:
+        access = [
+            json.loads(line)
+            for line in daemon.log().splitlines()
+            if '"path": "/twilio/voice"' in line and '"event": "request"' in line
+        ]
+        found = any(line.get("call_sid") == script.call_sid for line in access)
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert found
