@@ -21,6 +21,7 @@ from meterd.services.errors import InvariantBroken
 from meterd.store.database import open_database
 from meterd.store.outage import describe, is_unavailable
 from meterd.web.app import SERVICES, create_app
+from meterd.web.connections import CONNECTION_LIMITS
 from meterd.web.ops import HEALTH, Health
 
 log = get_logger("meterd.daemon")
@@ -86,9 +87,12 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         access_log_class=AccessLogger,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout_seconds,
+        **server_limits(settings),
     )
     try:
         await runner.setup()
+        assert runner.server is not None
+        app[CONNECTION_LIMITS].install(runner.server)
         site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
         await site.start()
     except OSError as error:
@@ -160,6 +164,23 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     notifier.close()
     log.info("stopped", exit_status=exit_status)
     return exit_status
+
+
+LINGERING_SECONDS_MAX = 2.0
+"""After answering a request whose body was not all read (413, 408), aiohttp reads and drops what
+the client still sends for at most this long before closing, so the client sees the answer
+rather than a reset; aiohttp's default (10 s) would let a slow client hold the connection."""
+
+
+def server_limits(settings: Settings) -> dict[str, float]:
+    """aiohttp's own limits, from settings: idle (keep-alive) time, header count and length."""
+    return {
+        "lingering_time": LINGERING_SECONDS_MAX,
+        "keepalive_timeout": settings.http_idle_timeout_seconds,
+        "max_headers": settings.http_headers_max,
+        "max_line_size": settings.http_header_line_bytes_max,
+        "max_field_size": settings.http_header_line_bytes_max,
+    }
 
 
 def _watchdog_check(health: Health) -> sdnotify.HealthCheck:

@@ -34,6 +34,7 @@ from meterd.services.usage import UsageService
 from meterd.services.waivers import WaiverService
 from meterd.store.database import Database
 from meterd.store.outage import is_unavailable
+from meterd.web.connections import CONNECTION_LIMITS, ConnectionLimits
 
 log = get_logger("meterd.web")
 
@@ -229,11 +230,18 @@ def create_app(
     """The composition root: every service is built here, from settings, database and clock."""
     from meterd.web import admin, agents, finance, ops, twilio
 
+    metrics = metrics or Metrics()  # its own registry; ops.add_routes reads it
+    limits = ConnectionLimits(
+        connections_max=settings.http_connections_max,
+        request_read_timeout_seconds=settings.http_request_read_timeout_seconds,
+        registry=metrics.registry,
+    )
     app = web.Application(
         client_max_size=settings.request_body_bytes_max,
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, limits.middleware, auth_middleware],
     )
-    app[METRICS] = metrics or Metrics()  # its own registry; ops.add_routes reads it
+    app[METRICS] = metrics
+    app[CONNECTION_LIMITS] = limits
     accounts = AccountService(database, AccountSettings.of(settings), clock)
     rates = RateBook(
         database,
