@@ -215,6 +215,27 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
         maximum=600_000,
     ),
+    Setting(
+        "webhook_journal_wait_ms",
+        "storage",
+        int,
+        2000,
+        "how long a conference or call-status callback waits for the database before it is "
+        "written to the local webhook journal instead (and answered 2xx); an outage goes there "
+        "at once",
+        minimum=50,
+        maximum=10_000,
+    ),
+    Setting(
+        "webhook_journal_bytes_max",
+        "storage",
+        int,
+        64 * 1024 * 1024,
+        "largest size of the webhook journal (<state_dir>/webhook-journal.log); when full, "
+        "callbacks get 503 and Twilio retries them",
+        minimum=64 * 1024,
+        maximum=16 * 1024 * 1024 * 1024,
+    ),
     # [billing]
     Setting(
         "currency", "billing", str, "USD", "default currency of new accounts", check=_check_currency

@@ -72,8 +72,15 @@ class IngestService:
         )
 
     async def conference_event(
-        self, form: Mapping[str, str], params: list[tuple[str, str]]
+        self,
+        form: Mapping[str, str],
+        params: list[tuple[str, str]],
+        *,
+        received_at: dt.datetime | None = None,
     ) -> Recorded:
+        """Record one conference callback. `received_at`: when meterd took it, if earlier than
+        now (a callback applied from the webhook journal)."""
+        received_at = received_at or self._clock()
         check_webhook("conference", params)  # every field read below is well-formed
         conference_sid = require_sid(form.get("ConferenceSid"), "ConferenceSid", "CF")
         # meterd names the conference after the customer's CallSid
@@ -84,10 +91,10 @@ class IngestService:
         participant_sid = form.get("CallSid") or None
         label = form.get("ParticipantLabel") or None
         hold = parse_flag(form.get("Hold"), "Hold")
-        await self._check_within_call(call_sid, event_at, conference=True)
+        await self._check_within_call(call_sid, event_at, received_at, conference=True)
         async with self._database.write() as connection:
             noted = await calls_store.note_event(
-                connection, call_sid, event_at, self._clock(), conference_sid=conference_sid
+                connection, call_sid, event_at, received_at, conference_sid=conference_sid
             )
             if not noted:
                 raise NotFound(f"no call {call_sid}: the conference is not one of meterd's")
@@ -99,7 +106,7 @@ class IngestService:
                     call_sid=call_sid,
                     kind=kind,
                     params=params,
-                    received_at=self._clock(),
+                    received_at=received_at,
                     sequence_number=sequence_number,
                     event_at=event_at,
                     participant_sid=participant_sid,
@@ -124,12 +131,20 @@ class IngestService:
             )
         return Recorded(call_sid, new=True)
 
-    async def call_status(self, form: Mapping[str, str], params: list[tuple[str, str]]) -> Recorded:
+    async def call_status(
+        self,
+        form: Mapping[str, str],
+        params: list[tuple[str, str]],
+        *,
+        received_at: dt.datetime | None = None,
+    ) -> Recorded:
+        """Record one call-status callback; `received_at` as for `conference_event` (a status
+        without a Timestamp happened when meterd took it, not when the journal applied it)."""
         check_webhook("call-status", params)  # every field read below is well-formed
         call_sid = require_sid(form.get("CallSid"), "CallSid", "CA")
         status = form["CallStatus"]
         source = form.get("CallbackSource", "call-progress-events")
-        now = self._clock()
+        now = received_at or self._clock()
         if "SequenceNumber" in form:
             sequence_number: int | None = parse_sequence_number(form.get("SequenceNumber"))
             dedup_key = f"call:{call_sid}:{source}:{sequence_number}"
@@ -138,7 +153,7 @@ class IngestService:
             dedup_key = f"call:{call_sid}:{source}:status:{status}"
         if form.get("Timestamp"):
             event_at = parse_timestamp(form["Timestamp"])
-            await self._check_within_call(call_sid, event_at, conference=False)
+            await self._check_within_call(call_sid, event_at, now, conference=False)
         else:
             event_at = now
         async with self._database.write() as connection:
@@ -164,7 +179,7 @@ class IngestService:
         return Recorded(call_sid, new=True)
 
     async def _check_within_call(
-        self, call_sid: str, event_at: dt.datetime, *, conference: bool
+        self, call_sid: str, event_at: dt.datetime, received_at: dt.datetime, *, conference: bool
     ) -> None:
         """Refuse (400) an event Twilio stamped far outside its call's life: before meterd
         answered the call's voice webhook by more than the clocks' skew, or ahead of meterd's
@@ -183,11 +198,11 @@ class IngestService:
                 f"({began.isoformat()}, meterd's clock) by more than "
                 f"twilio_clock_skew_seconds_max ({int(self._clock_skew.total_seconds())} s)"
             )
-        now = self._clock()
-        if event_at > now + self._future_max:
+        if event_at > received_at + self._future_max:
             raise InvalidRequest(
                 f"Timestamp {event_at.isoformat()} is ahead of meterd's clock "
-                f"({now.isoformat()}) by more than {int(self._future_max.total_seconds())} s"
+                f"({received_at.isoformat()}) by more than "
+                f"{int(self._future_max.total_seconds())} s"
             )
 
     async def close_stale_calls(self) -> int:

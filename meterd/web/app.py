@@ -25,6 +25,7 @@ from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, No
 from meterd.services.funding import FundingAuthority
 from meterd.services.incidents import IncidentService
 from meterd.services.ingest import IngestService
+from meterd.services.intake import WebhookIntake
 from meterd.services.metering import MeteringService, MeteringSettings
 from meterd.services.outbox import OutboxDispatcher, TwilioCalls
 from meterd.services.payments import PaymentService, PaymentSettings
@@ -33,6 +34,7 @@ from meterd.services.research import ResearchService
 from meterd.services.usage import UsageService
 from meterd.services.waivers import WaiverService
 from meterd.store.database import Database
+from meterd.store.journal import WebhookJournal
 from meterd.store.outage import is_unavailable
 from meterd.web.connections import CONNECTION_LIMITS, ConnectionLimits
 
@@ -68,6 +70,7 @@ class Services:
     accounts: AccountService
     answering: AnsweringService
     ingest: IngestService
+    intake: WebhookIntake  # conference and call-status callbacks: database, else journal
     research: ResearchService
     call_view: CallViewService
     metering: MeteringService
@@ -298,18 +301,28 @@ def create_app(
         payments,
         funding,
     )
+    ingest = IngestService(
+        database,
+        clock,
+        stale_call_hours=settings.stale_call_hours,
+        clock_skew_seconds_max=settings.twilio_clock_skew_seconds_max,
+    )
+    intake = WebhookIntake(
+        ingest,
+        WebhookJournal(settings.state_dir, bytes_max=settings.webhook_journal_bytes_max),
+        clock,
+        database.outage,
+        wait_seconds=settings.webhook_journal_wait_ms / 1000,
+        registry=metrics.registry,
+    )
     app[SERVICES] = Services(
         settings=settings,
         database=database,
         clock=clock,
         accounts=accounts,
         answering=answering,
-        ingest=IngestService(
-            database,
-            clock,
-            stale_call_hours=settings.stale_call_hours,
-            clock_skew_seconds_max=settings.twilio_clock_skew_seconds_max,
-        ),
+        ingest=ingest,
+        intake=intake,
         research=ResearchService(
             database, clock, research_max_minutes=settings.research_max_minutes
         ),

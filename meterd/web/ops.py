@@ -39,6 +39,7 @@ from meterd.web.app import SERVICES
 
 if TYPE_CHECKING:
     from meterd.scheduler import Scheduler
+    from meterd.services.intake import WebhookIntake
 
 log = get_logger("meterd.health")
 DATABASE_PING_TIMEOUT_SECONDS = 2.0
@@ -56,12 +57,22 @@ class HealthReport:
     database: str  # "ok", "unavailable", "no answer" (in time) or "failing" (any other error)
     open_calls: dict[str, int] | None  # by status; None if the database did not answer
     tick_lag_seconds: float | None  # of the last metering tick, if any ran
+    journal_entries: int = 0  # callbacks in the webhook journal, not yet in the database
+    degraded: str = ""  # why meterd works but not fully (ok stays True); "" when not
+
+    @property
+    def status(self) -> str:
+        if not self.ok:
+            return "unhealthy"
+        return "degraded" if self.degraded else "ok"
 
     @property
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         if not self.ok:
             return self.reason
+        if self.degraded:
+            return f"degraded: {self.degraded}"
         parts = []
         if self.open_calls is not None:
             total = sum(self.open_calls.values())
@@ -78,15 +89,17 @@ class Health:
         database: Database,
         metrics: Metrics,
         *,
+        intake: WebhookIntake | None = None,
         tick_stuck_seconds: float = TICK_STUCK_SECONDS,
     ) -> None:
         self._database = database
+        self._intake = intake
         self._metrics = metrics
         self.tick_stuck_seconds = tick_stuck_seconds
         self._scheduler: Scheduler | None = None
         self._scheduler_attached_monotonic = 0.0
         self._probe: asyncio.Task[dict[str, int]] | None = None
-        self._ok_before = True
+        self._status_before = "ok"
 
     def attach_scheduler(self, scheduler: Scheduler) -> None:
         """From now on the scheduler must run and the metering tick must not be stuck."""
@@ -108,24 +121,38 @@ class Health:
             database = "unavailable" if is_unavailable(error) else "failing"
             reasons.append(f"database: {database}")
             problem = describe(error)
-        reasons.extend(self._scheduler_problems())
+        degraded = ""
+        journal_entries = self._intake.journal_entries if self._intake is not None else 0
+        if self._intake is not None and self._intake.can_journal:
+            # Callbacks are journaled while the database is away: meterd is doing its job, and
+            # a restart (the watchdog's) would not bring the database back.
+            if database != "ok":
+                degraded = f"journaling: database {database}"
+                reasons = [reason for reason in reasons if not reason.startswith("database")]
+            elif journal_entries:
+                degraded = "journaling: applying the journal to the database"
+        reasons.extend(self._scheduler_problems() if not degraded else [])
         report = HealthReport(
             ok=not reasons,
             reason="; ".join(reasons),
             database=database,
             open_calls=open_calls,
             tick_lag_seconds=self._metrics.last_tick_lag_seconds,
+            journal_entries=journal_entries,
+            degraded=degraded,
         )
         self._metrics.healthy.set(1 if report.ok else 0)
         if open_calls is not None:
             for status in OPEN_STATUSES:
                 self._metrics.open_calls.labels(status).set(open_calls.get(status, 0))
-        if report.ok != self._ok_before:  # log changes, not every probe of a load balancer
-            if report.ok:
+        if report.status != self._status_before:  # log changes, not every probe
+            if report.status == "ok":
                 log.info("healthy again")
+            elif report.status == "degraded":
+                log.warning("health check: degraded", reason=report.degraded, **problem)
             else:
                 log.warning("health check failed", reason=report.reason, **problem)
-            self._ok_before = report.ok
+            self._status_before = report.status
         return report
 
     def _scheduler_problems(self) -> list[str]:
@@ -177,6 +204,15 @@ HEALTH = web.AppKey("health", Health)
 
 async def healthz(request: web.Request) -> web.Response:
     report = await request.app[HEALTH].check()
+    if report.degraded:
+        return web.json_response(
+            {
+                "status": "degraded",
+                "reason": report.degraded,
+                "database": report.database,
+                "journal_entries": report.journal_entries,
+            }
+        )
     if report.ok:
         return web.json_response({"status": "ok"})
     return web.json_response(
@@ -193,7 +229,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    health = Health(app[SERVICES].database, app[METRICS])
+    health = Health(app[SERVICES].database, app[METRICS], intake=app[SERVICES].intake)
     app[HEALTH] = health
     app.on_cleanup.append(health.close)
     app.router.add_get("/healthz", healthz)

@@ -14,6 +14,8 @@ from meterd.logs import get_logger
 from meterd.services.answering import Answer
 from meterd.services.errors import InvalidRequest
 from meterd.services.twilio_fields import check_webhook
+from meterd.store.journal import JournalFull
+from meterd.store.outage import is_unavailable
 from meterd.web import twiml
 from meterd.web.app import SERVICES, json_error
 from meterd.web.twilio_request import CALL_SID_CHARS_MAX, TwilioRequestRejected, read_signed_form
@@ -80,6 +82,27 @@ def _twiml(answer: Answer, request: web.Request) -> web.Response:
     )
 
 
+def _apologising(
+    handler: Callable[[web.Request, MultiDict[str]], Awaitable[web.Response]],
+) -> Callable[[web.Request, MultiDict[str]], Awaitable[web.Response]]:
+    """For the routes whose answer is TwiML that depends on the database (voice, PIN, card):
+    while the database is unavailable, apologise and hang up, rather than a 503 that leaves
+    the caller with Twilio's generic error (or its fallback URL, which apologises too)."""
+
+    async def apologising(request: web.Request, form: MultiDict[str]) -> web.Response:
+        try:
+            return await handler(request, form)
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            request.app[SERVICES].database.outage.failure(
+                f"request:{request.path}", error, call_sid=form.get("CallSid")
+            )
+            return web.Response(text=twiml.apology(), content_type=TWIML)
+
+    return apologising
+
+
 async def voice(request: web.Request, form: MultiDict[str]) -> web.Response:
     answer = await request.app[SERVICES].answering.incoming(form, list(form.items()))
     return _twiml(answer, request)
@@ -117,14 +140,28 @@ async def pay_status(request: web.Request, form: MultiDict[str]) -> web.Response
     return web.Response(status=204)
 
 
-async def conference(request: web.Request, form: MultiDict[str]) -> web.Response:
-    await request.app[SERVICES].ingest.conference_event(form, list(form.items()))
+async def _take_callback(request: web.Request, route: str, form: MultiDict[str]) -> web.Response:
+    """Conference and call-status callbacks: 204 once recorded, in the database or, while it
+    cannot take them, in the local journal; 503 only when the journal cannot take it either."""
+    try:
+        await request.app[SERVICES].intake.take(route, form, list(form.items()))
+    except (JournalFull, OSError) as error:
+        log.error("webhook journal cannot take a callback", route=route, error=str(error))
+        return json_error(
+            503,
+            "journal_unavailable",
+            "meterd can reach neither its database nor its webhook journal; retry",
+            headers={"Retry-After": "5"},
+        )
     return web.Response(status=204)
+
+
+async def conference(request: web.Request, form: MultiDict[str]) -> web.Response:
+    return await _take_callback(request, "conference", form)
 
 
 async def call_status(request: web.Request, form: MultiDict[str]) -> web.Response:
-    await request.app[SERVICES].ingest.call_status(form, list(form.items()))
-    return web.Response(status=204)
+    return await _take_callback(request, "call-status", form)
 
 
 async def fallback(request: web.Request, form: MultiDict[str]) -> web.Response:
@@ -146,9 +183,9 @@ async def announcement(request: web.Request, form: MultiDict[str]) -> web.Respon
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/twilio/voice", _twilio_route("voice", voice))
-    app.router.add_post("/twilio/pin", _twilio_route("pin", pin))
-    app.router.add_post("/twilio/pay", _twilio_route("pay", pay))
+    app.router.add_post("/twilio/voice", _twilio_route("voice", _apologising(voice)))
+    app.router.add_post("/twilio/pin", _twilio_route("pin", _apologising(pin)))
+    app.router.add_post("/twilio/pay", _twilio_route("pay", _apologising(pay)))
     app.router.add_post("/twilio/pay-status", _twilio_route("pay-status", pay_status))
     app.router.add_post("/twilio/conference", _twilio_route("conference", conference))
     app.router.add_post("/twilio/call-status", _twilio_route("call-status", call_status))

@@ -1,0 +1,210 @@
+"""Taking Twilio's conference and call-status callbacks even while the database cannot.
+
+A callback answered 2xx must never be lost: Twilio does not retry a status callback that got an
+answer, and a lost join, hold or hang-up is a wrong bill. So each callback is first offered to the
+database (`IngestService`); if the database fails with an outage, or does not answer within
+`webhook_journal_wait_ms`, the callback goes to the local webhook journal (fsync'd) and is answered
+2xx all the same. The journal is applied in order as soon as the database is back, by the
+metering job before it meters anything, so no minute is posted from a timeline that misses a
+journaled event. While the journal holds entries, newer callbacks join its end rather than
+overtake it.
+
+A callback that the database refuses on replay (its call unknown, a time outside the call) is
+logged and dropped, as its 4xx would have been: Twilio would not have retried a 4xx either.
+`/twilio/voice` cannot be journaled (its answer depends on the account): it apologises instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from meterd.clock import Clock
+from meterd.logs import get_logger
+from meterd.services.errors import ServiceError
+from meterd.services.ingest import IngestService
+from meterd.store.journal import JournalEntry, WebhookJournal
+from meterd.store.outage import OutageLog, describe, is_unavailable
+
+log = get_logger("meterd.intake")
+
+REPLAY_RETRY_SECONDS = 1.0
+JOURNAL_HEADROOM_BYTES = 16 * 1024  # room for one more callback (bodies are at most 64 KiB)
+
+
+class WebhookIntake:
+    def __init__(
+        self,
+        ingest: IngestService,
+        journal: WebhookJournal,
+        clock: Clock,
+        outage: OutageLog,
+        *,
+        wait_seconds: float,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._ingest = ingest
+        self._journal = journal
+        self._clock = clock
+        self._outage = outage
+        self._wait_seconds = wait_seconds
+        self._replaying = asyncio.Lock()
+        self._late: set[asyncio.Task[None]] = set()  # offers still running after the bound
+        self.depth_gauge = Gauge(
+            "meterd_webhook_journal_entries",
+            "callbacks in the webhook journal not yet applied to the database",
+            registry=registry,
+        )
+        self.oldest_age_gauge = Gauge(
+            "meterd_webhook_journal_oldest_age_seconds",
+            "how long the oldest callback in the webhook journal has waited (0: none)",
+            registry=registry,
+        )
+        self.journaled = Counter(
+            "meterd_webhook_journal_appended",
+            "callbacks written to the webhook journal, by why (outage, slow, behind: "
+            "older ones were still journaled)",
+            ["reason"],
+            registry=registry,
+        )
+        self.replays = Counter(
+            "meterd_webhook_journal_replays",
+            "journaled callbacks applied to the database, by outcome (applied, refused)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.depth_gauge.set_function(lambda: self._journal.depth)
+        self.oldest_age_gauge.set_function(self.oldest_age_seconds)
+
+    @property
+    def journaling(self) -> bool:
+        """True while the journal holds callbacks the database has not taken yet."""
+        return self._journal.depth > 0
+
+    @property
+    def journal_entries(self) -> int:
+        return self._journal.depth
+
+    @property
+    def can_journal(self) -> bool:
+        """False once the journal is (nearly) full: callbacks would get 503."""
+        return self._journal.size_bytes + JOURNAL_HEADROOM_BYTES <= self._journal.bytes_max
+
+    def oldest_age_seconds(self) -> float:
+        pending = self._journal.pending
+        if not pending:
+            return 0.0
+        return max(0.0, (self._clock() - pending[0].received_at).total_seconds())
+
+    async def take(self, route: str, form: Mapping[str, str], params: list[tuple[str, str]]) -> str:
+        """Record a signed, well-formed callback of `route` ("conference" or "call-status"):
+        in the database ("applied") or in the journal ("journaled"). Raises what the database
+        refused it for (ServiceError, a 4xx) and JournalFull (a 503)."""
+        received_at = self._clock()
+        if self.journaling:  # older callbacks wait there: this one must not overtake them
+            await self._append(route, params, received_at, "behind")
+            return "journaled"
+        offer = asyncio.ensure_future(self._apply(route, form, params, received_at))
+        done, _ = await asyncio.wait({offer}, timeout=self._wait_seconds)
+        if not done:
+            # Still waiting on the database. Let it finish on its own (a dedup key makes the
+            # replay of the journaled copy a no-op if it does); answer from the journal.
+            self._late.add(offer)
+            offer.add_done_callback(self._late_offer_done)
+            await self._append(route, params, received_at, "slow")
+            return "journaled"
+        try:
+            offer.result()
+        except ServiceError:
+            raise
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            self._outage.failure(f"webhook:{route}", error)
+            await self._append(route, params, received_at, "outage")
+            return "journaled"
+        return "applied"
+
+    async def _apply(
+        self,
+        route: str,
+        form: Mapping[str, str],
+        params: list[tuple[str, str]],
+        received_at: dt.datetime,
+    ) -> None:
+        assert route in ("conference", "call-status")
+        if route == "conference":
+            await self._ingest.conference_event(form, params, received_at=received_at)
+        else:
+            await self._ingest.call_status(form, params, received_at=received_at)
+
+    def _late_offer_done(self, offer: asyncio.Task[None]) -> None:
+        self._late.discard(offer)
+        error = None if offer.cancelled() else offer.exception()
+        if error is not None:
+            log.info(
+                "a slow callback failed after it was journaled; the journal applies it",
+                **describe(error),
+            )
+
+    async def _append(
+        self, route: str, params: list[tuple[str, str]], received_at: dt.datetime, reason: str
+    ) -> None:
+        await self._journal.append(route, params, received_at)
+        self.journaled.labels(reason).inc()
+        if self._journal.depth == 1:
+            log.warning(
+                "journaling webhooks: the database cannot take them now",
+                reason=reason,
+                journal=str(self._journal.path),
+            )
+
+    async def replay(self) -> int:
+        """Apply the journal to the database, oldest first; stop at an outage (the next run
+        resumes). Returns how many entries were applied or refused."""
+        done = 0
+        async with self._replaying:
+            while pending := self._journal.pending:
+                for entry in pending:
+                    if not await self._replay_one(entry):
+                        return done
+                    done += 1
+            if done:
+                log.info("webhook journal applied; taking webhooks directly again", entries=done)
+        return done
+
+    async def _replay_one(self, entry: JournalEntry) -> bool:
+        form = dict(entry.params)
+        try:
+            await self._apply(entry.route, form, entry.params, entry.received_at)
+        except ServiceError as refused:
+            log.warning(
+                "journaled webhook refused by the database; dropped as its 4xx would have been",
+                route=entry.route,
+                entry_id=entry.entry_id,
+                error=refused.code,
+                detail=refused.detail,
+            )
+            self.replays.labels("refused").inc()
+        except Exception as error:
+            if is_unavailable(error):
+                self._outage.failure("webhook-journal-replay", error)
+            else:
+                log.exception(
+                    "applying a journaled webhook failed; retrying",
+                    route=entry.route,
+                    entry_id=entry.entry_id,
+                )
+            return False
+        else:
+            self.replays.labels("applied").inc()
+        await self._journal.mark_applied(entry)
+        return True
+
+    async def wait_for_late_offers(self) -> None:
+        """For a clean stop: let offers still talking to the database finish."""
+        if self._late:
+            await asyncio.wait(set(self._late), timeout=REPLAY_RETRY_SECONDS)
