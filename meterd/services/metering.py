@@ -18,7 +18,9 @@ posted, per-incident calls are charged, and a waived call has every charge rever
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,9 +55,13 @@ from meterd.store.sql import insert_ignoring_conflict
 log = get_logger("meterd.metering")
 
 # At most this many minutes are posted for one call in one transaction: a call whose backlog is
-# larger (a join a day old, a daemon stopped for hours) is caught up over several ticks, each
-# transaction short, so webhooks and other calls are never held behind one call's backlog.
-MINUTES_PER_TRANSACTION_MAX = 200
+# larger (a join a day old, a daemon stopped for hours) is caught up in several transactions,
+# each short (2-4 ms a minute on SQLite: well under 100 ms), and the tick lets waiting webhooks and
+# other calls have the database between them, so nothing is held behind one call's backlog.
+MINUTES_PER_TRANSACTION_MAX = 15
+# A tick goes on catching up backlogged calls, one transaction per call in turn, for at most this
+# long; the next tick carries on (a day of backlog, 1,440 minutes, takes a few seconds).
+BACKLOG_SECONDS_PER_TICK = 0.8
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,24 @@ class MeteringService:
             ).all()
         if due:
             report.lag_seconds = max(0.0, (now - due[0].next_due_at).total_seconds())
+        backlogged = []
         for row in due:
-            report.minutes_posted += await self.meter_call(row.call_sid)
+            await asyncio.sleep(0)  # a webhook waiting for the database goes first
+            posted, backlog = await self._meter_call(row.call_sid)
+            report.minutes_posted += posted
             report.calls_metered += 1
+            if backlog:
+                backlogged.append(row.call_sid)
+        deadline = time.monotonic() + BACKLOG_SECONDS_PER_TICK
+        while backlogged and time.monotonic() < deadline:
+            still = []
+            for call_sid in backlogged:
+                await asyncio.sleep(0)  # a webhook waiting for the database goes first
+                posted, backlog = await self._meter_call(call_sid)
+                report.minutes_posted += posted
+                if backlog:
+                    still.append(call_sid)
+            backlogged = still
         report.hang_ups_requested = await self._request_hang_ups()
         for call_sid in await self._settleable():
             if await self.settle_call(call_sid):
@@ -122,18 +143,25 @@ class MeteringService:
         return report
 
     async def meter_call(self, call_sid: str) -> int:
-        """Post every minute of the call now due. Returns how many were posted."""
+        """Post the minutes of the call now due (at most MINUTES_PER_TRANSACTION_MAX). Returns
+        how many were posted."""
+        posted, _ = await self._meter_call(call_sid)
+        return posted
+
+    async def _meter_call(self, call_sid: str) -> tuple[int, bool]:
+        """One transaction of `meter_call`: how many minutes it posted, and whether more are
+        due than it could post."""
         now = self._clock()
         async with self._database.write() as connection:
             call = await _lock_call(connection, call_sid)
             if call is None or call.settled_at is not None:
-                return 0
+                return 0, False
             if call.account_id is None or call.status not in (
                 CallStatus.CONNECTED,
                 CallStatus.ENDED,
             ):
                 await calls_store.update_call(connection, call_sid, next_due_at=None)
-                return 0
+                return 0, False
             account = await lock_account(connection, call.account_id)
             timeline = await calls_store.load_timeline(
                 connection, call, now, self._research_max_seconds
@@ -149,7 +177,7 @@ class MeteringService:
             await calls_store.update_call(connection, call_sid, next_due_at=next_due)
             if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
                 await self._watch_funds(connection, call, account, timeline, now)
-        return posted
+        return posted, backlog
 
     async def settle_call(self, call_sid: str) -> bool:
         """Make the call's ledger equal the rule exactly, once. True if settled now; False if
@@ -209,15 +237,19 @@ class MeteringService:
         posted_by_agent = await _minutes_posted(connection, call.call_sid)
         count = 0
         increment = self._settings.increment_seconds
-        for agent_id, time in sorted(timeline.agents.items()):
+        for agent_id, agent_time in sorted(timeline.agents.items()):
             already = posted_by_agent.get(agent_id, 0)
-            due = rating.minutes_due_live(time.billable_seconds, time.accruing, increment)
+            due = rating.minutes_due_live(
+                agent_time.billable_seconds, agent_time.accruing, increment
+            )
             target = min(due, already + MINUTES_PER_TRANSACTION_MAX - count)
             for n in range(already + 1, target + 1):
-                due_at_seconds = rating.minute_due_at_seconds(time.billable, n, increment)
+                due_at_seconds = rating.minute_due_at_seconds(agent_time.billable, n, increment)
                 if due_at_seconds is None:
                     # due because time is running and reaches its threshold now
-                    due_at_seconds = max([now_seconds, *(i.end_seconds for i in time.billable)])
+                    due_at_seconds = max(
+                        [now_seconds, *(i.end_seconds for i in agent_time.billable)]
+                    )
                 due_at = dt.datetime.fromtimestamp(due_at_seconds, dt.UTC)
                 funding = await self._funding.fund_minute(connection, account, call, due_at)
                 await self._post_minute(connection, call, account, agent_id, n, funding)

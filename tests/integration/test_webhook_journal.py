@@ -240,7 +240,7 @@ def test_the_journal_drops_a_torn_tail_and_keeps_ids_growing(tmp_path):
 
     asyncio.run(fill())
     with (tmp_path / "webhook-journal.log").open("ab") as handle:
-        handle.write(b"0badc0de {\"id\": 4, \"rou")  # a crash mid-write: never acknowledged
+        handle.write(b'0badc0de {"id": 4, "rou')  # a crash mid-write: never acknowledged
     reopened = WebhookJournal(tmp_path, bytes_max=10**6)
     assert [entry.entry_id for entry in reopened.pending] == [2, 3]
     assert not (tmp_path / "webhook-journal.log").read_bytes().endswith(b"rou")
