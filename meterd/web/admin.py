@@ -68,6 +68,7 @@ async def get_call(request: web.Request) -> web.Response:
 
 
 LEDGER_PAGE_MAX = 500
+ROW_ID_MAX = 2**63 - 1  # the largest row id either database stores (a signed 64-bit integer)
 
 
 async def get_ledger(request: web.Request) -> web.Response:
@@ -78,8 +79,8 @@ async def get_ledger(request: web.Request) -> web.Response:
         limit = min(int(query.get("limit", "100")), LEDGER_PAGE_MAX)
     except ValueError:
         raise InvalidRequest("after_id and limit must be whole numbers") from None
-    if after_id < 0 or limit < 1:
-        raise InvalidRequest("after_id must be >= 0 and limit >= 1")
+    if not 0 <= after_id <= ROW_ID_MAX or limit < 1:
+        raise InvalidRequest(f"after_id must be from 0 to {ROW_ID_MAX} and limit >= 1")
     since = parse_instant(dict(query), "since") if "since" in query else None
     async with request.app[SERVICES].database.read() as connection:
         transactions = await ledger_store.list_transactions(

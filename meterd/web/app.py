@@ -180,6 +180,25 @@ def _client_went_away(request: web.Request, error: Exception) -> bool:
     return transport is None or transport.is_closing()
 
 
+CONDITIONAL_HEADERS = ("If-Modified-Since", "If-Unmodified-Since", "If-Range")
+
+
+@web.middleware
+async def input_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (400) what no route can use and would fail deep inside: a NUL character in the
+    path or the query (PostgreSQL's text cannot hold one), and a conditional header with a date
+    aiohttp cannot parse (it would fail while sending a file, after every middleware)."""
+    if "\x00" in request.path or any("\x00" in k + v for k, v in request.query.items()):
+        return json_error(400, "invalid_request", NUL_REFUSED)
+    for header in CONDITIONAL_HEADERS:
+        if header in request.headers:
+            try:
+                _ = request.if_modified_since, request.if_unmodified_since, request.if_range
+            except (ValueError, OverflowError):
+                return json_error(400, "invalid_request", f"{header} is not a date meterd can read")
+    return await handler(request)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     for prefix, secret_name in TOKEN_FOR_PREFIX.items():
@@ -207,13 +226,36 @@ async def read_json(request: web.Request) -> Any:
         raise InvalidRequest("send the body as JSON with Content-Type: application/json")
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past the cap
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         raise InvalidRequest("the body is not valid UTF-8") from None
     except ValueError as error:  # JSONDecodeError, and ints past Python's digit limit
         raise InvalidRequest(f"the body is not valid JSON: {error}"[:200]) from None
     except RecursionError:
         raise InvalidRequest("the body is nested too deeply") from None
+    if _has_nul(document):
+        raise InvalidRequest(NUL_REFUSED)
+    return document
+
+
+NUL_REFUSED = "a NUL character (U+0000) is not allowed in any value"
+
+
+def _has_nul(value: Any) -> bool:
+    """True if a string anywhere in the decoded JSON holds U+0000 (PostgreSQL's text cannot
+    store one; no identifier or name meterd keeps has a use for it)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _refuse_constant(name: str) -> Any:
@@ -241,7 +283,13 @@ def create_app(
     )
     app = web.Application(
         client_max_size=settings.request_body_bytes_max,
-        middlewares=[metrics_middleware, error_middleware, limits.middleware, auth_middleware],
+        middlewares=[
+            metrics_middleware,
+            error_middleware,
+            input_middleware,
+            limits.middleware,
+            auth_middleware,
+        ],
     )
     app[METRICS] = metrics
     app[CONNECTION_LIMITS] = limits

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meterd.logs import get_logger
@@ -148,6 +148,13 @@ class ConnectionLimits:
             try:
                 async with asyncio.timeout(self.request_read_timeout_seconds):
                     await request.read()  # cached: the handler's read() and post() reuse it
+            except RequestPayloadError as error:  # e.g. not the gzip its Content-Encoding says
+                response = web.json_response(
+                    {"error": "bad_body", "detail": f"the body cannot be read: {error}"[:200]},
+                    status=400,
+                )
+                response.force_close()
+                return response
             except TimeoutError:
                 self.closed.labels("slow_body").inc()
                 self._log.warning(
