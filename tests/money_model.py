@@ -40,16 +40,23 @@ What is predicted EXACTLY (to the minute and the cent):
 - per call, the bank minutes, deposit money and owed money it was charged (a waived call: 0).
 
 What is a BOUND, and why:
-- Blocks. meterd buys the next block a little early, "when the bank and deposit are down to one
-  minute per active agent" (README), so a block can be bought that the calls then never need.
-  The account may therefore show exactly ONE more block than the model: card money + 3000 and
-  bank + 30 with deposit and owed unchanged, or, when later minutes were paid from that block
-  (bank first) where the model paid them with money, bank + 30 - k with the deposit up and owed
-  down by the price of those k minutes (between k x the lowest and k x the highest rate). Only
-  when, at some moment, the funds left (bank + deposit // rate) were at most twice the agents
-  then on calls and the minutes still to come fitted in those funds plus one per agent (else
-  the early block was needed anyway). Two calls each buying a block where one suffices is NOT
-  within the bound (issue 11, defect 7).
+- Blocks. meterd buys the next block a little early, when the bank and deposit "cannot pay the
+  next minute of every accruing agent" (README), so a block can be bought that the calls then
+  never need. The account may therefore show exactly ONE more block than the model: card money
+  + 3000 and bank + 30 with deposit and owed unchanged, or, when later minutes were paid from
+  that block (bank first) where the model paid them with money, bank + 30 - k with the deposit
+  up and owed down by the price of those k minutes (between k x the lowest and k x the highest
+  rate). Only when, at some moment, the funds left (bank + deposit // rate) were at most twice
+  the agents then on calls and the minutes still to come fitted in those funds plus one per
+  agent (else the early block was needed anyway). Two calls each buying a block where one
+  suffices is NOT within the bound (issue 11, defect 7).
+- A block bought early and needed anyway. The block lands in the bank and the bank pays first
+  (billing-rules.md: the card "credits the bank, and goes on from the bank"), so the minutes the
+  deposit still held when it was bought may then be paid from the block instead: the same card
+  money, bank - k, the deposit up and owed down by the price of those k minutes. Only up to the
+  most minutes the deposit held at a moment the funds left were fewer than the agents then on
+  calls (with one agent, never: the block is bought only once the deposit cannot pay a minute,
+  issue 11, defect 6).
 - Order of minutes due close together. Which of two minutes due at nearly the same moment is
   funded first is decided by when ticks run, so the model runs its funding four ways (minutes
   ordered on the stamp axis or the true axis, same-second ties broken one way or the other) and
@@ -326,6 +333,10 @@ class Outcome:
     blocks: int
     splits: tuple[Split, ...]
     early_block_possible: bool  # one more block than needed is within the rules
+    # minutes the model pays with money that a block bought early (and needed anyway) may pay
+    # from the bank instead: the most the deposit held while the funds left were fewer than the
+    # agents on calls (README: the block is bought then)
+    block_ahead_minutes: int = 0
 
 
 @dataclass
@@ -337,6 +348,7 @@ class _State:
     card_kept: int = 0
     blocks: int = 0
     early: bool = False
+    ahead: int = 0
 
 
 def _gate(state: _State, call: Call, rate: int) -> str:
@@ -419,6 +431,8 @@ def _fund(
             agents = sum(1 for low, high in spans if low <= moment <= high)
             if left <= 2 * max(agents, 1) and remaining <= left + agents:
                 state.early = True
+            if left < agents:  # meterd may buy the block now; the deposit's minutes wait
+                state.ahead = max(state.ahead, max(state.deposit, 0) // rate_now)
     return Outcome(
         bank=state.bank,
         deposit=state.deposit,
@@ -427,6 +441,7 @@ def _fund(
         blocks=state.blocks,
         splits=tuple(splits),
         early_block_possible=state.early,
+        block_ahead_minutes=state.ahead,
     )
 
 
@@ -503,7 +518,7 @@ class Prediction:
 
     def account_problem(self, bank: int, deposit: int, owed: int, card_kept: int) -> str:
         """'' if the account after settlement is one the rules allow, else why not. Sets
-        `exact_outcome` to the outcome matched exactly (None: loose, or one early block)."""
+        `exact_outcome` to the outcome matched exactly (None: loose, or a block bought early)."""
         self.exact_outcome = None
         got = {"bank": bank, "deposit": deposit, "owed": owed, "card_kept": card_kept}
         if self.loose:
@@ -519,21 +534,29 @@ class Prediction:
             if (bank, deposit, owed, card_kept) == (o.bank, o.deposit, o.owed, o.card_kept):
                 self.exact_outcome = o
                 return ""
+        rates = {BASE_RATE, *(r for _, r in self.scenario.rates)}
+
+        def paid_from_the_bank(o: Outcome, extra_minutes: int, most: int) -> bool:
+            """1 to `most` minutes the model paid with money were paid from the bank."""
+            moved = o.bank + extra_minutes - bank
+            money = deposit - o.deposit + o.owed - owed
+            return (
+                0 < moved <= most
+                and moved * min(rates) <= money <= moved * max(rates)
+                and deposit >= o.deposit
+                and owed <= o.owed
+            )
+
         for o in self.outcomes:
             if o.early_block_possible and card_kept == o.card_kept + BLOCK_PRICE:
                 if (bank, deposit, owed) == (o.bank + BLOCK_MINUTES, o.deposit, o.owed):
                     return ""  # one block bought early and never needed
                 # ... or its minutes paid, bank first, minutes the model paid with money
-                moved = o.bank + BLOCK_MINUTES - bank
-                money = deposit - o.deposit + o.owed - owed
-                rates = {BASE_RATE, *(r for _, r in self.scenario.rates)}
-                if (
-                    0 < moved <= BLOCK_MINUTES
-                    and moved * min(rates) <= money <= moved * max(rates)
-                    and deposit >= o.deposit
-                    and owed <= o.owed
-                ):
+                if paid_from_the_bank(o, BLOCK_MINUTES, BLOCK_MINUTES):
                     return ""
+            # a block bought early and needed anyway: the bank paid first what the deposit held
+            if card_kept == o.card_kept and paid_from_the_bank(o, 0, o.block_ahead_minutes):
+                return ""
         wanted = [
             {
                 "bank": o.bank,
@@ -542,6 +565,7 @@ class Prediction:
                 "card_kept": o.card_kept,
                 "blocks": o.blocks,
                 "one_more_block_allowed": o.early_block_possible,
+                "block_ahead_minutes": o.block_ahead_minutes,
             }
             for o in self.outcomes
         ]
