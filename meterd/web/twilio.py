@@ -17,7 +17,7 @@ from meterd.services.twilio_fields import check_webhook
 from meterd.store.journal import JournalFull
 from meterd.store.outage import is_unavailable
 from meterd.web import twiml
-from meterd.web.app import NUL_REFUSED, SERVICES, json_error
+from meterd.web.app import SERVICES, json_error
 from meterd.web.twilio_request import CALL_SID_CHARS_MAX, TwilioRequestRejected, read_signed_form
 
 log = get_logger("meterd.twilio")
@@ -60,8 +60,9 @@ def _twilio_route(
             )
             return json_error(rejected.status, rejected.code, rejected.detail)
         try:
-            if any("\x00" in key + value for key, value in form.items()):
-                raise InvalidRequest(NUL_REFUSED)
+            for key, value in form.items():
+                if "\x00" in key + value:
+                    raise InvalidRequest(f"{key[:40]!s} holds a NUL character (U+0000)")
             check_webhook(name, form.items())
         except InvalidRequest as malformed:
             log.warning(
