@@ -1245,9 +1245,9 @@ async def _seed(fuzzer: Fuzzer, world: World) -> None:
     await fuzzer.client.app[SERVICES].usage.build(START.date() - dt.timedelta(days=1))
 
 
-# --- bugs this fuzzing found, reproduced one by one ---------------------------------------------
-# Each test below FAILS until meterd is fixed (they are not fixed here: meterd's code is someone
-# else's change). The fuzz test above finds the same requests, so it fails too until then.
+# --- the bugs this fuzzing found, one request each ---------------------------------------------
+# Each of these failed when the fuzzing first ran (commit c928ba8) and passes since the fix
+# (commit 5a9612d); the fuzz test above sends such requests among others.
 
 
 @pytest.fixture
@@ -1268,12 +1268,12 @@ async def fuzz_client(aiohttp_client, database, tmp_path):
 async def test_bug_a_body_that_does_not_decode_as_its_content_encoding_is_4xx_not_500(
     fuzz_client, path, headers
 ):
-    """BUG (found by this fuzzing; meterd/web/app.py error_middleware, meterd/web/connections.py
+    """Found by this fuzzing (meterd/web/app.py error_middleware; meterd/web/connections.py
     reads the body): `Content-Encoding: gzip` over a body that is not gzip makes aiohttp raise
     `aiohttp.web_protocol.RequestPayloadError` ("400, message: Can not decode content-encoding:
     gzip") from `request.read()`; the error middleware does not know it and answers 500
     internal_error with a traceback in the log (aiohttp then logs "Unhandled exception" while
-    draining the body and closes the connection). Expected: 400, as for any body meterd cannot
+    draining the body and closes the connection). Now 400, as for any body meterd cannot
     read."""
     response = await fuzz_client.post(
         path,
@@ -1287,12 +1287,12 @@ async def test_bug_a_body_that_does_not_decode_as_its_content_encoding_is_4xx_no
 async def test_bug_a_published_usage_file_asked_for_with_an_absurd_date_gets_an_answer(
     fuzz_client, header
 ):
-    """BUG (found by this fuzzing; meterd/web/finance.py serves the day with web.FileResponse):
+    """Found by this fuzzing (meterd/web/finance.py serves the day with web.FileResponse):
     aiohttp parses If-Modified-Since / If-Unmodified-Since / If-Range while preparing the file
     response, after meterd's middlewares, and `parse_http_date` raises OverflowError ("Python
     int too large to convert to C long") on a year like 99999999999999999999: aiohttp logs
-    "Unhandled exception" and drops the connection without any answer. Expected: the file (the
-    header ignored, as aiohttp does with a date it cannot parse) or a 4xx."""
+    "Unhandled exception" and drops the connection without any answer. Now an answer below 500
+    (meterd refuses the unreadable date with 400)."""
     day = START.date() - dt.timedelta(days=1)
     await fuzz_client.app[SERVICES].usage.build(day)
     extra = {"Range": "bytes=0-9"} if header == "If-Range" else {}
@@ -1321,10 +1321,10 @@ async def test_bug_a_published_usage_file_asked_for_with_an_absurd_date_gets_an_
     ids=lambda value: value if isinstance(value, str) else "body",
 )
 async def test_bug_a_nul_character_in_a_value_is_4xx_not_500(fuzz_client, method, path, body):
-    """BUG on PostgreSQL (found by this fuzzing; SQLite is fine): a NUL character in a value
+    """Found by this fuzzing, on PostgreSQL (SQLite was fine): a NUL character in a value
     meterd puts in a query (a path's account id or call sid, a ledger filter, an agent's call_sid,
     an account's name) reaches asyncpg, which refuses it: CharacterNotInRepertoireError "invalid
-    byte sequence for encoding "UTF8": 0x00", answered 500 internal_error. Expected: 400 (or 404
+    byte sequence for encoding "UTF8": 0x00", answered 500 internal_error. Now 400 (404 would do
     for a lookup), like any other malformed value."""
     response = await fuzz_client.request(
         method,
@@ -1340,11 +1340,11 @@ async def test_bug_a_nul_character_in_a_value_is_4xx_not_500(fuzz_client, method
 
 @pytest.mark.parametrize("after_id", [str(2**63), "9" * 30])
 async def test_bug_a_ledger_page_after_an_id_past_64_bits_is_4xx_not_500(fuzz_client, after_id):
-    """BUG on SQLite and PostgreSQL (found by this fuzzing; meterd/web/admin.py get_ledger):
+    """Found by this fuzzing, on SQLite and PostgreSQL (meterd/web/admin.py get_ledger):
     `after_id` is any whole number, and one past 2**63 - 1 reaches the database driver, which
     refuses it: OverflowError "Python int too large to convert to SQLite INTEGER" (SQLite),
     asyncpg DataError "invalid input for query argument $1: 9223372036854775808 (value out of
-    int64 range)" (PostgreSQL); answered 500 internal_error. Expected: 400 (or an empty page)."""
+    int64 range)" (PostgreSQL); answered 500 internal_error. Now 400."""
     response = await fuzz_client.get(
         f"/admin/ledger?after_id={after_id}", headers={"Authorization": f"Bearer {ADMIN}"}
     )
