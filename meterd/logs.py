@@ -27,6 +27,7 @@ import structlog
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web_protocol import RequestPayloadError
 
 from meterd.store.outage import OUTAGE_LOG_INTERVAL_SECONDS, describe, is_unavailable
 
@@ -117,6 +118,16 @@ class ThirdPartyRecords(logging.Filter):
                 status=error.code,
                 error=type(error).__name__,
                 detail=_first_line(error.message),
+            )
+        elif isinstance(error, RequestPayloadError) and record.name.startswith("aiohttp"):
+            # the rest of a body meterd already answered 400 for (it does not decode as its
+            # Content-Encoding says), drained by aiohttp before it closes the connection
+            _reshape(
+                record,
+                logging.INFO,
+                "bad HTTP request body",
+                error=type(error).__name__,
+                detail=_first_line(str(error)),
             )
         elif record.name.startswith("apscheduler") and "maximum number of running instances" in (
             str(record.msg)

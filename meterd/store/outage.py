@@ -18,9 +18,13 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
-import asyncpg
 import structlog
 from sqlalchemy import exc as sa_exc
+
+try:
+    import asyncpg
+except ImportError:  # the `postgresql` extra is not installed: meterd runs on SQLite only
+    asyncpg = None
 
 OUTAGE_LOG_INTERVAL_SECONDS = 10.0
 
@@ -86,9 +90,10 @@ def _one_is_unavailable(link: BaseException, outermost: BaseException) -> bool:
     if isinstance(link, sqlite3.Error):
         name = getattr(link, "sqlite_errorname", "") or ""
         return name.startswith(_SQLITE_UNAVAILABLE_PREFIXES)
-    if isinstance(link, asyncpg.exceptions.ConnectionDoesNotExistError):
+    if asyncpg is not None and isinstance(link, asyncpg.exceptions.ConnectionDoesNotExistError):
         return True
-    if isinstance(link, asyncpg.exceptions.InterfaceError | sa_exc.InterfaceError):
+    asyncpg_interface_error = () if asyncpg is None else (asyncpg.exceptions.InterfaceError,)
+    if isinstance(link, (*asyncpg_interface_error, sa_exc.InterfaceError)):
         text = str(link)
         return any(words in text for words in _ASYNCPG_BROKEN_CONNECTION)
     if isinstance(link, OSError):  # ConnectionError and TimeoutError too

@@ -278,7 +278,9 @@ def create_app(
     metrics = metrics or Metrics()  # its own registry; ops.add_routes reads it
     limits = ConnectionLimits(
         connections_max=settings.http_connections_max,
+        idle_timeout_seconds=settings.http_idle_timeout_seconds,
         request_read_timeout_seconds=settings.http_request_read_timeout_seconds,
+        headers_max=settings.http_headers_max,
         registry=metrics.registry,
     )
     app = web.Application(

@@ -60,12 +60,18 @@ class ConnectionLimits:
         self,
         *,
         connections_max: int,
+        idle_timeout_seconds: float,
         request_read_timeout_seconds: float,
+        headers_max: int,
         registry: CollectorRegistry,
     ) -> None:
         assert connections_max >= 1 and request_read_timeout_seconds > 0
+        assert idle_timeout_seconds > 0 and headers_max >= 1
         self.connections_max = connections_max
+        self.idle_timeout_seconds = idle_timeout_seconds
         self.request_read_timeout_seconds = request_read_timeout_seconds
+        self.headers_max = headers_max
+        self._idle_timers: dict[RequestHandler, asyncio.TimerHandle] = {}
         # open connections, oldest first (dicts keep insertion order), with their transports
         self._open: dict[RequestHandler, asyncio.Transport] = {}
         self._busy: set[RequestHandler] = set()  # a handler is running for its request
@@ -78,6 +84,7 @@ class ConnectionLimits:
             "meterd_http_connections_closed",
             "connections meterd closed to stay within its limits, by reason "
             "(evicted: the oldest idle or slow one, to make room; refused: every one was busy; "
+            "idle: no request within the idle timeout; "
             "slow_body: a body not sent within the read timeout)",
             ["reason"],
             registry=registry,
@@ -105,6 +112,7 @@ class ConnectionLimits:
 
     def _connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         self._open[handler] = transport
+        self._arm_idle_timer(handler)
         if len(self._open) - len(self._closing) > self.connections_max:
             victim = next(
                 (
@@ -133,7 +141,33 @@ class ConnectionLimits:
             connections_max=self.connections_max,
         )
 
+    def _arm_idle_timer(self, handler: RequestHandler) -> None:
+        """Close the connection if no request has arrived (its headers complete) within the
+        idle timeout: a client that sends nothing, or its headers a byte at a time, or stays
+        idle on keep-alive. aiohttp's keep-alive timer does not cover all of these in every
+        release meterd supports, so meterd keeps its own."""
+        self._disarm_idle_timer(handler)
+        self._idle_timers[handler] = asyncio.get_running_loop().call_later(
+            self.idle_timeout_seconds, self._idle_timeout, handler
+        )
+
+    def _disarm_idle_timer(self, handler: RequestHandler) -> None:
+        timer = self._idle_timers.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _idle_timeout(self, handler: RequestHandler) -> None:
+        self._idle_timers.pop(handler, None)
+        transport = self._open.get(handler)
+        if transport is None or handler in self._busy or handler in self._closing:
+            return
+        if transport.get_write_buffer_size():  # still sending an answer to a slow reader
+            self._arm_idle_timer(handler)
+            return
+        self._close(handler, "idle")
+
     def _connection_lost(self, handler: RequestHandler) -> None:
+        self._disarm_idle_timer(handler)
         self._open.pop(handler, None)
         self._busy.discard(handler)
         self._closing.discard(handler)
@@ -142,7 +176,26 @@ class ConnectionLimits:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Read the body within the read timeout, then mark the connection busy while the
-        handler runs (a busy connection is never evicted)."""
+        handler runs (a busy connection is never evicted); idle again after it."""
+        protocol = request.protocol
+        self._disarm_idle_timer(protocol)  # a request arrived: the read timeout takes over
+        try:
+            return await self._handle(request, handler)
+        finally:
+            if protocol in self._open:
+                self._arm_idle_timer(protocol)
+
+    async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if len(request.raw_headers) > self.headers_max:
+            response = web.json_response(
+                {
+                    "error": "bad_request",
+                    "detail": f"more than {self.headers_max} header lines",
+                },
+                status=400,
+            )
+            response.force_close()
+            return response
         if request.method in BODY_METHODS and request.body_exists:
             started = time.monotonic()
             try:
