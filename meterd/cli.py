@@ -1,5 +1,10 @@
-"""The `meterd` command. Exit status: 0 ok, 1 failure (e.g. a ledger breach), 2 bad settings or
-arguments."""
+"""The `meterd` command. Its exit statuses (`EXIT_STATUSES`, listed in `meterd --help`): 0 ok,
+1 failure (the daemon could not start, a command failed, a ledger breach, a simulated call
+charged otherwise than expected), 2 bad settings or arguments (nothing written), 3 the daemon
+stopped on a broken money invariant, 130 interrupted.
+
+`--config FILE` is accepted before the command and after it (`meterd run --config FILE`), at
+every level."""
 
 from __future__ import annotations
 
@@ -19,46 +24,108 @@ from meterd.logs import configure_logging
 
 EXIT_FAILED = 1
 EXIT_BAD_SETTINGS = 2
+EXIT_INVARIANT_BROKEN = 3  # meterd.daemon.EXIT_INVARIANT_BROKEN (not imported: --help stays fast)
+EXIT_INTERRUPTED = 130
+
+EXIT_STATUSES = f"""exit status:
+  0    success
+  {EXIT_FAILED}    failure: the daemon could not start (database unreachable, address in use),
+       a command failed, `ledger check` found a breach, `simulate` or `demo` found a call
+       charged otherwise than expected
+  {EXIT_BAD_SETTINGS}    bad settings (the message names the setting; nothing was written) or bad
+       arguments; `simulate`: could not run
+  {EXIT_INVARIANT_BROKEN}    `run` stopped because a money invariant broke
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+
+CONFIG_HELP = (
+    "TOML settings file (default: $METERD_CONFIG, else built-in defaults); accepted before or "
+    "after the command"
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meterd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _config_option(help_text: str = CONFIG_HELP) -> argparse.ArgumentParser:
+    """`--config` for a command: SUPPRESS, so that one given before the command stands unless
+    it is given again after it."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, metavar="FILE", help=help_text
+    )
+    return parent
+
+
+def _commands(parser: argparse.ArgumentParser, dest: str) -> Callable[..., argparse.ArgumentParser]:
+    """A function adding one command to `parser`: with its help (the one-line summary), its
+    description (the command's own --help) and the --config option."""
+    group = parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+
+    def add(
+        name: str,
+        summary: str,
+        description: str | None = None,
+        config_help: str = CONFIG_HELP,
+    ) -> argparse.ArgumentParser:
+        return group.add_parser(
+            name,
+            help=summary,
+            description=description or summary[0].upper() + summary[1:] + ".",
+            parents=[_config_option(config_help)],
+        )
+
+    return add
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meterd", description="Telephony call-metering daemon.")
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="TOML settings file (default: $METERD_CONFIG, else built-in defaults)",
+    parser = argparse.ArgumentParser(
+        prog="meterd",
+        description="Telephony call-metering daemon: Twilio webhooks in, a double-entry ledger\n"
+        "of agent-minutes and money out. New here? `meterd demo` shows it working.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
+    command = _commands(parser, "command")
 
-    commands.add_parser("run", help="run the daemon")
-
-    db = commands.add_parser("db", help="database maintenance").add_subparsers(
-        dest="db_command", required=True
+    command(
+        "run",
+        "run the daemon",
+        "Run the daemon: migrate the database, serve HTTP, run the scheduled jobs; stop "
+        "cleanly on SIGTERM or SIGINT.",
     )
-    db.add_parser("upgrade", help="apply every pending migration")
-    backup = db.add_parser(
+
+    db = _commands(command("db", "database maintenance"), "db_command")
+    db("upgrade", "apply every pending migration")
+    backup = db(
         "backup",
-        help="write a consistent copy of the SQLite database to PATH, while meterd runs "
+        "write a consistent copy of the SQLite database to PATH, while meterd runs "
         "(PostgreSQL: use pg_dump)",
     )
     backup.add_argument("path", type=Path, help="the copy to write (a new file)")
     backup.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
 
-    ledger = commands.add_parser("ledger", help="ledger tools").add_subparsers(
-        dest="ledger_command", required=True
-    )
-    ledger.add_parser(
-        "check", help="re-sum every balance and check every invariant; exit 1 on any breach"
-    )
+    ledger = _commands(command("ledger", "ledger tools"), "ledger_command")
+    ledger("check", "re-sum every balance and check every invariant; exit 1 on any breach")
 
-    usage = commands.add_parser(
+    usage = command(
         "usage",
-        help="print a closed business day's usage per account (building it if the nightly job "
+        "print a closed business day's usage per account (building it if the nightly job "
         "has not); the per-call file's path goes to stderr",
     )
-    usage.add_argument("--date", required=True, type=_business_day, help="YYYY-MM-DD")
-    usage.add_argument("--format", choices=["csv", "json"], default="csv")
+    usage.add_argument(
+        "--date", required=True, type=_business_day, help="the business day, YYYY-MM-DD"
+    )
+    usage.add_argument(
+        "--format", choices=["csv", "json"], default="csv", help="what to print (default csv)"
+    )
     usage.add_argument(
         "--regenerate",
         action="store_true",
@@ -66,19 +133,24 @@ def _parser() -> argparse.ArgumentParser:
         "published",
     )
 
-    account = commands.add_parser("account", help="manage accounts").add_subparsers(
-        dest="account_command", required=True
-    )
-    add = account.add_parser("add", help="create an account")
-    add.add_argument("account_id")
-    add.add_argument("--name", required=True)
+    account = _commands(command("account", "manage accounts"), "account_command")
+    add = account("add", "create an account")
+    add.add_argument("account_id", help="the new account's id")
+    add.add_argument("--name", required=True, help="the customer's name")
     add.add_argument(
-        "--plan", required=True, choices=["service_agreement", "per_incident", "per_minute"]
+        "--plan",
+        required=True,
+        choices=["service_agreement", "per_incident", "per_minute"],
+        help="how its calls are charged",
     )
-    add.add_argument("--fallback-plan", choices=["per_incident", "per_minute"])
+    add.add_argument(
+        "--fallback-plan",
+        choices=["per_incident", "per_minute"],
+        help="the plan once a service agreement has ended",
+    )
     add.add_argument("--caller-id", action="append", default=[], help="E.164 number; repeatable")
-    add.add_argument("--pin")
-    add.add_argument("--currency")
+    add.add_argument("--pin", help="PIN for callers whose number is withheld or unknown")
+    add.add_argument("--currency", help="ISO 4217 code (default: the currency setting)")
     add.add_argument("--valid-until", help="service agreement end date, YYYY-MM-DD")
     add.add_argument(
         "--product",
@@ -87,27 +159,42 @@ def _parser() -> argparse.ArgumentParser:
         help="PRODUCT:KIND[:UNTIL], e.g. desktop:license:2027-06-30 (UMP end) or "
         "web:subscription; repeatable",
     )
-    show = account.add_parser("show", help="show an account as JSON")
-    show.add_argument("account_id")
-    account.add_parser("list", help="list account ids")
-    deposit = account.add_parser("deposit", help="money into the prepaid deposit")
-    deposit.add_argument("account_id")
-    deposit.add_argument("--amount-minor", type=int, required=True)
+    show = account("show", "show an account as JSON")
+    show.add_argument("account_id", help="the account's id")
+    account("list", "list account ids")
+    deposit = account("deposit", "money into the prepaid deposit")
+    deposit.add_argument("account_id", help="the account's id")
+    deposit.add_argument(
+        "--amount-minor", type=int, required=True, help="the amount, in minor units (cents)"
+    )
     deposit.add_argument(
         "--reference", required=True, help="names the payment; the same reference never posts twice"
     )
-    grant = account.add_parser("grant-minutes", help="minutes into the bank")
-    grant.add_argument("account_id")
-    grant.add_argument("--minutes", type=int, required=True)
-    grant.add_argument("--reference", required=True)
-    from meterd import simulate
+    grant = account("grant-minutes", "minutes into the bank")
+    grant.add_argument("account_id", help="the account's id")
+    grant.add_argument("--minutes", type=int, required=True, help="how many agent-minutes")
+    grant.add_argument(
+        "--reference", required=True, help="names the grant; the same reference never posts twice"
+    )
+    from meterd import demo, simulate
 
-    sim = commands.add_parser(
+    sim = command(
         "simulate",
-        help="drive a running meterd with signed simulated Twilio traffic and check every "
+        "drive a running meterd with signed simulated Twilio traffic and check every "
         "call's charges (exit 1 on a difference)",
+        "Drive a running meterd with signed simulated Twilio traffic, as Twilio and a support "
+        "desk would, and check every call's charges against the rules (exit 1 on a "
+        "difference, 2 if it cannot run). Address and tokens come from the settings and the "
+        "daemon's state directory unless given.",
     )
     simulate.add_arguments(sim)
+    show_it = command(
+        "demo",
+        demo.SUMMARY,
+        demo.DESCRIPTION,
+        config_help="ignored: the demo makes its own throw-away settings",
+    )
+    demo.add_arguments(show_it)
     return parser
 
 
@@ -137,18 +224,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":  # its own throw-away settings and state directory
+        from meterd.demo import run_demo
+
+        try:
+            return run_demo(args)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
     config_path = args.config or (
         Path(os.environ["METERD_CONFIG"]) if os.environ.get("METERD_CONFIG") else None
     )
     try:
-        settings = load_settings(config_path)
+        # a client of a running daemon reads its tokens and never generates any
+        settings = load_settings(config_path, generate_secrets=args.command != "simulate")
     except ConfigError as error:
         print(f"meterd: {error}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     if args.command == "simulate":
         from meterd.simulate import run_parsed
 
-        return run_parsed(args, settings)
+        try:
+            return run_parsed(args, settings)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
     # the daemon logs to stdout (the journal); every other command prints its answer there
     # (JSON, CSV), so its log goes to stderr
     configure_logging(
@@ -158,7 +256,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         return asyncio.run(_dispatch(args, settings))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _warn_about_secret_modes(settings: Settings) -> None:

@@ -9,6 +9,8 @@ made by hand, a restored copy) are tightened before a token is read, and `Settin
 changed so the start can warn about it; modes that cannot be tightened stop the start.
 
 A bad value raises `ConfigError` naming the setting; `meterd run` turns it into exit status 2.
+Every setting and every secret given is checked before anything is written: a bad value leaves
+the state directory as it was (no generated token, no directory made).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from meterd.core.money import MoneyError, check_currency
 
 ENV_PREFIX = "METERD_"
 
@@ -67,9 +71,10 @@ def _check_timezone(value: str) -> str:
 
 
 def _check_currency(value: str) -> str:
-    if len(value) != 3 or not value.isalpha() or not value.isupper():
-        raise ValueError("expected an ISO 4217 code in capitals, e.g. USD")
-    return value
+    try:
+        return check_currency(value)
+    except MoneyError:
+        raise ValueError("expected an ISO 4217 currency code in capitals, e.g. USD") from None
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:
@@ -82,8 +87,19 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 
 def _check_cron(value: str) -> str:
-    if len(value.split()) != 5:
-        raise ValueError("expected a five-field crontab expression, e.g. '30 0 * * *'")
+    """Parse the expression as the scheduler will (APScheduler 3's own crontab parser), so a
+    value that passes here cannot fail at start-up; and it must fire at least once."""
+    import datetime as dt
+
+    from apscheduler.triggers.cron import CronTrigger
+
+    example = "e.g. '30 0 * * *' (minute hour day month weekday)"
+    try:
+        trigger = CronTrigger.from_crontab(value, timezone=dt.UTC)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{value!r} is not a crontab expression: {error}; {example}") from None
+    if trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)) is None:
+        raise ValueError(f"{value!r} never fires; {example}")
     return value
 
 
@@ -647,9 +663,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_settings(
-    config_path: Path | None = None, environ: Mapping[str, str] | None = None
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    generate_secrets: bool = True,
 ) -> Settings:
-    """Resolve every setting. Secrets are resolved too, generating missing tokens."""
+    """Resolve and check every setting, then the secrets; only when all of them are good are
+    missing tokens generated (the first thing written). With `generate_secrets=False` (a client
+    of a running daemon, e.g. `meterd simulate`) tokens already in the state directory are read
+    and missing ones stay missing."""
     env = os.environ if environ is None else environ
     from_file = _read_toml(config_path) if config_path is not None else {}
     values: dict[str, Any] = {}
@@ -675,7 +697,7 @@ def load_settings(
     database_url = values["database_url"] or f"sqlite+aiosqlite:///{state_dir}/meterd.sqlite3"
     host, port = _parse_listen(values["listen"])
     public_base_url = values["public_base_url"] or f"http://{values['listen']}"
-    resolved, generated, modes_fixed = _resolve_secrets(env, state_dir)
+    resolved, generated, modes_fixed = _resolve_secrets(env, state_dir, generate=generate_secrets)
     return Settings(
         values=values,
         secrets=resolved,
@@ -705,38 +727,55 @@ SECRET_FILE_MODE = 0o600
 
 
 def _resolve_secrets(
-    env: Mapping[str, str], state_dir: Path
+    env: Mapping[str, str], state_dir: Path, *, generate: bool = True
 ) -> tuple[dict[str, str], list[Path], list[tuple[Path, int, int]]]:
+    """Secrets from the environment, then systemd credentials, then (tokens meterd issues) the
+    state directory. Those given are checked first, then the files already there; only then
+    are missing tokens generated, so a bad secret leaves the state directory untouched."""
     resolved: dict[str, str] = {}
     generated: list[Path] = []
     modes_fixed: list[tuple[Path, int, int]] = []
     credentials_dir = env.get("CREDENTIALS_DIRECTORY")
+    from_state_dir: list[Secret] = []
     for secret in SECRETS:
-        value: str | None = None
-        origin = secret.env_name
         if secret.env_name in env:
-            value = env[secret.env_name]
+            resolved[secret.name] = _checked_secret(secret, env[secret.env_name], secret.env_name)
         elif credentials_dir and (Path(credentials_dir) / secret.name).is_file():
-            origin = f"systemd credential {secret.name}"
-            value = (Path(credentials_dir) / secret.name).read_text().strip()
-        elif secret.generated:
-            path = state_dir / "secrets" / secret.name
-            origin = str(path)
-            _make_private(path.parent, SECRETS_DIR_MODE, modes_fixed)  # a stat once tight
-            if not path.exists():
-                _write_new_secret(path)
-                generated.append(path)
-            _make_private(path, SECRET_FILE_MODE, modes_fixed)
-            value = path.read_text().strip()
-        if value is None:
-            continue
-        if len(value) < SECRET_MIN_CHARS or any(ch.isspace() for ch in value):
-            raise ConfigError(
-                f"bad setting {secret.name} ({origin}): must be at least "
-                f"{SECRET_MIN_CHARS} characters with no spaces"
+            resolved[secret.name] = _checked_secret(
+                secret,
+                (Path(credentials_dir) / secret.name).read_text().strip(),
+                f"systemd credential {secret.name}",
             )
-        resolved[secret.name] = value
+        elif secret.generated:
+            from_state_dir.append(secret)
+    if not from_state_dir:
+        return resolved, generated, modes_fixed
+    directory = state_dir / "secrets"
+    _make_private(directory, SECRETS_DIR_MODE, modes_fixed)  # a stat once tight
+    missing: list[Secret] = []
+    for secret in from_state_dir:
+        path = directory / secret.name
+        if path.exists():
+            _make_private(path, SECRET_FILE_MODE, modes_fixed)
+            resolved[secret.name] = _checked_secret(secret, path.read_text().strip(), str(path))
+        else:
+            missing.append(secret)
+    for secret in missing if generate else ():
+        path = directory / secret.name
+        if write_new_secret(path):
+            generated.append(path)
+        _make_private(path, SECRET_FILE_MODE, modes_fixed)
+        resolved[secret.name] = _checked_secret(secret, path.read_text().strip(), str(path))
     return resolved, generated, modes_fixed
+
+
+def _checked_secret(secret: Secret, value: str, origin: str) -> str:
+    if len(value) < SECRET_MIN_CHARS or any(ch.isspace() for ch in value):
+        raise ConfigError(
+            f"bad setting {secret.name} ({origin}): must be at least "
+            f"{SECRET_MIN_CHARS} characters with no spaces"
+        )
+    return value
 
 
 def _make_private(path: Path, mode: int, fixed: list[tuple[Path, int, int]]) -> None:
@@ -760,8 +799,9 @@ def _make_private(path: Path, mode: int, fixed: list[tuple[Path, int, int]]) -> 
     fixed.append((path, was, mode))
 
 
-def _write_new_secret(path: Path) -> None:
-    """Write a fresh random token to `path` (mode 0600) unless another process already did.
+def write_new_secret(path: Path) -> bool:
+    """Write a fresh random token to `path` (mode 0600; its directory 0700) unless another
+    process already did; True if this call wrote it.
 
     The token is written to a private temporary file first and linked into place, so a reader
     never sees a half-written token and two processes starting together agree on one token.
@@ -777,8 +817,9 @@ def _write_new_secret(path: Path) -> None:
         try:
             os.link(temporary, path)
         except FileExistsError:
-            pass  # another process made it first; read theirs
+            return False  # another process made it first; read theirs
         finally:
             temporary.unlink()
     except OSError as error:
         raise ConfigError(f"cannot write a generated token to {path}: {error}") from None
+    return True

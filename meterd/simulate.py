@@ -31,8 +31,10 @@ accounts' balances, prints a summary and exits 0 when everything matched, 1 list
 difference otherwise, 2 when it could not run (bad arguments, meterd unreachable, setup refused).
 
 Tokens: `--twilio-auth-token`, `--admin-token`, `--agents-token`, `--public-base-url` or
-METERD_TWILIO_AUTH_TOKEN, METERD_ADMIN_TOKEN, METERD_AGENTS_TOKEN, METERD_PUBLIC_BASE_URL; with
-`--state-dir DIR` the admin and agents tokens meterd generated are read from DIR/secrets/.
+METERD_TWILIO_AUTH_TOKEN, METERD_ADMIN_TOKEN, METERD_AGENTS_TOKEN, METERD_PUBLIC_BASE_URL; those
+not given are read from the daemon's state directory, `<dir>/secrets/<name>` (`--state-dir DIR`,
+else, under `meterd simulate`, the `state_dir` setting): the admin and agents tokens meterd
+generated there, and a `twilio_auth_token` file if one was put there (`meterd demo` does).
 """
 
 from __future__ import annotations
@@ -1111,7 +1113,10 @@ async def simulate(
         if not value
     ]
     if missing:
-        out(f"simulate: missing {', '.join(missing)} (see --help)")
+        out(
+            f"simulate: missing {', '.join(missing)}: give them, or the daemon's state "
+            f"directory (--state-dir), whose secrets/ holds them (see --help)"
+        )
         return EXIT_CANNOT_RUN
     rng = random.Random(seed)
     nonce = int.from_bytes(os.urandom(4), "big")
@@ -1371,13 +1376,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help="meterd's state directory: "
-        "read the admin and agents tokens it generated from <dir>/secrets/",
+        metavar="DIR",
+        help="the daemon's state directory: tokens not given are read from DIR/secrets/<name> "
+        "(default: the state_dir setting under `meterd simulate`)",
     )
-    parser.add_argument("--twilio-auth-token", default=env.get("METERD_TWILIO_AUTH_TOKEN"))
-    parser.add_argument("--admin-token", default=env.get("METERD_ADMIN_TOKEN"))
-    parser.add_argument("--agents-token", default=env.get("METERD_AGENTS_TOKEN"))
-    parser.add_argument("--public-base-url", default=env.get("METERD_PUBLIC_BASE_URL"))
+    for name, use in (
+        ("twilio_auth_token", "signs the webhooks, as the daemon's"),
+        ("admin_token", "for /admin/*"),
+        ("agents_token", "for /agents/*"),
+    ):
+        variable = f"METERD_{name.upper()}"
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=env.get(variable),
+            metavar="TOKEN",
+            help=f"{use} (default: ${variable}, else DIR/secrets/{name})",
+        )
+    parser.add_argument(
+        "--public-base-url",
+        default=env.get("METERD_PUBLIC_BASE_URL"),
+        metavar="URL",
+        help="the URL the daemon checks signatures against (default: "
+        "$METERD_PUBLIC_BASE_URL, else the public_base_url setting, else --url)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1402,10 +1423,16 @@ def run_parsed(args: argparse.Namespace, settings: Any = None) -> int:
                 return getattr(settings, name)
         return fallback
 
-    def secret(name: str) -> str | None:
-        if settings is not None:
-            return settings.secret(name) or None
-        return None
+    def token(name: str, given: str | None) -> str:
+        """Given (option or environment), else the file in --state-dir, else the settings'
+        (credentials, generated file), else a file in the settings' state directory."""
+        return (
+            given
+            or _token_file(args.state_dir, name)
+            or (settings.secret(name) if settings is not None else None)
+            or _token_file(settings.state_dir if settings is not None else None, name)
+            or ""
+        )
 
     if args.url:
         url = args.url
@@ -1439,16 +1466,10 @@ def run_parsed(args: argparse.Namespace, settings: Any = None) -> int:
             duplicates=args.duplicates,
             reorder=args.reorder,
             time_scale=args.time_scale,
-            twilio_auth_token=args.twilio_auth_token or secret("twilio_auth_token") or "",
+            twilio_auth_token=token("twilio_auth_token", args.twilio_auth_token),
             public_base_url=public_base_url,
-            admin_token=args.admin_token
-            or _token_file(args.state_dir, "admin_token")
-            or secret("admin_token")
-            or "",
-            agents_token=args.agents_token
-            or _token_file(args.state_dir, "agents_token")
-            or secret("agents_token")
-            or "",
+            admin_token=token("admin_token", args.admin_token),
+            agents_token=token("agents_token", args.agents_token),
             seed=seed,
             progress=not args.no_progress,
             settle_delay=settle_delay,
