@@ -15,6 +15,7 @@ the state directory as it was (no generated token, no directory made).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import stat
@@ -48,6 +49,11 @@ def _check_database_url(value: str) -> str:
     scheme = value.split("://", 1)[0]
     if scheme not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
         raise ValueError("expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+    if scheme == "postgresql+asyncpg" and importlib.util.find_spec("asyncpg") is None:
+        raise ValueError(
+            "PostgreSQL needs the asyncpg driver, which is not installed: install meterd with "
+            "its postgresql extra, e.g. pip install 'meterd[postgresql]'"
+        )
     return value
 
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import re
+from iso4217 import Currency
 
 MONEY_MINOR_MAX = 10**13  # 100 billion in a two-decimal currency: no real amount is larger
 
-# Minor-unit exponent per ISO 4217 code; anything not listed has two decimals.
-_CURRENCY_EXPONENTS = {
-    "JPY": 0,
-    "KRW": 0,
-    "ISK": 0,
-    "CLP": 0,
-    "VND": 0,
-    "BHD": 3,
-    "KWD": 3,
-    "JOD": 3,
-    "OMR": 3,
-    "TND": 3,
+# Minor-unit exponent of every ISO 4217 currency, from the maintained `iso4217` package (the
+# ISO list itself). Codes without minor units in the list (gold, testing, "no currency") are not
+# money meterd can bill in.
+_CURRENCY_EXPONENTS: dict[str, int] = {
+    currency.code: currency.exponent for currency in Currency if currency.exponent is not None
 }
-_CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
 
 
 class MoneyError(ValueError):
@@ -36,12 +28,13 @@ def ceil_div(numerator: int, denominator: int) -> int:
 
 
 def currency_exponent(currency: str) -> int:
+    """How many decimals the currency's minor unit has (ISO 4217): USD 2, JPY 0, KWD 3, CLF 4."""
     check_currency(currency)
-    return _CURRENCY_EXPONENTS.get(currency, 2)
+    return _CURRENCY_EXPONENTS[currency]
 
 
 def check_currency(currency: str) -> str:
-    if not _CURRENCY_CODE.fullmatch(currency):
+    if currency not in _CURRENCY_EXPONENTS:
         raise MoneyError(f"{currency!r} is not an ISO 4217 currency code such as USD")
     return currency
 

@@ -26,7 +26,7 @@ from meterd.config import Settings
 from meterd.core import ledger
 from meterd.core.entitlements import email_ticket_eligibility
 from meterd.core.ledger import MINUTES, MINUTES_MAX, BookKind
-from meterd.core.money import MONEY_MINOR_MAX
+from meterd.core.money import MONEY_MINOR_MAX, MoneyError, check_currency
 from meterd.core.plans import (
     PRODUCT_NAME,
     Plan,
@@ -197,6 +197,12 @@ class AccountService:
             default=self._settings.default_currency,
         )
         assert currency is not None
+        try:
+            check_currency(currency)
+        except MoneyError:
+            raise InvalidRequest(
+                f"currency {currency!r} is not an ISO 4217 currency with minor units, e.g. USD"
+            ) from None
         numbers = _caller_ids(body)
         pin = _pin(body)
         products = _products(body)

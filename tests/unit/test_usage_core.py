@@ -371,13 +371,16 @@ def test_the_accounts_csv_has_a_header_crlf_lines_and_exact_money_text():
         _account("zeta", "JPY", (1500, 1500)),
         _account("acme", USD, (1234, 1239)),
         _account("kw", "KWD", (1, 1)),
+        _account("xof", "XOF", (1500, 1500)),  # ISO 4217: no decimals (a hand table said 2)
+        _account("clf", "CLF", (12345, 12345)),  # ISO 4217: four decimals
     ]
     accounts[1].movements.deposit_paid_in = 5
     text = render_accounts_csv(DAY, accounts)
-    assert text.count("\r\n") == 4 and text.endswith("\r\n") and "\n\n" not in text
+    assert text.count("\r\n") == 6 and text.endswith("\r\n") and "\n\n" not in text
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    assert [r["account_id"] for r in rows] == ["acme", "kw", "zeta"]  # ordered by account
-    acme, kw, zeta = rows
+    assert [r["account_id"] for r in rows] == ["acme", "clf", "kw", "xof", "zeta"]  # by account
+    acme, clf, kw, xof, zeta = rows
+    assert (xof["deposit_opening"], clf["deposit_opening"]) == ("1500", "1.2345")
     assert (acme["deposit_opening"], acme["deposit_paid_in"], acme["deposit_closing"]) == (
         "12.34",
         "0.05",
