@@ -559,6 +559,13 @@ SECRETS: tuple[Secret, ...] = (
         "Twilio auth token: signs webhooks and authenticates REST calls",
         generated=False,
     ),
+    Secret(
+        "twilio_webhook_key",
+        "METERD_TWILIO_WEBHOOK_KEY",
+        "Twilio webhook SharedKey secret: checks webhooks signed with the newer scheme "
+        "(X-Twilio-Webhooks-Signature-Settings, HMAC-SHA256)",
+        generated=False,
+    ),
     Secret("stripe_secret_key", "METERD_STRIPE_SECRET_KEY", "Stripe secret key", generated=False),
 )
 

@@ -29,7 +29,15 @@ if TYPE_CHECKING:
 
 WEBHOOK_PREFIX = "/twilio/"
 # The 403 codes meterd.web.twilio_request gives a webhook whose signature cannot be trusted.
-SIGNATURE_FAILURE_CODES = frozenset({"missing_signature", "bad_signature", "auth_token_not_set"})
+SIGNATURE_FAILURE_CODES = frozenset(
+    {
+        "missing_signature",
+        "bad_signature",
+        "auth_token_not_set",
+        "webhook_key_not_set",
+        "signature_scheme_unsupported",
+    }
+)
 TICK_LAG_BUCKETS_SECONDS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 JOB_DURATION_BUCKETS_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 

@@ -33,6 +33,7 @@ async def _signed_form(request: web.Request) -> MultiDict[str]:
         public_base_url=settings.public_base_url,
         auth_token=settings.secret("twilio_auth_token"),
         body_bytes_max=settings.request_body_bytes_max,
+        webhook_key=settings.secret("twilio_webhook_key"),
     )
     structlog.contextvars.bind_contextvars(
         call_sid=(form.get("CallSid") or form.get("FriendlyName", ""))[:CALL_SID_CHARS_MAX]

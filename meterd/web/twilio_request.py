@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 from multidict import MultiDict
+from twilio import request_validator
 from twilio.request_validator import RequestValidator
 
 __all__ = [
@@ -48,6 +49,10 @@ CALL_SID_CHARS_MAX = 64
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 SIGNATURE_HEADER = "X-Twilio-Signature"
+SIGNATURE_SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
+# The newer scheme (a webhook SharedKey, HMAC-SHA256, announced by SIGNATURE_SETTINGS_HEADER) is
+# checked by the twilio library itself when the installed release knows it.
+_signature_algorithm = getattr(request_validator, "get_signature_algorithm", None)
 
 # A '%' not followed by two hex digits: urllib keeps it literally, we call the form malformed.
 _BAD_PERCENT_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -107,7 +112,12 @@ def twilio_url(public_base_url: str, request: web.Request) -> str:
 
 
 async def read_signed_form(
-    request: web.Request, *, public_base_url: str, auth_token: str, body_bytes_max: int
+    request: web.Request,
+    *,
+    public_base_url: str,
+    auth_token: str,
+    body_bytes_max: int,
+    webhook_key: str = "",
 ) -> MultiDict[str]:
     """Read, parse and authenticate a Twilio form webhook.
 
@@ -137,10 +147,16 @@ async def read_signed_form(
         )
 
     url = twilio_url(public_base_url, request)
+    key, scheme = _signing_key(request, auth_token, webhook_key, call_sid)
     try:
         # validate() tries the URL both with and without the default port, and reads repeated
         # keys through MultiDict.getall().
-        valid: bool = RequestValidator(auth_token).validate(url, form, signature)
+        validator = RequestValidator(key)
+        valid: bool = (
+            validator.validate(url, form, signature)
+            if scheme is None
+            else validator.validate(url, form, signature, algorithm=scheme)
+        )
     except ValueError:  # urlparse: an invalid port or host in public_base_url
         raise TwilioRequestRejected(
             403,
@@ -156,6 +172,33 @@ async def read_signed_form(
             call_sid,
         )
     return form
+
+
+def _signing_key(
+    request: web.Request, auth_token: str, webhook_key: str, call_sid: str
+) -> tuple[str, str | None]:
+    """The secret and algorithm the request was signed with: the auth token and HMAC-SHA1, or,
+    when Twilio announces the newer scheme, the webhook SharedKey secret and its algorithm."""
+    settings = request.headers.get(SIGNATURE_SETTINGS_HEADER)
+    if not settings:
+        return auth_token, None
+    if _signature_algorithm is None:
+        raise TwilioRequestRejected(
+            403,
+            "signature_scheme_unsupported",
+            f"the installed twilio library cannot check {SIGNATURE_SETTINGS_HEADER} "
+            "signatures; upgrade it",
+            call_sid,
+        )
+    if not webhook_key:
+        raise TwilioRequestRejected(
+            403,
+            "webhook_key_not_set",
+            f"the request is signed with a webhook SharedKey ({SIGNATURE_SETTINGS_HEADER}) "
+            "and METERD_TWILIO_WEBHOOK_KEY is not set",
+            call_sid,
+        )
+    return webhook_key, str(_signature_algorithm(settings))
 
 
 async def _read_form(request: web.Request, body_bytes_max: int) -> MultiDict[str]:
