@@ -1,6 +1,6 @@
 """Builders of realistic Twilio webhook payloads, and an independent request signer.
 
-Field names and value formats follow /work/shared/docs/twilio.md (sections 1, 2 and 5): SIDs are a
+Field names and value formats follow Twilio's docs (see docs/twilio-setup.md): SIDs are a
 two-letter prefix and 32 lower-case hex digits, timestamps are RFC 2822 in UTC (`Mon, 21 Dec 2020
 15:19:52 +0000`), booleans are the strings "true"/"false", sequence numbers and durations are
 decimal text. Every builder returns a fresh `dict[str, str]`; `**extra` adds fields or overrides

@@ -1,6 +1,6 @@
 """What each field Twilio sends may look like, checked before anything is read into the database.
 
-Every field meterd reads from a Twilio webhook has a rule here (../shared/docs/twilio.md): sids are
+Every field meterd reads from a Twilio webhook has a rule here (docs/twilio-setup.md): sids are
 two capital letters and 32 hex digits, the whole value and nothing else (a trailing newline is not
 a sid); `From`/`To` are E.164 numbers, a `client:`/`sip:` address, a withheld form or empty;
 `Timestamp` is RFC 2822 with a four-digit year in a sane range; `SequenceNumber` a bounded decimal
