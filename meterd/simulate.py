@@ -3,17 +3,16 @@
     python -m meterd.simulate --url http://127.0.0.1:8080 --calls 200 --cps 20 \
         [--duplicates] [--reorder] [--seed N] [--time-scale 0]
 
-The simulator sets up its own accounts (per_minute paid from banked minutes, from a prepaid
-deposit, and from both; a service agreement; per_incident), then places N calls at `cps` new
-calls per second. Each call is what Twilio would send for the topology in twilio.md: the signed
+The simulator sets up its own accounts (per_minute paid from banked minutes, from a prepaid deposit,
+and from both; a service agreement; per_incident), then places N calls at `cps` new calls per
+second. Each call is what Twilio would send for the topology in docs/twilio-setup.md: the signed
 voice webhook (and the PIN `<Gather>` for a withheld number), the conference status callbacks
 (customer and 1 to `agents_max` agents labelled `agent:<id>`, holds of the customer and of agents,
-an agent re-dialling), the customer leg's `completed` status callback; some callers hang up in
-the menu (a `completed` before any conference event). Agents flag research through
-`/agents/research` (retroactive intervals during the call, start/stop after the caller hung up)
-and waive some calls (during the call and after settlement). With `--duplicates` some requests
-are delivered twice (at the same moment, or later); with `--reorder` the callbacks of a call
-arrive shuffled.
+an agent re-dialling), the customer leg's `completed` status callback; some callers hang up in the
+menu (a `completed` before any conference event). Agents flag research through `/agents/research`
+(retroactive intervals during the call, start/stop after the caller hung up) and waive some calls
+(during the call and after settlement). With `--duplicates` some requests are delivered twice (at
+the same moment, or later); with `--reorder` the callbacks of a call arrive shuffled.
 
 Timing: with `--time-scale 0` (the default) nothing waits. Twilio's `Timestamp`s are synthetic:
 each call is placed in the recent past, ending `settle_delay` seconds before it is delivered, so
@@ -24,7 +23,7 @@ S x its offset after the call began (1 = real time, live metering included), its
 ahead of the clock.
 
 The simulator keeps its own expectation of every call, worked out second by second from the
-scenario by the rules of billing-rules.md (active, research, billable, hold; whole minutes
+scenario by the rules of docs/billing.md (active, research, billable, hold; whole minutes
 rounded up; plan and funding), without any of meterd's code. It waits for meterd to settle every
 call, reads each back (`GET /admin/calls/{sid}`, and the call's ledger), compares, checks the
 accounts' balances, prints a summary and exits 0 when everything matched, 1 listing every
@@ -78,7 +77,7 @@ EXIT_OK, EXIT_DIFFERENCES, EXIT_CANNOT_RUN = 0, 1, 2
 
 
 def sign(url: str, params: Iterable[tuple[str, str]], auth_token: str) -> str:
-    """X-Twilio-Signature of a form POST, as twilio.md section 5 documents it: the full URL,
+    """X-Twilio-Signature of a form POST, as docs/twilio-setup.md documents it: the full URL,
     then each parameter name in byte order followed by its value (a repeated name: each distinct
     value, sorted), HMAC-SHA1 keyed with the auth token, base64."""
     values: dict[str, set[str]] = {}
@@ -315,7 +314,7 @@ class Prices:
 
 
 def expect(call: PlannedCall, prices: Prices) -> dict[str, Any]:
-    """What billing-rules.md says meterd must show for the call, counted second by second."""
+    """What docs/billing.md says meterd must show for the call, counted second by second."""
     zero = {
         "bank_minutes": 0,
         "deposit_minor": 0,

@@ -241,8 +241,9 @@ def _pairs(params: Params) -> list[tuple[str, str]]:
 def sign(url: str, params: Params, auth_token: str) -> str:
     """The X-Twilio-Signature Twilio would send for a form POST to `url` with `params`.
 
-    Documented algorithm (twilio.md §5): the full URL, then for each parameter name in byte order,
-    the name followed by its value, no delimiters; HMAC-SHA1 keyed with the auth token; base64.
+    Documented algorithm (docs/twilio-setup.md): the full URL, then for each parameter name in
+    byte order, the name followed by its value, no delimiters; HMAC-SHA1 keyed with the auth
+    token; base64.
     A name that appears more than once contributes each distinct value, in sorted order (what both
     official libraries, twilio-python and twilio-node, do with repeated keys).
     """

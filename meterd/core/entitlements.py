@@ -1,4 +1,4 @@
-"""Email and ticket support eligibility (billing-rules.md, the eligibility table)."""
+"""Email and ticket support eligibility (docs/billing.md, the eligibility table)."""
 
 from __future__ import annotations
 

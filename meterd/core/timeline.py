@@ -1,4 +1,4 @@
-"""A call's time, from its recorded conference events and research marks (billing-rules.md, Time).
+"""A call's time, from its recorded conference events and research marks (docs/billing.md, Time).
 
 One pure function, `build_timeline`, turns what Twilio told us about a conference (and what agents
 flagged as research) into, per agent, active / research / billable intervals, and the customer's
@@ -6,7 +6,7 @@ hold intervals. No I/O, no clock: the caller passes `now_seconds`. All times are
 since the Unix epoch; every interval is half-open `[start_seconds, end_seconds)`.
 
 The result depends only on the *set* of events and marks: any arrival order, with any repeats,
-gives the same `Timeline`. Decisions taken where billing-rules.md is silent:
+gives the same `Timeline`. Decisions taken where docs/billing.md is silent:
 
 - Events are de-duplicated by equality and applied in order of (sequence_number, at_seconds), ties
   broken by the remaining fields, so two *different* events that share a sequence number are both
@@ -168,7 +168,7 @@ def _total_seconds(intervals: Iterable[Interval]) -> int:
 
 
 def agent_minutes(billable_seconds: int, increment_seconds: int) -> int:
-    """Whole agent-minutes for one agent on one call, rounded up (billing-rules.md, Minutes)."""
+    """Whole agent-minutes for one agent on one call, rounded up (docs/billing.md, Minutes)."""
     return ceil_div(billable_seconds, increment_seconds)
 
 
@@ -210,7 +210,7 @@ class TimelineEntry:
 
 @dataclass(frozen=True)
 class Timeline:
-    """What a call's time was, by the rules of billing-rules.md."""
+    """What a call's time was, by the rules of docs/billing.md."""
 
     hold: tuple[Interval, ...]  # customer in the conference, no agent active with them
     agents: Mapping[str, AgentTime] = field(hash=False)  # by agent id, sorted

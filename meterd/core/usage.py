@@ -1,7 +1,7 @@
 """The nightly usage report's pure core: business days, rows, the reconciliation, CSV and JSON.
 
 No I/O, no clock: `meterd.services.usage` reads the database and calls these. Decisions taken
-where billing-rules.md and issue 6 are silent (an accountant's reading of "usage by day"):
+where docs/billing.md and issue 6 are silent (an accountant's reading of "usage by day"):
 
 Days
 - A business day is `[local midnight, next local midnight)` in `business_timezone`, as UTC

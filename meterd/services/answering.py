@@ -39,7 +39,7 @@ log = get_logger("meterd.answering")
 CALL_SID = re.compile(r"\ACA[0-9a-fA-F]{32}\Z")  # \Z: "$" would let a trailing newline in
 PIN_ATTEMPTS_MAX = 3
 
-# <Pay>'s Result values (twilio.md) and what the caller is told about each.
+# <Pay>'s Result values (docs/twilio-setup.md) and what the caller is told about each.
 PAY_RESULT_REASONS = {
     "success": "declined",  # tokenised, but the gateway then said no
     "too-many-failed-attempts": "invalid_card",

@@ -3,7 +3,7 @@
 Every path that takes or gives back an account's minutes or money asks it, inside its own
 database transaction: the connect gate (answering), each live minute and the top-up before funds
 run out (metering), settlement (incidents), a waiver and a card payment's completion (payments).
-Its decisions follow billing-rules.md: bank, then deposit at the per-minute rate in force when the
+Its decisions follow docs/billing.md: bank, then deposit at the per-minute rate in force when the
 minute is due, then the card (block mode: a block bought into the bank; authorise mode: the
 call's authorisations, by money), then debt under `allow_debt`, else owed (a receivable).
 

@@ -9,8 +9,9 @@ values; `Hold`, `Muted` and the other flags `true` or `false`. A value that brea
 field meterd reads given twice, or a field a route needs that is missing is an `InvalidRequest`
 naming the field (400).
 
-Fields meterd does not read are not judged: Twilio adds parameters without notice (twilio.md,
-pitfall 11); they are kept in the raw record (JSON-encoded) and in the signature check only.
+Fields meterd does not read are not judged: Twilio adds parameters without notice
+(docs/twilio-setup.md); they are kept in the raw record (JSON-encoded) and in the signature check
+only.
 An empty value counts as absent (Twilio sends empty geo fields, an empty `CallSidEndingConference`
 when a conference is ended through the API, and so on).
 
@@ -64,7 +65,7 @@ _TIMESTAMP = re.compile(
 )
 TIMESTAMP_CHARS_MAX = 40
 
-# twilio.md §2: every StatusCallbackEvent a conference sends.
+# docs/twilio-setup.md: every StatusCallbackEvent a conference sends.
 CONFERENCE_EVENTS = frozenset(
     {
         "conference-start",
@@ -82,7 +83,7 @@ CONFERENCE_EVENTS = frozenset(
         "announcement-fail",
     }
 )
-# twilio.md §1: CallStatus values (`initiated` on status callbacks only).
+# docs/twilio-setup.md: CallStatus values (`initiated` on status callbacks only).
 CALL_STATUSES = frozenset(
     {
         "queued",
@@ -96,7 +97,7 @@ CALL_STATUSES = frozenset(
         "canceled",
     }
 )
-# twilio.md §4: <Pay>'s Result values.
+# docs/twilio-setup.md: <Pay>'s Result values.
 PAY_RESULTS = frozenset(
     {
         "success",
@@ -121,7 +122,7 @@ _PRINTABLE_ASCII = re.compile(r"[!-~]{1,255}")
 _URL = re.compile(r"https?://[!-~]{1,2040}")
 # An agent id in a `agent:<id>` label: the same ids /agents/research accepts.
 _AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,121}")
-PARTICIPANT_LABEL_CHARS_MAX = 128  # twilio.md §2
+PARTICIPANT_LABEL_CHARS_MAX = 128  # docs/twilio-setup.md
 
 
 def is_sid(value: str, prefix: str | None = None) -> bool:
@@ -264,7 +265,7 @@ _PHONE = _Rule(
 _CALL_SID = _sid_rule("CA")
 
 RULES: dict[str, _Rule] = {
-    # sids (twilio.md §1, §2, §3; ParticipantSid: whatever two letters Twilio gives it)
+    # sids (docs/twilio-setup.md; ParticipantSid: whatever two letters Twilio gives it)
     "AccountSid": _sid_rule("AC"),
     "CallSid": _CALL_SID,
     "ParentCallSid": _CALL_SID,

@@ -1,4 +1,4 @@
-"""The nightly usage for finance (billing-rules.md, Nightly usage; issue 6).
+"""The nightly usage for finance (docs/billing.md, Nightly usage; issue 6).
 
 A closed business day's report is built from the database, checked, written atomically under
 `<state_dir>/usage/` and recorded once in `usage_runs`:

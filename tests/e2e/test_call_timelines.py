@@ -1,5 +1,5 @@
 """End-to-end against the real `meterd run` process: signed, realistic Twilio callbacks for the
-call shapes billing-rules.md names, with the exact billable seconds, agent-minutes and hold
+call shapes docs/billing.md names, with the exact billable seconds, agent-minutes and hold
 seconds worked out by hand beside each assertion."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Email and ticket eligibility, row by row of billing-rules.md's table."""
+"""Email and ticket eligibility, row by row of docs/billing.md's table."""
 
 from __future__ import annotations
 

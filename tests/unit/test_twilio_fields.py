@@ -116,7 +116,7 @@ in_range = st.datetimes(
 def test_any_rfc_2822_time_twilio_could_send_parses_to_the_same_instant(at, offset_min, one_digit):
     local = at.astimezone(dt.timezone(dt.timedelta(minutes=offset_min)))
     text = email.utils.format_datetime(local)
-    if one_digit:  # twilio.md: 'Thu, 1 Jun 2017 20:48:32 +0000'
+    if one_digit:  # docs/twilio-setup.md: 'Thu, 1 Jun 2017 20:48:32 +0000'
         text = text.replace(f", {local.day:02d} ", f", {local.day} ")
     parsed = parse_timestamp(text)
     assert parsed == at and parsed.tzinfo == dt.UTC
@@ -362,7 +362,7 @@ def test_a_field_meterd_reads_may_not_come_twice():
 
 
 def test_fields_meterd_does_not_read_are_not_judged():
-    """twilio.md pitfall 11: Twilio adds parameters without notice."""
+    """docs/twilio-setup.md pitfall 11: Twilio adds parameters without notice."""
     params = voice_params(CALL_SID, "+14155550142", StirVerstat="TN-Validation-Passed-A\n")
     check_webhook("voice", [*params.items(), ("NewThing", "\x00"), ("NewThing", "again")])
 
