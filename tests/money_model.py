@@ -50,13 +50,16 @@ What is a BOUND, and why:
   the agents then on calls and the minutes still to come fitted in those funds plus one per
   agent (else the early block was needed anyway). Two calls each buying a block where one
   suffices is NOT within the bound (issue 11, defect 7).
-- A block bought early and needed anyway. The block lands in the bank and the bank pays first
-  (billing-rules.md: the card "credits the bank, and goes on from the bank"), so the minutes the
-  deposit still held when it was bought may then be paid from the block instead: the same card
-  money, bank - k, the deposit up and owed down by the price of those k minutes. Only up to the
-  most minutes the deposit held at a moment the funds left were fewer than the agents then on
-  calls (with one agent, never: the block is bought only once the deposit cannot pay a minute,
-  issue 11, defect 6).
+- A block bought early and needed anyway. meterd may buy a block from the first moment the
+  funds left (bank + deposit // rate) are fewer than the agents then on calls (README: bank and
+  deposit "cannot pay the next minute of every accruing agent"); the block lands in the bank and
+  the bank pays first (billing-rules.md: the card "credits the bank, and goes on from the bank"),
+  so minutes the model, buying only once nothing can pay, pays from the deposit after that
+  moment (money the deposit still held then, or deposited later) may be paid from the block
+  instead: the same card money, bank - k, the deposit up and owed down by the price of those k
+  minutes. Only up to the minutes the model paid from the deposit after the first such moment
+  (with one agent, the deposit's own minutes never: that moment comes only once the deposit
+  cannot pay a minute, issue 11, defect 6; a deposit made after it, yes).
 - Order of minutes due close together. Which of two minutes due at nearly the same moment is
   funded first is decided by when ticks run, so the model runs its funding four ways (minutes
   ordered on the stamp axis or the true axis, same-second ties broken one way or the other) and
@@ -334,8 +337,8 @@ class Outcome:
     splits: tuple[Split, ...]
     early_block_possible: bool  # one more block than needed is within the rules
     # minutes the model pays with money that a block bought early (and needed anyway) may pay
-    # from the bank instead: the most the deposit held while the funds left were fewer than the
-    # agents on calls (README: the block is bought then)
+    # from the bank instead: the minutes it paid from the deposit after the first moment the
+    # funds left were fewer than the agents on calls (README: meterd may buy the block then)
     block_ahead_minutes: int = 0
 
 
@@ -348,7 +351,8 @@ class _State:
     card_kept: int = 0
     blocks: int = 0
     early: bool = False
-    ahead: int = 0
+    ahead_since: int | None = None  # the first moment meterd may have bought a block ahead
+    ahead: int = 0  # deposit-paid minutes since then
 
 
 def _gate(state: _State, call: Call, rate: int) -> str:
@@ -414,6 +418,8 @@ def _fund(
                 state.bank -= 1
                 split = dataclasses.replace(split, bank_minutes=split.bank_minutes + 1)
             elif state.deposit >= rate or allow_debt:
+                if state.ahead_since is not None and state.deposit >= rate:
+                    state.ahead += 1  # a block bought ahead may have paid it from the bank
                 state.deposit -= rate
                 split = dataclasses.replace(split, deposit_minor=split.deposit_minor + rate)
             else:
@@ -431,8 +437,8 @@ def _fund(
             agents = sum(1 for low, high in spans if low <= moment <= high)
             if left <= 2 * max(agents, 1) and remaining <= left + agents:
                 state.early = True
-            if left < agents:  # meterd may buy the block now; the deposit's minutes wait
-                state.ahead = max(state.ahead, max(state.deposit, 0) // rate_now)
+            if left < agents and state.ahead_since is None:
+                state.ahead_since = moment  # meterd may buy the block now, and pay bank first
     return Outcome(
         bank=state.bank,
         deposit=state.deposit,
@@ -554,7 +560,8 @@ class Prediction:
                 # ... or its minutes paid, bank first, minutes the model paid with money
                 if paid_from_the_bank(o, BLOCK_MINUTES, BLOCK_MINUTES):
                     return ""
-            # a block bought early and needed anyway: the bank paid first what the deposit held
+            # a block bought early and needed anyway: the bank paid first minutes the model
+            # paid from the deposit after meterd may have bought it
             if card_kept == o.card_kept and paid_from_the_bank(o, 0, o.block_ahead_minutes):
                 return ""
         wanted = [

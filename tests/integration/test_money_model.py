@@ -845,6 +845,34 @@ PAST_FAILURES = [
         ),
         id="block-bought-ahead-pays-a-deposit-minute-bank-first",
     ),
+    # One agent accruing, the bank's one minute paid: bank and deposit (0) cannot pay the next
+    # minute, so meterd buys the block at once; the deposit of 100 arrives at 14, after the
+    # block, and from then on the bank pays first, so it is never used: bank 26, deposit 100,
+    # one block. The model, buying only when nothing can pay, pays one minute from the late
+    # deposit: bank 27, deposit 0. Both are within the rules: a block bought ahead may pay, bank
+    # first, any minute the model pays from the deposit after meterd may have bought it, money
+    # deposited later included.
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=1,
+            deposit=0,
+            card=GOOD_CARD,
+            on_exhausted="announce",
+            rates=(),
+            deposits=((14, 100),),
+            calls=(
+                Call(
+                    start=10,
+                    end=174,
+                    agents=(Agent("a0", join=0), Agent("a1", join=135), Agent("a2", join=158)),
+                    research=(Research("a0", start=0, stop=1, live=True),),
+                ),
+            ),
+            ticks=(),
+        ),
+        id="block-bought-ahead-pays-a-later-deposit-minute-bank-first",
+    ),
 ]
 
 
@@ -1004,3 +1032,45 @@ def test_the_model_still_wants_the_deposit_before_the_block_with_one_agent():
     assert all(o.block_ahead_minutes == 0 for o in prediction.outcomes)
     assert prediction.account_problem(25, 0, 0, 3000) == ""
     assert prediction.account_problem(20, 500, 0, 3000) != ""
+
+
+def test_the_model_lets_a_block_bought_ahead_pay_bank_first_what_was_deposited_later():
+    """The second past failure's figures: 5 agent-minutes from bank 1, a deposit of 100 made at
+    14 and one block. Once the bank's minute is paid nothing can pay the next one, so meterd may
+    buy the block then; the deposit comes after it and the bank pays first (bank 26, deposit
+    100). The model, buying the block once nothing can pay, pays a minute from the late deposit
+    (bank 27, deposit 0). Both are within the rules; two minutes moved (the model paid one from
+    the deposit after that moment), one moved without its money, or another block, are not."""
+    prediction = predict(PAST_FAILURES[1].values[0])
+    assert [
+        (o.bank, o.deposit, o.card_kept, o.block_ahead_minutes) for o in prediction.outcomes
+    ] == [(27, 0, 3000, 1)]
+    assert prediction.account_problem(27, 0, 0, 3000) == ""
+    assert prediction.exact_outcome is not None
+    assert prediction.account_problem(26, 100, 0, 3000) == ""
+    assert prediction.exact_outcome is None  # splits are not compared then
+    assert prediction.account_problem(25, 100, 0, 3000) != ""
+    assert prediction.account_problem(25, 200, 0, 3000) != ""
+    assert prediction.account_problem(26, 0, 0, 3000) != ""
+    assert prediction.account_problem(56, 100, 0, 6000) != ""
+
+
+def test_the_model_counts_only_deposit_minutes_paid_after_the_block_may_be_bought():
+    """One agent, bank 0, deposit 500 and a card, and 300 more deposited at 280: the first five
+    minutes are the deposit's (defect 6); the block may be bought once they are paid (at 250,
+    before the deposit), and the late deposit's minutes may then be paid from the bank, where
+    the model, buying the block once nothing can pay, pays them from the deposit. So up to 3
+    minutes move (the late 300), never the first deposit's 5."""
+    prediction = predict(
+        _scenario(
+            _one(Agent("a0", 0), end=600), deposit=500, deposits=((280, 300),), card=GOOD_CARD
+        )
+    )
+    assert [
+        (o.bank, o.deposit, o.card_kept, o.block_ahead_minutes) for o in prediction.outcomes
+    ] == [(28, 0, 3000, 3)]
+    assert prediction.account_problem(28, 0, 0, 3000) == ""
+    assert prediction.account_problem(26, 200, 0, 3000) == ""
+    assert prediction.account_problem(25, 300, 0, 3000) == ""
+    assert prediction.account_problem(24, 400, 0, 3000) != ""
+    assert prediction.account_problem(20, 800, 0, 3000) != ""
