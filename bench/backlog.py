@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 
 from bench._machine import append
-from meterd.services.metering import MINUTES_PER_TRANSACTION_MAX
+from meterd.services.minute_posting import MINUTES_PER_TRANSACTION_MAX
 from tests.call_scripts import CallScript
 from tests.e2e.daemon import Daemon
 from tests.e2e.test_call_timelines import PUBLIC_BASE_URL, TWILIO_TOKEN, post_twilio

@@ -16,7 +16,13 @@ from sqlalchemy import Row, and_, case, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.core.timeline import ConferenceEvent, ResearchMark, Timeline, build_timeline
-from meterd.store.schema import UtcDateTime, calls, research_marks, webhook_events
+from meterd.store.schema import (
+    UtcDateTime,
+    call_agent_minutes,
+    calls,
+    research_marks,
+    webhook_events,
+)
 from meterd.store.sql import insert_ignoring_conflict
 
 
@@ -453,3 +459,42 @@ async def note_event(
         update(calls).where(calls.c.call_sid == call_sid).values(**values)
     )
     return result.rowcount == 1
+
+
+async def lock_call(connection: AsyncConnection, call_sid: str) -> Row[Any] | None:
+    """The call's row, locked for metering or settling it (`FOR UPDATE SKIP LOCKED` on
+    PostgreSQL: a call another daemon holds is skipped, None; SQLite's write transaction is
+    exclusive already)."""
+    query = select(calls).where(calls.c.call_sid == call_sid)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return (await connection.execute(query)).one_or_none()
+
+
+async def minutes_posted(connection: AsyncConnection, call_sid: str) -> dict[str, int]:
+    """How many minutes of each agent on the call the ledger holds (the "posted" marker)."""
+    rows = await connection.execute(
+        select(call_agent_minutes.c.agent_id, call_agent_minutes.c.minutes_posted).where(
+            call_agent_minutes.c.call_sid == call_sid
+        )
+    )
+    return {row.agent_id: row.minutes_posted for row in rows}
+
+
+async def set_minutes_posted(
+    connection: AsyncConnection, call_sid: str, agent_id: str, minutes: int
+) -> None:
+    """Move the marker, in the transaction that posted (or gave back) the minutes."""
+    await connection.execute(
+        insert_ignoring_conflict(
+            connection,
+            call_agent_minutes,
+            {"call_sid": call_sid, "agent_id": agent_id, "minutes_posted": 0},
+            ["call_sid", "agent_id"],
+        )
+    )
+    await connection.execute(
+        update(call_agent_minutes)
+        .where(call_agent_minutes.c.call_sid == call_sid, call_agent_minutes.c.agent_id == agent_id)
+        .values(minutes_posted=minutes)
+    )

@@ -19,7 +19,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, insert, select
+from sqlalchemy import ColumnElement, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,7 +32,7 @@ from meterd.core.ledger import (
     Transaction,
     system_book_unit,
 )
-from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
+from meterd.store.schema import accounts, ledger_books, ledger_postings, ledger_transactions
 from meterd.store.sql import insert_ignoring_conflict
 
 BALANCE_CHECK_NAME = "ck_ledger_books_balance_not_negative"
@@ -404,3 +404,18 @@ async def net_incidents(connection: AsyncConnection, call_sid: str) -> int:
         )
     )
     return int(value or 0)
+
+
+async def allow_debt(connection: AsyncConnection, account_id: str) -> None:
+    """Let the account's deposit go below zero (`on_exhausted = "allow_debt"`) and flag the
+    account as in debt."""
+    await connection.execute(
+        update(ledger_books)
+        .where(ledger_books.c.book == ledger.deposit_book(account_id))
+        .values(allow_negative=True)
+    )
+    await connection.execute(
+        update(accounts)
+        .where(accounts.c.account_id == account_id, ~accounts.c.debt_flagged)
+        .values(debt_flagged=True)
+    )

@@ -11,7 +11,7 @@ import datetime as dt
 import pytest
 
 from meterd.services.ledger_check import check_ledger
-from meterd.services.metering import MINUTES_PER_TRANSACTION_MAX
+from meterd.services.minute_posting import MINUTES_PER_TRANSACTION_MAX
 from meterd.store.schema import calls
 
 from .test_metering import START, account, call_view, deliver, metering, start_call
@@ -43,16 +43,16 @@ async def next_due(database, call_sid: str) -> dt.datetime | None:
 
 def transactions_posted(client) -> list[int]:
     """Minutes posted by each metering transaction from now on."""
-    service = metering(client)
+    poster = metering(client)._poster
     posted: list[int] = []
-    post_due_minutes = service._post_due_minutes
+    post_due_minutes = poster.post_due_minutes
 
     async def spy(*args, **kwargs):
         result = await post_due_minutes(*args, **kwargs)
         posted.append(result[0])
         return result
 
-    service._post_due_minutes = spy
+    poster.post_due_minutes = spy
     return posted
 
 

@@ -1,0 +1,130 @@
+"""Posting a call's minutes: each minute now due, funded by the funding authority, written with
+the call's "minutes posted" marker in the same transaction. Used live by the metering tick and
+at the end by settlement; both hold the call's lock (`calls_store.lock_call`) while they post.
+
+A minute's idempotency key is `call:<sid>:agent:<id>:minute:<n>`: only the holder of the lock
+posts a call's minutes and the marker moves with them, so a key posted twice with other content
+means that guarantee broke (`InvariantBroken`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.clock import Clock
+from meterd.core import ledger, rating
+from meterd.core.rating import Funding, Source
+from meterd.core.timeline import Timeline
+from meterd.services.errors import InvariantBroken
+from meterd.services.funding import FundingAuthority
+from meterd.store import calls_store, ledger_store
+
+# At most this many minutes are posted for one call in one transaction: a call whose backlog is
+# larger (a join a day old, a daemon stopped for hours) is caught up in several transactions,
+# each short (2-4 ms a minute on SQLite: well under 100 ms), and the tick lets waiting webhooks and
+# other calls have the database between them, so nothing is held behind one call's backlog.
+MINUTES_PER_TRANSACTION_MAX = 15
+
+
+class MinutePoster:
+    def __init__(self, clock: Clock, funding: FundingAuthority, *, increment_seconds: int) -> None:
+        self._clock = clock
+        self._funding = funding
+        self._increment_seconds = increment_seconds
+
+    async def post_due_minutes(
+        self,
+        connection: AsyncConnection,
+        call: Row[Any],
+        account: Row[Any],
+        timeline: Timeline,
+        now: dt.datetime,
+    ) -> tuple[int, bool]:
+        """Post the minutes now due, at most MINUTES_PER_TRANSACTION_MAX. Returns how many
+        were posted and whether more are due."""
+        now_seconds = int(now.timestamp())
+        posted_by_agent = await calls_store.minutes_posted(connection, call.call_sid)
+        count = 0
+        increment = self._increment_seconds
+        for agent_id, agent_time in sorted(timeline.agents.items()):
+            already = posted_by_agent.get(agent_id, 0)
+            due = rating.minutes_due_live(
+                agent_time.billable_seconds, agent_time.accruing, increment
+            )
+            target = min(due, already + MINUTES_PER_TRANSACTION_MAX - count)
+            for n in range(already + 1, target + 1):
+                due_at_seconds = rating.minute_due_at_seconds(agent_time.billable, n, increment)
+                if due_at_seconds is None:
+                    # due because time is running and reaches its threshold now
+                    due_at_seconds = max(
+                        [now_seconds, *(i.end_seconds for i in agent_time.billable)]
+                    )
+                due_at = dt.datetime.fromtimestamp(due_at_seconds, dt.UTC)
+                funding = await self._funding.fund_minute(connection, account, call, due_at)
+                await self._post_minute(connection, call, account, agent_id, n, funding)
+                count += 1
+            if target > already:
+                await calls_store.set_minutes_posted(connection, call.call_sid, agent_id, target)
+            if target < due:
+                return count, True
+        return count, False
+
+    def minutes_missing(self, timeline: Timeline, posted: dict[str, int]) -> int:
+        """Minutes the timeline makes due that are not posted yet, over all agents."""
+        increment = self._increment_seconds
+        return sum(
+            max(
+                0,
+                rating.minutes_due_live(t.billable_seconds, t.accruing, increment)
+                - posted.get(a, 0),
+            )
+            for a, t in timeline.agents.items()
+        )
+
+    async def _post_minute(
+        self,
+        connection: AsyncConnection,
+        call: Row[Any],
+        account: Row[Any],
+        agent_id: str,
+        n: int,
+        funding: Funding,
+    ) -> None:
+        await self._prepare_books(connection, account.account_id, account.currency, funding)
+        transaction = ledger.minute(
+            call.call_sid,
+            agent_id,
+            n,
+            account_id=account.account_id,
+            currency=account.currency,
+            source=funding.source.value,
+            amount_minor=funding.amount_minor,
+        )
+        try:
+            await ledger_store.post(connection, transaction, self._clock())
+        except ledger_store.IdempotencyConflict as error:
+            raise InvariantBroken(
+                f"minute {transaction.key} was posted before with other "
+                f"content while its marker said it was not"
+            ) from error
+
+    async def _prepare_books(
+        self, connection: AsyncConnection, account_id: str, currency: str, funding: Funding
+    ) -> None:
+        """An owed minute needs the account's receivable book; a debt minute lets the deposit
+        go below zero and flags the account."""
+        if funding.source is Source.RECEIVABLE:
+            await ledger_store.create_book(
+                connection,
+                ledger.receivable_book(account_id),
+                unit=currency,
+                kind=ledger.BookKind.RECEIVABLE,
+                account_id=account_id,
+                allow_negative=True,
+            )
+        elif funding.source is Source.DEBT:
+            await ledger_store.allow_debt(connection, account_id)

@@ -1,0 +1,284 @@
+"""Settlement: once per call, `settle_delay_seconds` after it ended (late webhooks, research
+begun after hang-up) and once no research is open, the final timeline from Twilio's event
+timestamps decides each agent's minutes. Minutes taken live that it does not support are given
+back, missing ones are posted, money-paid minutes the bank could have paid are rebooked onto it,
+per-incident calls are charged, and the card's holds are settled (a waived call has every
+charge given back).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Row, and_, exists, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from meterd.clock import Clock
+from meterd.core import ledger, rating
+from meterd.core.plans import Plan
+from meterd.core.timeline import Timeline
+from meterd.logs import get_logger
+from meterd.services.errors import InvariantBroken
+from meterd.services.funding import FundingAuthority, lock_account
+from meterd.services.minute_posting import MINUTES_PER_TRANSACTION_MAX, MinutePoster
+from meterd.services.payments import PaymentService, post_incident
+from meterd.services.rates import RateBook, RateKind
+from meterd.store import calls_store, ledger_store
+from meterd.store.calls_store import CallStatus
+from meterd.store.database import Database
+from meterd.store.schema import calls, research_marks
+
+log = get_logger("meterd.settlement")
+
+
+class SettlementService:
+    def __init__(
+        self,
+        database: Database,
+        clock: Clock,
+        rates: RateBook,
+        payments: PaymentService,
+        funding: FundingAuthority,
+        poster: MinutePoster,
+        *,
+        increment_seconds: int,
+        research_max_minutes: int,
+        settle_delay_seconds: int,
+        batch_max: int,
+    ) -> None:
+        self._database = database
+        self._clock = clock
+        self._rates = rates
+        self._payments = payments
+        self._funding = funding
+        self._poster = poster
+        self._increment_seconds = increment_seconds
+        self._research_max_seconds = research_max_minutes * 60
+        self._research_max = dt.timedelta(seconds=self._research_max_seconds)
+        self._settle_delay_seconds = settle_delay_seconds
+        self._batch_max = batch_max
+
+    async def settle_call(self, call_sid: str) -> bool:
+        """Make the call's ledger equal the rule exactly, once. True if settled now; False if
+        it was settled before, is being metered elsewhere, or research on it is still open."""
+        now = self._clock()
+        async with self._database.write() as connection:
+            call = await calls_store.lock_call(connection, call_sid)
+            if call is None or call.settled_at is not None:
+                return False
+            if await calls_store.research_open(connection, call_sid, now, self._research_max):
+                return False  # started after the call was chosen: settle once it stops
+            timeline = await calls_store.load_timeline(
+                connection, call, now, self._research_max_seconds
+            )
+            if call.account_id is not None and call.plan is not None:
+                account = await lock_account(connection, call.account_id)
+                missing = self._poster.minutes_missing(
+                    timeline, await calls_store.minutes_posted(connection, call_sid)
+                )
+                if missing > MINUTES_PER_TRANSACTION_MAX:
+                    # catch the backlog up in bounded transactions first; settle after
+                    await self._poster.post_due_minutes(connection, call, account, timeline, now)
+                    return False
+                # give back first, so minutes given back to the bank can pay for missing ones
+                bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
+                await self._poster.post_due_minutes(connection, call, account, timeline, now)
+                if call.plan == Plan.PER_MINUTE.value:
+                    await self._pay_from_bank_first(connection, call, bank_returned, now)
+                if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
+                    await self._charge_incidents(connection, call, account, timeline)
+                # card: capture what was used, release the rest; a waived call (or one that
+                # never connected) has every charge given back
+                await self._payments.queue_settlement(connection, call)
+            await calls_store.update_call(connection, call_sid, settled_at=now, next_due_at=None)
+        log.info("call settled", call_sid=call_sid)
+        return True
+
+    async def _reverse_unsupported_minutes(
+        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline
+    ) -> list[int]:
+        """Give back minutes taken live that the final timeline does not support. Returns the
+        transaction ids of the banked minutes among them (their minutes went back to the bank)."""
+        bank_returned: list[int] = []
+        posted_by_agent = await calls_store.minutes_posted(connection, call.call_sid)
+        for agent_id, posted in posted_by_agent.items():
+            time = timeline.agents.get(agent_id)
+            final = (
+                0
+                if time is None
+                else rating.minutes_due(time.billable_seconds, self._increment_seconds)
+            )
+            for n in range(final + 1, posted + 1):
+                key = ledger.minute_key(call.call_sid, agent_id, n)
+                original = await ledger_store.load_transaction(connection, key)
+                if original is None:
+                    raise InvariantBroken(
+                        f"minute {n} of {agent_id} on {call.call_sid} is "
+                        f"counted as posted but is not in the ledger"
+                    )
+                result = await ledger_store.post(
+                    connection,
+                    ledger.reversal_of(
+                        original, memo="settlement: not supported by the final timeline"
+                    ),
+                    self._clock(),
+                )
+                if original.kind == "minute_bank" and not result.replayed:
+                    bank_returned.append(await ledger_store.transaction_id(connection, key))
+            if final < posted:  # only ever lowered here; missing minutes are posted after
+                log.info(
+                    "settlement corrected live minutes",
+                    call_sid=call.call_sid,
+                    agent_id=agent_id,
+                    live=posted,
+                    final=final,
+                )
+                await calls_store.set_minutes_posted(connection, call.call_sid, agent_id, final)
+        return bank_returned
+
+    async def _pay_from_bank_first(
+        self,
+        connection: AsyncConnection,
+        call: Row[Any],
+        bank_returned: list[int],
+        now: dt.datetime,
+    ) -> None:
+        """Live, a minute may have been paid with money while the bank was empty only because
+        an earlier minute, taken on a late leave event, held a banked minute that settlement
+        has just given back. The final word follows the funding order: each such money-paid
+        minute (posted after a given-back banked minute, matched one to one) is rebooked onto
+        the bank, while the bank holds minutes. A money-paid minute posted before any of them
+        rightly paid from the deposit and stays."""
+        bank_book = ledger.bank_book(call.account_id)
+        bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
+        if bank <= 0:
+            return
+        held_back = sorted(bank_returned)
+        rebook: list[str] = []
+        for key in await ledger_store.unreversed_keys(
+            connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
+        ):
+            paid_id = await ledger_store.transaction_id(connection, key)
+            if held_back and held_back[0] < paid_id and len(rebook) < bank:
+                held_back.pop(0)
+                rebook.append(key)
+        # minutes nothing could pay when they fell due (owed, or debt) are paid from the bank
+        # once it holds minutes again, e.g. the block bought because they could not be paid
+        for key in await ledger_store.unreversed_keys(
+            connection, call.call_sid, frozenset({"minute_receivable", "minute_debt"})
+        ):
+            if key not in rebook and len(rebook) < bank:
+                rebook.append(key)
+        for key in rebook:
+            original = await ledger_store.load_transaction(connection, key)
+            if original is None:
+                raise InvariantBroken(f"{key} is listed but not in the ledger")
+            await ledger_store.post(
+                connection,
+                ledger.reversal_of(original, memo="settlement: paid from the bank instead"),
+                now,
+            )
+            agent_id, n = ledger.parse_minute_key(key)
+            await ledger_store.post(
+                connection,
+                ledger.minute(
+                    call.call_sid,
+                    agent_id,
+                    n,
+                    account_id=call.account_id,
+                    currency="",
+                    source="bank",
+                    amount_minor=0,
+                    rebooked=True,
+                ),
+                now,
+            )
+
+    async def _charge_incidents(
+        self, connection: AsyncConnection, call: Row[Any], account: Row[Any], timeline: Timeline
+    ) -> None:
+        """Per incident: one incident per started 2 hours of billable time, shared by an
+        incident's linked follow-up calls (a waived call's time no longer counts), at the price
+        in force when the call ended; from the deposit, else the card on file, else owed."""
+        group = call.incident_group or call.call_sid
+        group_seconds = timeline.billable_union_seconds
+        settled_members = (
+            await connection.execute(
+                select(calls).where(
+                    (calls.c.incident_group == group) | (calls.c.call_sid == group),
+                    calls.c.call_sid != call.call_sid,
+                    calls.c.settled_at.is_not(None),
+                    calls.c.waived_at.is_(None),
+                )
+            )
+        ).all()
+        for member in settled_members:
+            member_timeline = await calls_store.load_timeline(
+                connection, member, member.settled_at, self._research_max_seconds
+            )
+            group_seconds += member_timeline.billable_union_seconds
+        needed = rating.incidents_due(group_seconds)
+        completed_at = call.ended_at or self._clock()
+        price = await self._rates.rate_at(
+            connection, RateKind.INCIDENT, account.currency, completed_at
+        )
+        if price == 0:
+            return
+        # The group's incidents so far: keys incident:<group>:1, 2, ... A key is used once
+        # (charged, on its way to the card, or given back by a waiver); one given back no
+        # longer counts, so a later call of the group charges the next free key instead.
+        charged, free_k = 0, 1
+        while True:
+            key = ledger.incident_key(group, free_k)
+            posted = await ledger_store.load_transaction(connection, key) is not None
+            if posted:
+                charged += 0 if await ledger_store.is_reversed(connection, key) else 1
+            elif await self._payments.operation_status(connection, key) in ("queued", "sent"):
+                charged += 1
+            elif await self._payments.operation_status(connection, key) is None:
+                break
+            free_k += 1
+        for k in range(free_k, free_k + max(needed - charged, 0)):
+            key = ledger.incident_key(group, k)
+            payer = await self._funding.incident_payer(
+                connection, account, call.call_sid, key, price
+            )
+            if payer is None:
+                continue  # the card is charged next; the incident is posted when it succeeds
+            await post_incident(
+                connection,
+                key,
+                call_sid=call.call_sid,
+                account_id=call.account_id,
+                currency=account.currency,
+                payer=payer,
+                amount_minor=price,
+                now=self._clock(),
+            )
+
+    async def settleable(self) -> list[str]:
+        """Calls ready to settle: ended `settle_delay_seconds` ago, no research open."""
+        now = self._clock()
+        cutoff = now - dt.timedelta(seconds=self._settle_delay_seconds)
+        research_cap = now - dt.timedelta(seconds=self._research_max_seconds)
+        open_research = exists().where(
+            and_(
+                research_marks.c.call_sid == calls.c.call_sid,
+                research_marks.c.end_at.is_(None),
+                research_marks.c.start_at > research_cap,
+            )
+        )
+        async with self._database.read() as connection:
+            rows = await connection.scalars(
+                select(calls.c.call_sid)
+                .where(
+                    calls.c.settled_at.is_(None),
+                    calls.c.ended_at <= cutoff,
+                    calls.c.status.in_((CallStatus.ENDED, CallStatus.REJECTED)),
+                    ~open_research,
+                )
+                .order_by(calls.c.ended_at)
+                .limit(self._batch_max)
+            )
+            return list(rows.all())
