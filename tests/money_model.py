@@ -48,8 +48,11 @@ What is a BOUND, and why:
   up and owed down by the price of those k minutes (between k x the lowest and k x the highest
   rate). Only when, at some moment, the funds left (bank + deposit // rate) were at most twice
   the agents then on calls and the minutes still to come fitted in those funds plus one per
-  agent (else the early block was needed anyway). Two calls each buying a block where one
-  suffices is NOT within the bound (issue 11, defect 7).
+  agent (else the early block was needed anyway); or when, at some moment, the funds left were
+  fewer than the agents then on calls (meterd may buy a block then, see below) and the model
+  buys no block after it (the minutes still to come were paid from money deposited later): k is
+  then at most the minutes the model paid from the deposit after that moment. Two calls each
+  buying a block where one suffices is NOT within the bound (issue 11, defect 7).
 - A block bought early and needed anyway. meterd may buy a block from the first moment the
   funds left (bank + deposit // rate) are fewer than the agents then on calls (README: bank and
   deposit "cannot pay the next minute of every accruing agent"); the block lands in the bank and
@@ -336,10 +339,14 @@ class Outcome:
     blocks: int
     splits: tuple[Split, ...]
     early_block_possible: bool  # one more block than needed is within the rules
-    # minutes the model pays with money that a block bought early (and needed anyway) may pay
-    # from the bank instead: the minutes it paid from the deposit after the first moment the
-    # funds left were fewer than the agents on calls (README: meterd may buy the block then)
+    # minutes the model pays with money that a block bought early (and needed anyway: the model
+    # buys one later) may pay from the bank instead: the minutes it paid from the deposit after
+    # the first moment the funds left were fewer than the agents on calls (README: meterd may
+    # buy the block then)
     block_ahead_minutes: int = 0
+    # of one block more than the model's, the most minutes it may have paid, bank first, that
+    # the model paid with money
+    early_block_minutes: int = 0
 
 
 @dataclass
@@ -351,8 +358,10 @@ class _State:
     card_kept: int = 0
     blocks: int = 0
     early: bool = False
-    ahead_since: int | None = None  # the first moment meterd may have bought a block ahead
-    ahead: int = 0  # deposit-paid minutes since then
+    deposit_minutes: int = 0  # minutes paid from deposit money (not debt)
+    # (blocks bought, deposit minutes paid) at each moment meterd may buy a block ahead: the
+    # funds left fewer than the agents on calls
+    ahead_points: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _gate(state: _State, call: Call, rate: int) -> str:
@@ -418,8 +427,8 @@ def _fund(
                 state.bank -= 1
                 split = dataclasses.replace(split, bank_minutes=split.bank_minutes + 1)
             elif state.deposit >= rate or allow_debt:
-                if state.ahead_since is not None and state.deposit >= rate:
-                    state.ahead += 1  # a block bought ahead may have paid it from the bank
+                if state.deposit >= rate:
+                    state.deposit_minutes += 1
                 state.deposit -= rate
                 split = dataclasses.replace(split, deposit_minor=split.deposit_minor + rate)
             else:
@@ -437,8 +446,17 @@ def _fund(
             agents = sum(1 for low, high in spans if low <= moment <= high)
             if left <= 2 * max(agents, 1) and remaining <= left + agents:
                 state.early = True
-            if left < agents and state.ahead_since is None:
-                state.ahead_since = moment  # meterd may buy the block now, and pay bank first
+            if left < agents:  # meterd may buy the block now, and pay bank first from then on
+                state.ahead_points.append((state.blocks, state.deposit_minutes))
+    # minutes paid from the deposit after meterd may have bought a block ahead: a block it
+    # needed anyway (the model buys it later) may have paid them, bank first ...
+    ahead = [state.deposit_minutes - paid for b, paid in state.ahead_points if b < state.blocks]
+    # ... and one the model never buys (it buys no block after that moment: the minutes still
+    # to come were paid from money deposited later) is one block more, which may have paid them
+    extra = [state.deposit_minutes - paid for b, paid in state.ahead_points if b == state.blocks]
+    early_minutes = min(max(extra, default=0), BLOCK_MINUTES)
+    if state.early:
+        early_minutes = BLOCK_MINUTES
     return Outcome(
         bank=state.bank,
         deposit=state.deposit,
@@ -446,8 +464,9 @@ def _fund(
         card_kept=state.card_kept,
         blocks=state.blocks,
         splits=tuple(splits),
-        early_block_possible=state.early,
-        block_ahead_minutes=state.ahead,
+        early_block_possible=state.early or bool(extra),
+        block_ahead_minutes=max(ahead, default=0),
+        early_block_minutes=early_minutes,
     )
 
 
@@ -548,6 +567,7 @@ class Prediction:
             money = deposit - o.deposit + o.owed - owed
             return (
                 0 < moved <= most
+                and bank >= 0
                 and moved * min(rates) <= money <= moved * max(rates)
                 and deposit >= o.deposit
                 and owed <= o.owed
@@ -558,7 +578,7 @@ class Prediction:
                 if (bank, deposit, owed) == (o.bank + BLOCK_MINUTES, o.deposit, o.owed):
                     return ""  # one block bought early and never needed
                 # ... or its minutes paid, bank first, minutes the model paid with money
-                if paid_from_the_bank(o, BLOCK_MINUTES, BLOCK_MINUTES):
+                if paid_from_the_bank(o, BLOCK_MINUTES, o.early_block_minutes):
                     return ""
             # a block bought early and needed anyway: the bank paid first minutes the model
             # paid from the deposit after meterd may have bought it
@@ -572,6 +592,7 @@ class Prediction:
                 "card_kept": o.card_kept,
                 "blocks": o.blocks,
                 "one_more_block_allowed": o.early_block_possible,
+                "its_minutes_paying_money_minutes": o.early_block_minutes,
                 "block_ahead_minutes": o.block_ahead_minutes,
             }
             for o in self.outcomes

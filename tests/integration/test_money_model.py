@@ -873,6 +873,42 @@ PAST_FAILURES = [
         ),
         id="block-bought-ahead-pays-a-later-deposit-minute-bank-first",
     ),
+    # The bank's minute and the deposit's (100) paid on the first call, the last with an agent
+    # still accruing: meterd buys the block then. The calls never need it: the second call's 3
+    # minutes come after a deposit of 1000, and the bank pays them first: bank 27, deposit 1000,
+    # one block. The model, which buys no block, pays them from that deposit: bank 0, deposit
+    # 700. Both are within the rules: one block more, bought when the funds were fewer than the
+    # agents accruing, may pay bank first minutes the model paid from money deposited later.
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=1,
+            deposit=0,
+            card=GOOD_CARD,
+            on_exhausted="announce",
+            rates=(),
+            deposits=((1, 100), (196, 1000)),
+            calls=(
+                Call(
+                    start=10,
+                    end=174,
+                    agents=(
+                        Agent("a0", join=47, leave=48),
+                        Agent("a1", join=158),
+                        Agent("a2", join=134, leave=141, hold=(135, 136)),
+                    ),
+                    customer_hold=(98, 141),
+                ),
+                Call(
+                    start=401,
+                    end=20,
+                    agents=(Agent("a0", join=0), Agent("a1", join=0), Agent("a2", join=1)),
+                ),
+            ),
+            ticks=(),
+        ),
+        id="block-bought-ahead-never-needed-pays-a-later-deposit-bank-first",
+    ),
 ]
 
 
@@ -1074,3 +1110,25 @@ def test_the_model_counts_only_deposit_minutes_paid_after_the_block_may_be_bough
     assert prediction.account_problem(25, 300, 0, 3000) == ""
     assert prediction.account_problem(24, 400, 0, 3000) != ""
     assert prediction.account_problem(20, 800, 0, 3000) != ""
+
+
+def test_the_model_lets_one_more_block_pay_bank_first_what_was_deposited_later():
+    """The third past failure's figures: 5 agent-minutes from bank 1 and deposits of 100 (at 1)
+    and 1000 (at 196). Once the first call's second minute is paid nothing is left and an agent
+    is accruing, so meterd may buy a block then; the model needs none (the deposit of 1000 pays
+    the second call), so that block is one more, and it may pay bank first the 3 minutes the
+    model paid from the late deposit (bank 27, deposit 1000), or none (bank 30, deposit 700).
+    Minutes moved without their money, more minutes than the model paid from the deposit after
+    that moment, or a second block, are not within the rules."""
+    prediction = predict(PAST_FAILURES[2].values[0])
+    assert [
+        (o.bank, o.deposit, o.card_kept, o.early_block_possible, o.early_block_minutes)
+        for o in prediction.outcomes
+    ] == [(0, 700, 0, True, 3)]
+    assert prediction.account_problem(0, 700, 0, 0) == ""
+    assert prediction.account_problem(27, 1000, 0, 3000) == ""
+    assert prediction.account_problem(30, 700, 0, 3000) == ""
+    assert prediction.account_problem(27, 900, 0, 3000) != ""
+    assert prediction.account_problem(26, 1100, 0, 3000) != ""  # the first call's deposit minute
+    assert prediction.account_problem(-3, 1000, 0, 0) != ""
+    assert prediction.account_problem(57, 1000, 0, 6000) != ""
