@@ -26,8 +26,9 @@ shortened so that they end about when the kills do); once every call has ended a
 (`settle_delay_seconds` 8: longer than any retry takes here) the daemon is stopped and checked:
 
 - every call's view (`GET /admin/calls/{sid}`) equals the expectation worked out second by second
-  from its script (`meterd.simulate.expect`: active, billable and hold seconds, agent-minutes =
-  billable seconds rounded up per 60 s increment, charges from the bank or the deposit);
+  from its script (`meterd.simulate.expectation.expect`: active, billable and hold seconds,
+  agent-minutes = billable seconds rounded up per 60 s increment, charges from the bank or the
+  deposit);
 - lost: an event answered 2xx that is not in `webhook_events`, or a minute of the expectation
   (call, agent, n) with no standing ledger transaction;
 - repeated: an event stored more than once (or stored with other content), or a minute standing
@@ -62,25 +63,15 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import aiohttp
 from sqlalchemy import select
 
 from bench.ingest import METERD, PUBLIC_BASE_URL, TWILIO_TOKEN, MeterdProcess, report
-from meterd.simulate import (
-    AGENT_NAMES,
-    Leg,
-    Options,
-    PlannedCall,
-    Prices,
-    SimAccount,
-    _call_fields,
-    compare,
-    conference_steps,
-    expect,
-    sign,
-)
+from meterd.simulate.expectation import Prices, compare, expect
+from meterd.simulate.playback import Options, conference_steps
+from meterd.simulate.scenarios import AGENT_NAMES, Leg, PlannedCall, SimAccount
+from meterd.simulate.wire import signed_form, voice_params
 from meterd.store.database import open_database
 from meterd.store.schema import (
     call_agent_minutes,
@@ -307,12 +298,7 @@ class Chaos:
 
     async def deliver(self, delivery: Delivery) -> None:
         """Send until a 2xx; a refused or lost connection, a timeout or a 5xx is retried."""
-        pairs = list(delivery.params.items())
-        body = urlencode(pairs).encode("ascii")
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "X-Twilio-Signature": sign(PUBLIC_BASE_URL + delivery.route, pairs, TWILIO_TOKEN),
-        }
+        body, headers = signed_form(PUBLIC_BASE_URL + delivery.route, delivery.params, TWILIO_TOKEN)
         deadline = time.monotonic() + DELIVERY_DEADLINE_SECONDS
         pause = 0.1
         while True:
@@ -357,7 +343,7 @@ class Chaos:
         voice = Delivery(
             call.call_sid,
             "/twilio/voice",
-            _call_fields(call.call_sid, call.from_number, "ringing"),
+            voice_params(call.call_sid, call.from_number),
             "voice",
         )
         self.deliveries.append(voice)

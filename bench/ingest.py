@@ -42,13 +42,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import aiohttp
 import asyncpg
 
 from bench._machine import append
-from meterd.simulate import rfc2822, sign
+from meterd.simulate.wire import conference_params, signed_form, voice_params
 
 METERD = str(Path(sys.executable).parent / "meterd")
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -59,7 +58,6 @@ ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"  # noqa: S105 - a bench's own
 AGENTS_TOKEN = "bench-agents-token-0123456789abcdef"  # noqa: S105 - a bench's own daemon
 PIN_SECRET = "bench-pin-secret-0123456789abcdef"  # noqa: S105 - a bench's own daemon
 PUBLIC_BASE_URL = "https://calls.example.com/meterd"
-ACCOUNT_SID = "AC" + "b" * 32
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -239,15 +237,8 @@ class Prepared:
 
 def prepare(path: str, params: dict[str, str]) -> Prepared:
     """A signed form POST, encoded once (signing is not part of what is measured)."""
-    pairs = list(params.items())
-    return Prepared(
-        path,
-        urlencode(pairs).encode("ascii"),
-        {
-            "Content-Type": "application/x-www-form-urlencoded",
-            "X-Twilio-Signature": sign(PUBLIC_BASE_URL + path, pairs, TWILIO_TOKEN),
-        },
-    )
+    body, headers = signed_form(PUBLIC_BASE_URL + path, params, TWILIO_TOKEN)
+    return Prepared(path, body, headers)
 
 
 def call_sid(run: int, n: int) -> str:
@@ -255,61 +246,30 @@ def call_sid(run: int, n: int) -> str:
 
 
 def voice(run: int, n: int, from_number: str) -> Prepared:
-    sid = call_sid(run, n)
-    return prepare(
-        "/twilio/voice",
-        {
-            "AccountSid": ACCOUNT_SID,
-            "ApiVersion": "2010-04-01",
-            "CallSid": sid,
-            "CallStatus": "ringing",
-            "Direction": "inbound",
-            "From": from_number,
-            "Caller": from_number,
-            "To": "+18005550100",
-            "Called": "+18005550100",
-        },
-    )
-
-
-def participant(sid: str, label: str, held: bool = False) -> dict[str, str]:
-    return {
-        "CallSid": sid,
-        "ParticipantLabel": label,
-        "Muted": "false",
-        "Hold": "true" if held else "false",
-        "Coaching": "false",
-        "EndConferenceOnExit": "true" if label == "customer" else "false",
-        "StartConferenceOnEnter": "true",
-    }
+    return prepare("/twilio/voice", voice_params(call_sid(run, n), from_number))
 
 
 def conference_events(run: int, n: int, base: int, count: int = 8) -> list[Prepared]:
     """Up to 8 callbacks of one call, in Twilio's order: start, customer and agent joins, holds,
-    a second agent joining and leaving. Offsets (seconds) from `base` (epoch)."""
+    a second agent joining and leaving (on hold). Offsets (seconds) from `base` (epoch)."""
     sid = call_sid(run, n)
     agent_a, agent_b = f"{sid[:-8]}{1:08x}", f"{sid[:-8]}{2:08x}"
-    script: list[tuple[int, str, dict[str, str]]] = [
-        (0, "conference-start", {}),
-        (0, "participant-join", participant(sid, "customer")),
-        (5, "participant-join", participant(agent_a, "agent:alice")),
-        (40, "participant-hold", participant(sid, "customer", held=True)),
-        (55, "participant-unhold", participant(sid, "customer")),
-        (60, "participant-join", participant(agent_b, "agent:bob")),
-        (80, "participant-hold", participant(agent_b, "agent:bob", held=True)),
-        (90, "participant-leave", participant(agent_b, "agent:bob", held=True)),
+    script: list[tuple[int, str, str, str, bool]] = [  # offset, event, CallSid, label, held
+        (0, "conference-start", "", "", False),
+        (0, "participant-join", sid, "customer", False),
+        (5, "participant-join", agent_a, "agent:alice", False),
+        (40, "participant-hold", sid, "customer", True),
+        (55, "participant-unhold", sid, "customer", False),
+        (60, "participant-join", agent_b, "agent:bob", False),
+        (80, "participant-hold", agent_b, "agent:bob", True),
+        (90, "participant-leave", agent_b, "agent:bob", True),
     ]
     out = []
-    for sequence, (offset, event, extra) in enumerate(script[:count], start=1):
-        params = {
-            "AccountSid": ACCOUNT_SID,
-            "ConferenceSid": f"CF{sid[2:]}",
-            "FriendlyName": sid,
-            "StatusCallbackEvent": event,
-            "SequenceNumber": str(sequence),
-            "Timestamp": rfc2822(base + offset),
-            **extra,
-        }
+    for sequence, (offset, event, leg, label, held) in enumerate(script[:count], start=1):
+        conference_sid, at = f"CF{sid[2:]}", base + offset
+        params = conference_params(
+            conference_sid, sid, event, sequence, at, call_sid=leg, label=label, hold=held
+        )
         out.append(prepare("/twilio/conference", params))
     return out
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from sqlalchemy import func, insert, select
 
 from bench.ingest import (
-    ACCOUNT_SID,
     MeterdProcess,
     add_profile_arguments,
     backend_url,
@@ -41,6 +40,7 @@ from bench.ingest import (
     profiled,
     report,
 )
+from meterd.simulate.wire import ACCOUNT_SID
 from meterd.store.database import open_database
 from meterd.store.schema import calls, ledger_transactions, webhook_events
 
