@@ -196,7 +196,8 @@ class AccountService:
             required=False,
             default=self._settings.default_currency,
         )
-        assert currency is not None
+        if currency is None:
+            raise InvalidRequest("currency is required")
         try:
             check_currency(currency)
         except MoneyError:

@@ -26,7 +26,7 @@ from meterd.clock import Clock
 from meterd.core.plans import Plan, effective_plan
 from meterd.logs import get_logger
 from meterd.services.accounts import pin_hash
-from meterd.services.errors import InvalidRequest, NotFound
+from meterd.services.errors import InvalidRequest, InvariantBroken, NotFound
 from meterd.services.funding import FundingAuthority, lock_account
 from meterd.services.payments import PaymentService
 from meterd.store import calls_store
@@ -209,7 +209,8 @@ class AnsweringService:
             return answer
         async with self._database.read() as connection:
             call = await calls_store.get_call(connection, answer.call_sid)
-        assert call is not None and call.account_id is not None
+        if call is None or call.account_id is None:
+            raise InvariantBroken(f"call {answer.call_sid} went away while it was paying")
         outcome = await self._payments.pay_for_call(answer.call_sid, call.account_id)
         if outcome.ok:
             return await self._connect(answer.call_sid, call.account_id)
@@ -238,7 +239,8 @@ class AnsweringService:
             )
             if connected.rowcount != 1:
                 call = await calls_store.get_call(connection, call_sid, for_update=True)
-                assert call is not None
+                if call is None:
+                    raise InvariantBroken(f"call {call_sid} went away while connecting")
                 if call.status != CallStatus.CONNECTED:
                     await lock_account(connection, account_id)
                     await self._payments.give_back(connection, call)

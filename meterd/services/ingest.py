@@ -16,7 +16,7 @@ from typing import Any
 
 from meterd.clock import Clock
 from meterd.logs import get_logger
-from meterd.services.errors import InvalidRequest, NotFound
+from meterd.services.errors import InvalidRequest, InvariantBroken, NotFound
 from meterd.services.twilio_fields import (
     check_webhook,
     parse_flag,
@@ -214,7 +214,8 @@ class IngestService:
             stale = await calls_store.stale_calls(connection, older_than, STALE_SWEEP_BATCH_MAX)
             for call_sid in stale:
                 call = await calls_store.get_call(connection, call_sid)
-                assert call is not None
+                if call is None:
+                    raise InvariantBroken(f"stale call {call_sid} went away while closing it")
                 await calls_store.end_call(
                     connection, call_sid, call.last_event_at, "stale: no end event", by_sweeper=True
                 )

@@ -135,11 +135,12 @@ class WebhookIntake:
         params: list[tuple[str, str]],
         received_at: dt.datetime,
     ) -> None:
-        assert route in ("conference", "call-status")
         if route == "conference":
             await self._ingest.conference_event(form, params, received_at=received_at)
-        else:
+        elif route == "call-status":
             await self._ingest.call_status(form, params, received_at=received_at)
+        else:
+            raise ValueError(f"not a journaled route: {route!r}")
 
     def _late_offer_done(self, offer: asyncio.Task[None]) -> None:
         self._late.discard(offer)

@@ -39,6 +39,7 @@ from meterd.clock import Clock
 from meterd.core import ledger, rating
 from meterd.core.ledger import BookKind
 from meterd.logs import get_logger
+from meterd.services.errors import InvariantBroken
 from meterd.services.funding import (
     card_money_used_minor,
     lock_account,
@@ -100,6 +101,12 @@ class PaymentService:
     def available(self) -> bool:
         return self._gateway is not None
 
+    def _require_gateway(self) -> PaymentGateway:
+        """The gateway, on a path only reached when card payments are on."""
+        if self._gateway is None:
+            raise InvariantBroken("a card operation without a card gateway configured")
+        return self._gateway
+
     # --- the gate: a caller waiting on the line ---------------------------------------------
 
     async def save_card(self, account_id: str, token: str) -> Outcome:
@@ -157,9 +164,9 @@ class PaymentService:
 
     async def _resolve_gate_payment(self, operation: Row[Any]) -> Outcome:
         """A gate payment still in flight: the gateway's word on it, by its key."""
-        assert self._gateway is not None
+        gateway = self._require_gateway()
         try:
-            found = await self._gateway.find(operation.operation_key)
+            found = await gateway.find(operation.operation_key)
         except GatewayError:
             return Outcome(False, "unavailable")
         wanted = "requires_capture" if operation.kind == "authorize" else "succeeded"
@@ -268,7 +275,7 @@ class PaymentService:
     # --- sending and completing -------------------------------------------------------------
 
     async def _send(self, key: str) -> Outcome:
-        assert self._gateway is not None
+        gateway = self._require_gateway()
         async with self._database.read() as connection:
             operation = await _operation(connection, key)
             account = (
@@ -282,21 +289,21 @@ class PaymentService:
                 if card is None:
                     raise CardDeclined("no card on file")
                 send = (
-                    self._gateway.authorize
+                    gateway.authorize
                     if operation.kind == "authorize"
-                    else self._gateway.charge
+                    else gateway.charge
                 )
                 result = await send(key, card, operation.amount_minor, operation.currency)
             elif operation.kind == "capture":
-                result = await self._gateway.capture(
+                result = await gateway.capture(
                     key, await self._reference_of(operation.related_key), operation.amount_minor
                 )
             elif operation.kind == "release":
-                result = await self._gateway.release(
+                result = await gateway.release(
                     key, await self._reference_of(operation.related_key)
                 )
             else:
-                result = await self._gateway.refund(
+                result = await gateway.refund(
                     key, await self._reference_of(operation.related_key), operation.amount_minor
                 )
         except CardDeclined as error:

@@ -100,7 +100,8 @@ class ResearchService:
                 )
                 outcome = "stopped"
             else:
-                assert interval is not None
+                if interval is None:
+                    raise InvalidRequest("give start and end for research after the call")
                 start, end = interval
                 if end <= start:
                     raise InvalidRequest("end must be after start")

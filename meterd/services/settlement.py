@@ -8,6 +8,7 @@ charge given back).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -30,6 +31,11 @@ from meterd.store.database import Database
 from meterd.store.schema import calls, research_marks
 
 log = get_logger("meterd.settlement")
+
+# Settling a call posts its backlog first, one bounded transaction at a time: at most this many
+# (15,000 minutes, ten days of one agent); past it the next tick carries on.
+CATCH_UP_TRANSACTIONS_MAX = 1000
+_SETTLED, _NOT_SETTLED, _BACKLOG = object(), object(), object()
 
 
 class SettlementService:
@@ -61,14 +67,26 @@ class SettlementService:
 
     async def settle_call(self, call_sid: str) -> bool:
         """Make the call's ledger equal the rule exactly, once. True if settled now; False if
-        it was settled before, is being metered elsewhere, or research on it is still open."""
+        it was settled before, is being metered elsewhere, or research on it is still open.
+
+        A backlog of minutes not yet posted (a long call delivered at once, a daemon that was
+        down) is posted first, MINUTES_PER_TRANSACTION_MAX at a time, letting waiting webhooks
+        in between; then the call is settled in one transaction."""
+        for _ in range(CATCH_UP_TRANSACTIONS_MAX):
+            outcome = await self._settle_once(call_sid)
+            if outcome is not _BACKLOG:
+                return outcome is _SETTLED
+            await asyncio.sleep(0)  # a webhook waiting for the database goes first
+        return False  # a backlog larger than this: the next tick carries on
+
+    async def _settle_once(self, call_sid: str) -> object:
         now = self._clock()
         async with self._database.write() as connection:
             call = await calls_store.lock_call(connection, call_sid)
             if call is None or call.settled_at is not None:
-                return False
+                return _NOT_SETTLED
             if await calls_store.research_open(connection, call_sid, now, self._research_max):
-                return False  # started after the call was chosen: settle once it stops
+                return _NOT_SETTLED  # started after the call was chosen: settle once it stops
             timeline = await calls_store.load_timeline(
                 connection, call, now, self._research_max_seconds
             )
@@ -78,9 +96,8 @@ class SettlementService:
                     timeline, await calls_store.minutes_posted(connection, call_sid)
                 )
                 if missing > MINUTES_PER_TRANSACTION_MAX:
-                    # catch the backlog up in bounded transactions first; settle after
                     await self._poster.post_due_minutes(connection, call, account, timeline, now)
-                    return False
+                    return _BACKLOG
                 # give back first, so minutes given back to the bank can pay for missing ones
                 bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
                 await self._poster.post_due_minutes(connection, call, account, timeline, now)
@@ -93,7 +110,7 @@ class SettlementService:
                 await self._payments.queue_settlement(connection, call)
             await calls_store.update_call(connection, call_sid, settled_at=now, next_due_at=None)
         log.info("call settled", call_sid=call_sid)
-        return True
+        return _SETTLED
 
     async def _reverse_unsupported_minutes(
         self, connection: AsyncConnection, call: Row[Any], timeline: Timeline

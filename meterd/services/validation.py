@@ -60,7 +60,8 @@ def text(
 
 def required_text(body: Mapping[str, Any], field: str, **kwargs: Any) -> str:
     value = text(body, field, required=True, **kwargs)
-    assert value is not None
+    if value is None:  # text() raises for a missing required field; this only narrows the type
+        raise InvalidRequest(f"{field} is required")
     return value
 
 

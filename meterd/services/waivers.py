@@ -22,7 +22,7 @@ from typing import Any
 
 from meterd.clock import Clock
 from meterd.services import validation as v
-from meterd.services.errors import InvalidRequest, NotFound
+from meterd.services.errors import InvalidRequest, InvariantBroken, NotFound
 from meterd.services.funding import lock_account
 from meterd.services.payments import PaymentService
 from meterd.services.research import AGENT_ID
@@ -75,7 +75,8 @@ class WaiverService:
             if call.account_id is not None:
                 await lock_account(connection, call.account_id)
                 waived = await calls_store.get_call(connection, call_sid)
-                assert waived is not None
+                if waived is None:
+                    raise InvariantBroken(f"call {call_sid} went away while waiving it")
                 reversed_count = await self._payments.give_back(connection, waived)
         return {
             "call_sid": call_sid,

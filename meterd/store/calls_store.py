@@ -10,6 +10,7 @@ import datetime as dt
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Row, and_, case, func, literal, or_, select, update
@@ -26,7 +27,7 @@ from meterd.store.schema import (
 from meterd.store.sql import insert_ignoring_conflict
 
 
-class CallStatus:
+class CallStatus(StrEnum):
     """Where a call is. `menu`: answered, not yet connected (PIN, payment). `connected`: sent to
     its conference. `ended`: over (research may still be open). `rejected`: never connected."""
 
