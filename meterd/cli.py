@@ -20,6 +20,7 @@ from typing import Any
 
 from meterd.clock import system_clock
 from meterd.config import ConfigError, Settings, load_settings
+from meterd.files import fsync_file, replace_durably
 from meterd.logs import configure_logging
 
 EXIT_FAILED = 1
@@ -349,14 +350,8 @@ def _backup(settings: Settings, destination: Path, *, overwrite: bool) -> int:
             pages = copy.execute("PRAGMA page_count").fetchone()[0]
         if integrity != "ok":
             raise sqlite3.DatabaseError(f"the copy fails its integrity check: {integrity}")
-        with temporary.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, destination)
-        directory = os.open(destination.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_file(temporary)
+        replace_durably([(temporary, destination)])
     except (OSError, sqlite3.Error) as error:
         temporary.unlink(missing_ok=True)
         print(f"meterd: backup to {destination} failed: {error}", file=sys.stderr)

@@ -18,6 +18,7 @@ from meterd.logs import AccessLogger, get_logger
 from meterd.metrics import Metrics
 from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, create_scheduler
 from meterd.services.errors import InvariantBroken
+from meterd.services.intake import WebhookIntake
 from meterd.store.database import open_database
 from meterd.store.outage import describe, is_unavailable
 from meterd.web.app import SERVICES, create_app
@@ -159,6 +160,7 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     if not await scheduler.drain(settings.shutdown_timeout_seconds):
         log.warning("a scheduled job was still running at the stop timeout")
     await runner.cleanup()  # stops listening, finishes in-flight requests, runs cleanup hooks
+    await _apply_journal_before_stopping(services.intake, settings.shutdown_timeout_seconds)
     scheduler.shutdown()
     if twilio_rest is not None:
         await twilio_rest.close()
@@ -185,6 +187,24 @@ def server_limits(settings: Settings) -> dict[str, float]:
         "max_line_size": settings.http_header_line_bytes_max,
         "max_field_size": settings.http_header_line_bytes_max,
     }
+
+
+async def _apply_journal_before_stopping(intake: WebhookIntake, timeout_seconds: float) -> None:
+    """Callbacks journaled while the database was slow or away go to the database before the
+    process ends, if it answers in time; else they wait in the journal for the next start."""
+    await intake.wait_for_late_offers()
+    if not intake.journaling:
+        return
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            await intake.replay()
+    except TimeoutError:
+        pass
+    if intake.journaling:
+        log.warning(
+            "stopping with callbacks still in the webhook journal; the next start applies them",
+            entries=intake.journal_entries,
+        )
 
 
 def _watchdog_check(health: Health) -> sdnotify.HealthCheck:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from meterd.files import replace_durably
+
 
 class UsageFile(StrEnum):
     ACCOUNTS_CSV = "accounts_csv"
@@ -85,14 +87,7 @@ class BuiltFiles:
 
     def commit(self) -> None:
         """Rename every file into place, then make the renames durable."""
-        for temporary in self.files.values():
-            os.replace(temporary.path, temporary.final)
-        directory = next(iter(self.files.values())).final.parent
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        replace_durably((temporary.path, temporary.final) for temporary in self.files.values())
 
 
 def remove_stale_temporaries(directory: Path, day: dt.date, older_than_seconds: int) -> None:

@@ -29,6 +29,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from meterd.files import write_atomically
 from meterd.logs import get_logger
 
 log = get_logger("meterd.journal")
@@ -193,14 +194,7 @@ class WebhookJournal:
                 self._size_bytes = 0
 
     def _write_applied(self, entry_id: int) -> None:
-        temporary = self._applied_path.with_suffix(".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, f"{entry_id}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, self._applied_path)
+        write_atomically(self._applied_path, f"{entry_id}\n".encode())
 
     def _truncate(self) -> None:
         with self.path.open("r+b") as handle:

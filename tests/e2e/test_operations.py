@@ -107,34 +107,69 @@ def database_locked(daemon: Daemon) -> Iterator[None]:
 
 
 def test_notify_ready_watchdog_only_while_healthy_and_stopping(tmp_path):
+    """READY once; WATCHDOG=1 while the health check passes, degraded included (the database is
+    away and webhooks go to the journal: a restart would not help); none once the journal is full
+    too (unhealthy: systemd's watchdog restarts meterd); STOPPING=1 once, and no ping after it."""
+    env = daemon_env(
+        NOTIFY_SOCKET="",
+        WATCHDOG_USEC=str(WATCHDOG_USEC),
+        METERD_SQLITE_BUSY_TIMEOUT_MS="100",
+        METERD_WEBHOOK_JOURNAL_BYTES_MAX=str(64 * 1024),
+    )
     with notify_socket() as notify:
-        daemon = Daemon(
-            tmp_path, env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-        ).start()
+        env["NOTIFY_SOCKET"] = notify.path
+        daemon = Daemon(tmp_path, env=env).start()
         try:
             notify.wait_for("READY=1")
             ready_at = notify.times("READY=1")[0]
             notify.wait_for("WATCHDOG=1", count=3, since=ready_at)
             assert any(m.startswith("READY=1\nSTATUS=ready: listening") for _, m in notify.messages)
             assert any("STATUS=ok: 0 open calls" in m for _, m in notify.messages)
+            make_account(daemon, "acme", ["+14155550142"], deposit_minor=10**6, licence=False)
+            script = CallScript(1, dt.datetime.now(dt.UTC).replace(microsecond=0))
+            assert "<Conference" in post_twilio(daemon, "/twilio/voice", script.voice())[1]
 
             with database_locked(daemon):
                 locked_at = time.monotonic()
                 time.sleep(1.5)
                 status, body = daemon.request("GET", "/healthz")
-                assert status == 503 and body["reason"].startswith("database"), body
-                time.sleep(max(0.0, locked_at + 5 - time.monotonic()))
+                assert status == 200 and body["status"] == "degraded", body
+                notify.wait_for("WATCHDOG=1", count=2, since=locked_at + 1)
+                # fill the journal: callbacks of the call, padded
+                statuses = []
+                for n in range(100):
+                    params = conference_params(
+                        script.conference_sid,
+                        script.call_sid,
+                        "participant-hold",
+                        n,
+                        script.at(0),
+                        call_sid=script.call_sid,
+                        label="customer",
+                    )
+                    params["Padding"] = "x" * 1500
+                    statuses.append(_post_form(daemon, "/twilio/conference", params))
+                    if statuses[-1] == 503:
+                        break
+                full_at = time.monotonic()
+                assert statuses[-1] == 503 and set(statuses[:-1]) == {204}, statuses
+                status, body = daemon.request("GET", "/healthz")
+                assert status == 503 and body["status"] == "unhealthy", body
+                time.sleep(max(0.0, full_at + 4 - time.monotonic()))
                 released_at = time.monotonic()
-            # a check begun just before the lock may still pass: allow it one second
-            assert notify.times("WATCHDOG=1", since=locked_at + 1, until=released_at) == []
-            unhealthy = [
+            # a check begun just before the journal filled may still pass: allow it one second
+            assert notify.times("WATCHDOG=1", since=full_at + 1, until=released_at) == []
+            degraded = [
                 m
                 for at, m in notify.messages
-                if locked_at + 1 <= at <= released_at and m.startswith("STATUS=unhealthy: database")
+                if locked_at + 1 <= at <= full_at and "STATUS=degraded: journaling" in m
             ]
-            assert len(unhealthy) >= 2, notify.messages
+            assert degraded, notify.messages
             notify.wait_for("WATCHDOG=1", count=2, since=released_at)
-            assert daemon.request("GET", "/healthz") == (200, {"status": "ok"})
+            deadline = time.monotonic() + WAIT_SECONDS
+            while daemon.request("GET", "/healthz") != (200, {"status": "ok"}):
+                assert time.monotonic() < deadline, "not healthy again after the lock"
+                time.sleep(0.2)
         finally:
             assert daemon.stop() == 0
         notify.wait_for("STOPPING=1")
