@@ -226,9 +226,16 @@ class MeteringService:
         card failed), under `announce`: warn the conference when few minutes are left, announce
         when they are gone, and end the call `grace_seconds` later (see `_request_hang_ups`).
         Minutes in the grace period are still written (owed)."""
-        if call.status != CallStatus.CONNECTED or call.conference_sid is None:
-            return
         accruing_agents = sum(1 for time in timeline.agents.values() if time.accruing)
+        if call.status != CallStatus.CONNECTED or call.conference_sid is None:
+            # The caller is gone, but research on the call may run on: its minutes are billable
+            # and the card on file pays them as it would during the call. Nobody is on the line
+            # to hear an announcement, so nothing is announced.
+            if accruing_agents:
+                await self._funding.keep_funded(
+                    connection, account, call.call_sid, accruing_agents, now
+                )
+            return
         funds, card_behind = await self._funding.keep_funded(
             connection, account, call.call_sid, accruing_agents, now
         )

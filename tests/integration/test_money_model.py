@@ -945,10 +945,6 @@ PAST_FAILURES = [
             ticks=(),
         ),
         id="research-after-the-hang-up-is-owed-though-a-card-is-on-file",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="meterd defect: no block is bought for research minutes after the hang-up",
-        ),
     ),
 ]
 
