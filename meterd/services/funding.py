@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import Row, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -39,11 +39,29 @@ from meterd.store import ledger_store
 from meterd.store.calls_store import CallStatus
 from meterd.store.schema import accounts, ledger_postings, ledger_transactions, payment_operations
 
-if TYPE_CHECKING:
-    from meterd.services.payments import PaymentService
-
 IN_FLIGHT = ("queued", "sent")
 CARD_PURCHASE_KINDS = ("charge", "authorize")
+
+
+class CardPayments(Protocol):
+    """What the authority asks of card payments: meterd.services.payments.PaymentService (which
+    imports this module, so this one names only what it uses)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    async def queue_top_up(
+        self, connection: AsyncConnection, account: Row[Any], call_sid: str
+    ) -> None: ...
+
+    async def queue_incident(
+        self,
+        connection: AsyncConnection,
+        account: Row[Any],
+        call_sid: str,
+        key: str,
+        amount_minor: int,
+    ) -> None: ...
 
 
 async def lock_account(connection: AsyncConnection, account_id: str) -> Row[Any]:
@@ -99,7 +117,7 @@ class FundingAuthority:
     def __init__(
         self,
         rates: RateBook,
-        payments: PaymentService,
+        payments: CardPayments,
         *,
         card_mode: str,
         allow_debt: bool,
