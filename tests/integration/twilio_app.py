@@ -49,6 +49,10 @@ def build_app(
             "METERD_PIN_SECRET": "pin-secret-0123456789abcdef",
             "METERD_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
             "METERD_PUBLIC_BASE_URL": PUBLIC_BASE_URL,
+            # In-process apps have no metering job to apply the webhook journal: a callback
+            # journaled because a loaded machine kept the database busy past the 2 s default
+            # would not reach the database. Tests of the journal pass their own value.
+            "METERD_WEBHOOK_JOURNAL_WAIT_MS": "10000",
             **env,
         },
     )
