@@ -287,15 +287,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _with_database(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
-    from meterd.store.database import open_database
+    from meterd import bootstrap
 
-    database = await open_database(
-        settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms
-    )
-    try:
+    async with bootstrap.database(settings) as database:
         return await work(database)
-    finally:
-        await database.close()
 
 
 def _backup(settings: Settings, destination: Path, *, overwrite: bool) -> int:
@@ -361,7 +356,7 @@ def _backup(settings: Settings, destination: Path, *, overwrite: bool) -> int:
 
 
 async def _offline(args: argparse.Namespace, settings: Settings, database: Any) -> int:
-    from meterd.services.accounts import AccountService, AccountSettings
+    from meterd import bootstrap
     from meterd.services.errors import ServiceError
     from meterd.services.ledger_check import check_ledger
 
@@ -381,7 +376,7 @@ async def _offline(args: argparse.Namespace, settings: Settings, database: Any) 
     if args.command == "usage":
         return await _usage(args, settings, database)
 
-    accounts = AccountService(database, AccountSettings.of(settings), system_clock)
+    accounts = bootstrap.account_service(settings, database, system_clock)
     try:
         result: Any
         if args.account_command == "add":
@@ -432,15 +427,10 @@ def _business_day(text: str) -> Any:
 async def _usage(args: argparse.Namespace, settings: Settings, database: Any) -> int:
     """`meterd usage`: the day's per-account file on stdout, byte for byte (its log went to
     stderr: `main`)."""
-    from meterd.services.usage import (
-        UsageFile,
-        UsageMismatch,
-        UsageNotReady,
-        UsageRefused,
-        UsageService,
-    )
+    from meterd import bootstrap
+    from meterd.services.usage import UsageFile, UsageMismatch, UsageNotReady, UsageRefused
 
-    usage = UsageService.from_settings(database, settings, system_clock)
+    usage = bootstrap.usage_service(settings, database, system_clock)
     try:
         await usage.build(args.date, regenerate=args.regenerate)
     except (UsageNotReady, UsageRefused, UsageMismatch) as error:

@@ -1,4 +1,19 @@
-"""`meterd run`: open the database (migrating it), serve HTTP, stop gracefully on a signal."""
+"""`meterd run`: open the database (migrating it), serve HTTP, stop gracefully on a signal.
+
+What the daemon starts is one aiohttp cleanup context per step on the root application
+(`Lifecycle`), started in this order as the runner sets up and stopped in the reverse order as it
+cleans up, so a failure at any step stops exactly what had started before it:
+
+1. the database (meterd.bootstrap), closed last;
+2. the adapters: the Twilio REST client the outbox sends with, the Stripe gateway;
+3. the services (meterd.bootstrap.build_services), given to the app with its health check;
+   stopping applies the webhook journal to the database, if it answers;
+4. the scheduler and its jobs; stopping pauses it and lets a running job finish;
+5. the systemd notifier and its watchdog.
+
+Then the listener; READY=1 once it listens. A stop (SIGTERM, SIGINT, a broken money invariant)
+says STOPPING=1, stops the watchdog and pauses the scheduler, then the runner's cleanup stops
+listening, lets in-flight requests finish and runs the steps' cleanups."""
 
 from __future__ import annotations
 
@@ -6,22 +21,21 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from meterd import sdnotify
-from meterd.adapters.stripe_gateway import StripeGateway, StripeSettings
-from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
+from meterd import bootstrap, sdnotify
 from meterd.clock import Clock, system_clock
 from meterd.config import Settings
 from meterd.logs import AccessLogger, get_logger
 from meterd.metrics import Metrics
-from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, create_scheduler
+from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, Scheduler, create_scheduler
 from meterd.services.errors import InvariantBroken
 from meterd.services.intake import WebhookIntake
-from meterd.store.database import open_database
+from meterd.store.database import Database
 from meterd.store.outage import describe, is_unavailable
-from meterd.web.app import SERVICES, create_app
+from meterd.web.app import SERVICES, build_app, install_services
 from meterd.web.connections import CONNECTION_LIMITS
 from meterd.web.ops import HEALTH, Health
 
@@ -30,6 +44,139 @@ log = get_logger("meterd.daemon")
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
 EXIT_INVARIANT_BROKEN = 3
+
+
+class Lifecycle:
+    """The daemon's steps (see the module's docstring), each an async generator for
+    `app.cleanup_ctx`: what is before its `yield` starts the step, what is after stops it."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()  # one registry for the app's middleware and the scheduler's jobs
+        self.stop = asyncio.Event()
+        self.exit_status = EXIT_OK
+        self._database: Database | None = None
+        self._adapters: bootstrap.Adapters | None = None
+        self._scheduler: Scheduler | None = None
+        self._notifier: sdnotify.Notifier | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def install(self, app: web.Application) -> None:
+        app.cleanup_ctx.extend(
+            [self.database, self.adapters, self.services, self.scheduler, self.notifier]
+        )
+
+    def on_invariant_broken(self, error: InvariantBroken) -> None:
+        self.exit_status = EXIT_INVARIANT_BROKEN
+        self.stop.set()
+
+    async def database(self, app: web.Application) -> AsyncIterator[None]:
+        async with bootstrap.database(self.settings) as database:
+            self._database = database
+            yield
+
+    async def adapters(self, app: web.Application) -> AsyncIterator[None]:
+        async with bootstrap.adapters(self.settings) as adapters:
+            self._adapters = adapters
+            yield
+
+    async def services(self, app: web.Application) -> AsyncIterator[None]:
+        assert self._database is not None and self._adapters is not None
+        services = bootstrap.build_services(
+            self.settings,
+            self._database,
+            clock=self.clock,
+            metrics=self.metrics,
+            twilio_rest=self._adapters.twilio_rest,
+            gateway=self._adapters.gateway,
+            on_invariant_broken=self.on_invariant_broken,
+        )
+        health = install_services(app, services)
+        try:
+            yield
+        finally:
+            # Requests and scheduled jobs have finished: what they journaled goes to the
+            # database now, if it answers; then no health probe may still be waiting on it.
+            await _apply_journal_before_stopping(
+                services.intake, self.settings.shutdown_timeout_seconds
+            )
+            await health.close()
+
+    async def scheduler(self, app: web.Application) -> AsyncIterator[None]:
+        services, metrics = app[SERVICES], self.metrics
+        scheduler = create_scheduler(self.on_invariant_broken, metrics, services.database.outage)
+
+        async def metering_tick() -> None:
+            # Journaled callbacks first: no minute is posted from a timeline missing one of them.
+            await services.intake.replay()
+            if services.intake.journaling:
+                return  # the database is still away; the next run tries again
+            metrics.observe_tick(await services.metering.tick())
+
+        tick_seconds = self.settings.tick_interval_seconds
+        scheduler.every(tick_seconds, "metering-tick", metering_tick)
+        scheduler.every(tick_seconds, "twilio-outbox", services.outbox.dispatch)
+        scheduler.every(tick_seconds, "payments", services.payments.run)
+        scheduler.every(
+            STALE_SWEEP_INTERVAL_SECONDS, "close-stale-calls", services.ingest.close_stale_calls
+        )
+        # The nightly usage for finance; and at start, the days it missed while meterd was down.
+        scheduler.cron(
+            self.settings.usage_cron,
+            self.settings.business_timezone,
+            "usage-nightly",
+            services.usage.catch_up,
+        )
+        scheduler.once("usage-catch-up", services.usage.catch_up)
+        app[HEALTH].attach_scheduler(scheduler)
+        scheduler.start()
+        self._scheduler = scheduler
+        try:
+            yield
+        finally:
+            scheduler.pause()
+            if not await scheduler.drain(self.settings.shutdown_timeout_seconds):
+                log.warning("a scheduled job was still running at the stop timeout")
+            scheduler.shutdown()
+
+    async def notifier(self, app: web.Application) -> AsyncIterator[None]:
+        self._notifier = sdnotify.Notifier.from_environment()
+        try:
+            yield
+        finally:
+            await self._stop_watchdog()
+            self._notifier.close()
+
+    def ready(self, health: Health) -> None:
+        """Listening: tell systemd (Type=notify), and from now on ping its watchdog while the
+        health check passes."""
+        assert self._notifier is not None
+        listen = f"{self.settings.listen_host}:{self.settings.listen_port}"
+        self._notifier.ready(f"ready: listening on {listen}")
+        self._watchdog = asyncio.create_task(
+            sdnotify.run_watchdog(
+                self._notifier, _watchdog_check(health), sdnotify.watchdog_interval_seconds()
+            )
+        )
+
+    async def stopping(self) -> None:
+        """A stop begins: STOPPING=1, no more watchdog pings, no new scheduled runs (a running
+        one finishes as the scheduler's step stops)."""
+        if self._notifier is not None:
+            self._notifier.stopping(
+                "stopping: letting the running tick and in-flight requests finish"
+            )
+        await self._stop_watchdog()
+        if self._scheduler is not None:
+            self._scheduler.pause()
+
+    async def _stop_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
 
 
 async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
@@ -49,11 +196,20 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         database=_redacted(settings.database_url),
         state_dir=str(settings.state_dir),
     )
+    lifecycle = Lifecycle(settings, clock)
+    app = build_app(settings, lifecycle.metrics)
+    lifecycle.install(app)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        **server_limits(settings),
+    )
     try:
-        database = await open_database(
-            settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms
-        )
+        await runner.setup()  # every step of the lifecycle, in order
     except Exception as error:
+        await runner.cleanup()  # the steps that started, in reverse
         if not is_unavailable(error):
             raise
         # One line, no traceback: under systemd a start is retried every 5 s until it answers.
@@ -63,35 +219,7 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
             **describe(error),
         )
         return EXIT_STARTUP_FAILED
-    stop = asyncio.Event()
-    exit_status = EXIT_OK
-
-    def on_invariant_broken(error: InvariantBroken) -> None:
-        nonlocal exit_status
-        exit_status = EXIT_INVARIANT_BROKEN
-        stop.set()
-
-    twilio_rest = _twilio_rest(settings)
-    gateway = _gateway(settings)
-    metrics = Metrics()  # one registry for the app's middleware and the scheduler's jobs
-    app = create_app(
-        settings,
-        database,
-        clock=clock,
-        on_invariant_broken=on_invariant_broken,
-        metrics=metrics,
-        twilio_rest=twilio_rest,
-        gateway=gateway,
-    )
-    runner = web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        handle_signals=False,
-        shutdown_timeout=settings.shutdown_timeout_seconds,
-        **server_limits(settings),
-    )
     try:
-        await runner.setup()
         assert runner.server is not None
         app[CONNECTION_LIMITS].install(runner.server)
         site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
@@ -99,33 +227,7 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     except OSError as error:
         log.error("cannot listen", listen=settings.listen, error=str(error))
         await runner.cleanup()
-        await database.close()
         return EXIT_STARTUP_FAILED
-
-    services = app[SERVICES]
-    scheduler = create_scheduler(on_invariant_broken, metrics, database.outage)
-    app[HEALTH].attach_scheduler(scheduler)
-
-    async def metering_tick() -> None:
-        # Journaled callbacks first: no minute is posted from a timeline missing one of them.
-        await services.intake.replay()
-        if services.intake.journaling:
-            return  # the database is still away; the next run tries again
-        metrics.observe_tick(await services.metering.tick())
-
-    tick_seconds = settings.tick_interval_seconds
-    scheduler.every(tick_seconds, "metering-tick", metering_tick)
-    scheduler.every(tick_seconds, "twilio-outbox", services.outbox.dispatch)
-    scheduler.every(tick_seconds, "payments", services.payments.run)
-    scheduler.every(
-        STALE_SWEEP_INTERVAL_SECONDS, "close-stale-calls", services.ingest.close_stale_calls
-    )
-    # The nightly usage for finance; and at start, the days it missed while meterd was down.
-    scheduler.cron(
-        settings.usage_cron, settings.business_timezone, "usage-nightly", services.usage.catch_up
-    )
-    scheduler.once("usage-catch-up", services.usage.catch_up)
-    scheduler.start()
 
     loop = asyncio.get_running_loop()
     signals_seen = 0
@@ -137,39 +239,19 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
             log.warning("second signal: stopping at once", signal=signal.Signals(number).name)
             os._exit(128 + number)
         log.info("stopping", signal=signal.Signals(number).name)
-        stop.set()
+        lifecycle.stop.set()
 
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
     log.info("ready", listen=f"{settings.listen_host}:{settings.listen_port}")
-    # systemd (Type=notify): ready once database, migrations, scheduler and listener are up; the
-    # watchdog then pings only while the health check passes; STOPPING=1 as a stop begins.
-    notifier = sdnotify.Notifier.from_environment()
-    notifier.ready(f"ready: listening on {settings.listen_host}:{settings.listen_port}")
-    watchdog = asyncio.create_task(
-        sdnotify.run_watchdog(
-            notifier, _watchdog_check(app[HEALTH]), sdnotify.watchdog_interval_seconds()
-        )
-    )
-    await stop.wait()
-    notifier.stopping("stopping: letting the running tick and in-flight requests finish")
-    watchdog.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watchdog
-    scheduler.pause()
-    if not await scheduler.drain(settings.shutdown_timeout_seconds):
-        log.warning("a scheduled job was still running at the stop timeout")
-    await runner.cleanup()  # stops listening, finishes in-flight requests, runs cleanup hooks
-    await _apply_journal_before_stopping(services.intake, settings.shutdown_timeout_seconds)
-    scheduler.shutdown()
-    if twilio_rest is not None:
-        await twilio_rest.close()
-    if gateway is not None:
-        await gateway.close()
-    await database.close()
-    notifier.close()
-    log.info("stopped", exit_status=exit_status)
-    return exit_status
+    lifecycle.ready(app[HEALTH])
+    await lifecycle.stop.wait()
+    await lifecycle.stopping()
+    # Stops listening, lets in-flight requests finish, then stops the lifecycle's steps in
+    # reverse: notifier, scheduler (the running job finishes), services, adapters, database.
+    await runner.cleanup()
+    log.info("stopped", exit_status=lifecycle.exit_status)
+    return lifecycle.exit_status
 
 
 LINGERING_SECONDS_MAX = 2.0
@@ -189,6 +271,14 @@ def server_limits(settings: Settings) -> dict[str, float]:
     }
 
 
+def _watchdog_check(health: Health) -> sdnotify.HealthCheck:
+    async def check(timeout_seconds: float) -> tuple[bool, str]:
+        report = await health.check(timeout_seconds)
+        return report.ok, report.summary
+
+    return check
+
+
 async def _apply_journal_before_stopping(intake: WebhookIntake, timeout_seconds: float) -> None:
     """Callbacks journaled while the database was slow or away go to the database before the
     process ends, if it answers in time; else they wait in the journal for the next start."""
@@ -205,48 +295,6 @@ async def _apply_journal_before_stopping(intake: WebhookIntake, timeout_seconds:
             "stopping with callbacks still in the webhook journal; the next start applies them",
             entries=intake.journal_entries,
         )
-
-
-def _watchdog_check(health: Health) -> sdnotify.HealthCheck:
-    async def check(timeout_seconds: float) -> tuple[bool, str]:
-        report = await health.check(timeout_seconds)
-        return report.ok, report.summary
-
-    return check
-
-
-def _gateway(settings: Settings) -> StripeGateway | None:
-    """The card gateway, if a Stripe secret key is configured."""
-    if not settings.secret("stripe_secret_key"):
-        log.warning(
-            "no METERD_STRIPE_SECRET_KEY: per-minute callers without minutes or a "
-            "deposit are told how to buy minutes, and card payments are off"
-        )
-        return None
-    return StripeGateway(
-        StripeSettings(
-            secret_key=settings.secret("stripe_secret_key"),
-            api_base_url=settings.stripe_api_base_url,
-            timeout_seconds=settings.gateway_timeout_seconds,
-        )
-    )
-
-
-def _twilio_rest(settings: Settings) -> TwilioRest | None:
-    """The Twilio REST adapter, if an account sid and auth token are configured."""
-    if not settings.twilio_account_sid or not settings.secret("twilio_auth_token"):
-        log.warning(
-            "no twilio_account_sid or auth token: announcements and hang-ups after "
-            "funds run out will be recorded but not sent"
-        )
-        return None
-    return TwilioRest(
-        TwilioRestSettings(
-            account_sid=settings.twilio_account_sid,
-            auth_token=settings.secret("twilio_auth_token"),
-            api_base_url=settings.twilio_api_base_url,
-        )
-    )
 
 
 def _redacted(url: str) -> str:

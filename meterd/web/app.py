@@ -1,42 +1,34 @@
-"""The aiohttp application: one composition root, middlewares for errors and auth, routes per
-caller. Nothing happens at import time; `create_app` builds everything from its arguments."""
+"""The aiohttp application: middlewares for errors and auth, routes per caller. Its services come
+from meterd.bootstrap: `create_app` builds them on a database it is given (tests, tools); the
+daemon builds the app with `build_app` and gives it its services with `install_services` as it
+starts (meterd/daemon.py). Nothing happens at import time."""
 
 from __future__ import annotations
 
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
+from meterd import bootstrap
 from meterd.adapters.stripe_gateway import PaymentGateway
+from meterd.bootstrap import Services
 from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.core.ledger import LedgerError
 from meterd.logs import get_logger
 from meterd.metrics import METRICS, Metrics, metrics_middleware
-from meterd.services.accounts import AccountService, AccountSettings
-from meterd.services.answering import AnsweringService, AnsweringSettings
-from meterd.services.call_view import CallViewService
 from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, NotFound, ServiceError
-from meterd.services.funding import FundingAuthority
-from meterd.services.incidents import IncidentService
-from meterd.services.ingest import IngestService
-from meterd.services.intake import WebhookIntake
-from meterd.services.metering import MeteringService, MeteringSettings
-from meterd.services.outbox import OutboxDispatcher, TwilioCalls
-from meterd.services.payments import PaymentService, PaymentSettings
-from meterd.services.rates import RateBook, RateKind
-from meterd.services.research import ResearchService
-from meterd.services.usage import UsageService
-from meterd.services.waivers import WaiverService
+from meterd.services.outbox import TwilioCalls
 from meterd.store.database import Database
-from meterd.store.journal import WebhookJournal
 from meterd.store.outage import is_unavailable
 from meterd.web.connections import CONNECTION_LIMITS, ConnectionLimits
+
+if TYPE_CHECKING:
+    from meterd.web.ops import Health
 
 log = get_logger("meterd.web")
 
@@ -58,29 +50,6 @@ _STATUS_FOR_ERROR: dict[type[ServiceError], int] = {
     NotFound: 404,
     Conflict: 409,
 }
-
-
-@dataclass
-class Services:
-    """Everything a handler may use, built once by `create_app`."""
-
-    settings: Settings
-    database: Database
-    clock: Clock
-    accounts: AccountService
-    answering: AnsweringService
-    ingest: IngestService
-    intake: WebhookIntake  # conference and call-status callbacks: database, else journal
-    research: ResearchService
-    call_view: CallViewService
-    metering: MeteringService
-    waivers: WaiverService
-    incidents: IncidentService
-    rates: RateBook
-    outbox: OutboxDispatcher
-    payments: PaymentService
-    usage: UsageService  # the nightly usage for finance
-    on_invariant_broken: Callable[[InvariantBroken], None]
 
 
 SERVICES = web.AppKey("services", Services)
@@ -262,20 +231,11 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
-def create_app(
-    settings: Settings,
-    database: Database,
-    *,
-    clock: Clock,
-    on_invariant_broken: Callable[[InvariantBroken], None] | None = None,
-    twilio_rest: TwilioCalls | None = None,
-    gateway: PaymentGateway | None = None,
-    metrics: Metrics | None = None,
-) -> web.Application:
-    """The composition root: every service is built here, from settings, database and clock."""
+def build_app(settings: Settings, metrics: Metrics) -> web.Application:
+    """The application with every route, and no services yet: `install_services` gives it them
+    before it serves a request. `metrics` is the registry its middleware (and `/metrics`) use."""
     from meterd.web import admin, agents, finance, ops, twilio
 
-    metrics = metrics or Metrics()  # its own registry; ops.add_routes reads it
     limits = ConnectionLimits(
         connections_max=settings.http_connections_max,
         idle_timeout_seconds=settings.http_idle_timeout_seconds,
@@ -295,108 +255,6 @@ def create_app(
     )
     app[METRICS] = metrics
     app[CONNECTION_LIMITS] = limits
-    accounts = AccountService(database, AccountSettings.of(settings), clock)
-    rates = RateBook(
-        database,
-        clock,
-        {
-            RateKind.PER_AGENT_MINUTE: settings.rate_per_agent_minute_minor,
-            RateKind.INCIDENT: settings.incident_price_minor,
-            RateKind.BLOCK: settings.block_price_minor,
-        },
-    )
-    payments = PaymentService(
-        database,
-        gateway,
-        PaymentSettings(
-            card_mode=settings.card_mode,
-            block_minutes=settings.block_minutes,
-            authorize_minutes=settings.authorize_minutes,
-            resolve_after_seconds=settings.payment_resolve_after_seconds,
-        ),
-        clock,
-        rates,
-    )
-    funding = FundingAuthority(
-        rates,
-        payments,
-        card_mode=settings.card_mode,
-        allow_debt=settings.on_exhausted == "allow_debt",
-    )
-    answering = AnsweringService(
-        database,
-        AnsweringSettings(
-            pin_secret=settings.secret("pin_secret"),
-            pay_attempts=settings.pay_attempts,
-            business_timezone=settings.business_timezone,
-        ),
-        clock,
-        payments,
-        funding,
-    )
-    metering = MeteringService(
-        database,
-        MeteringSettings(
-            increment_seconds=settings.increment_seconds,
-            research_max_minutes=settings.research_max_minutes,
-            on_exhausted=settings.on_exhausted,
-            warn_minutes_left=settings.warn_minutes_left,
-            grace_seconds=settings.grace_seconds,
-            settle_delay_seconds=settings.settle_delay_seconds,
-            tick_batch_max=settings.tick_batch_max,
-            public_base_url=settings.public_base_url,
-        ),
-        clock,
-        rates,
-        payments,
-        funding,
-    )
-    ingest = IngestService(
-        database,
-        clock,
-        stale_call_hours=settings.stale_call_hours,
-        clock_skew_seconds_max=settings.twilio_clock_skew_seconds_max,
-    )
-    intake = WebhookIntake(
-        ingest,
-        WebhookJournal(settings.state_dir, bytes_max=settings.webhook_journal_bytes_max),
-        clock,
-        database.outage,
-        wait_seconds=settings.webhook_journal_wait_ms / 1000,
-        registry=metrics.registry,
-    )
-    app[SERVICES] = Services(
-        settings=settings,
-        database=database,
-        clock=clock,
-        accounts=accounts,
-        answering=answering,
-        ingest=ingest,
-        intake=intake,
-        research=ResearchService(
-            database, clock, research_max_minutes=settings.research_max_minutes
-        ),
-        call_view=CallViewService(
-            database,
-            clock,
-            increment_seconds=settings.increment_seconds,
-            research_max_minutes=settings.research_max_minutes,
-        ),
-        metering=metering,
-        waivers=WaiverService(
-            database,
-            clock,
-            payments,
-            reasons=settings.waiver_reasons,
-            waiver_days=settings.waiver_days,
-        ),
-        payments=payments,
-        incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
-        rates=rates,
-        outbox=OutboxDispatcher(database, twilio_rest, clock),
-        usage=UsageService.from_settings(database, settings, clock),
-        on_invariant_broken=on_invariant_broken or _raise,
-    )
     admin.add_routes(app)
     agents.add_routes(app)
     twilio.add_routes(app)
@@ -405,5 +263,40 @@ def create_app(
     return app
 
 
-def _raise(error: InvariantBroken) -> None:
-    raise error
+def install_services(app: web.Application, services: Services) -> Health:
+    """Give the app built by `build_app` its services, and the health check on them (which the
+    owner of `services.database` closes before the database: `Health.close`)."""
+    from meterd.web.ops import HEALTH, Health
+
+    app[SERVICES] = services
+    health = Health(services.database, app[METRICS], intake=services.intake)
+    app[HEALTH] = health
+    return health
+
+
+def create_app(
+    settings: Settings,
+    database: Database,
+    *,
+    clock: Clock,
+    on_invariant_broken: Callable[[InvariantBroken], None] | None = None,
+    twilio_rest: TwilioCalls | None = None,
+    gateway: PaymentGateway | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """The app with every service built by meterd.bootstrap on `database`, which the caller
+    opens and closes (as it does any adapter it passes). A broken money invariant is raised
+    unless `on_invariant_broken` is given; `metrics` defaults to a registry of the app's own."""
+    metrics = metrics or Metrics()
+    app = build_app(settings, metrics)
+    services = bootstrap.build_services(
+        settings,
+        database,
+        clock=clock,
+        metrics=metrics,
+        twilio_rest=twilio_rest,
+        gateway=gateway,
+        on_invariant_broken=on_invariant_broken,
+    )
+    app.on_cleanup.append(install_services(app, services).close)
+    return app

@@ -35,7 +35,6 @@ from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
 from meterd.store.outage import describe, is_unavailable
 from meterd.store.schema import calls
-from meterd.web.app import SERVICES
 
 if TYPE_CHECKING:
     from meterd.scheduler import Scheduler
@@ -229,8 +228,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    health = Health(app[SERVICES].database, app[METRICS], intake=app[SERVICES].intake)
-    app[HEALTH] = health
-    app.on_cleanup.append(health.close)
+    """The health check itself (HEALTH) comes with the services: meterd.web.app.install_services."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
