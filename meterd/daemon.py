@@ -35,9 +35,9 @@ from meterd.services.errors import InvariantBroken
 from meterd.services.intake import WebhookIntake
 from meterd.store.database import Database
 from meterd.store.outage import describe, is_unavailable
-from meterd.web.app import SERVICES, build_app, install_services
-from meterd.web.connections import CONNECTION_LIMITS
-from meterd.web.ops import HEALTH, Health
+from meterd.web.app import build_app, install_services
+from meterd.web.health import Health
+from meterd.web.keys import CONNECTION_LIMITS, HEALTH, SERVICES
 
 log = get_logger("meterd.daemon")
 

@@ -8,7 +8,12 @@ from meterd.services.accounts import MoneyIn
 from meterd.services.errors import InvalidRequest
 from meterd.services.research import parse_instant
 from meterd.store import ledger_store
-from meterd.web.app import SERVICES, read_json
+from meterd.web.auth import bearer_token
+from meterd.web.json_io import read_json
+from meterd.web.keys import SERVICES
+
+PREFIX = "/admin"
+authenticate = bearer_token("admin_token", PREFIX + "/")
 
 
 def _money_in_response(result: MoneyIn, amount_field: str, balance_field: str) -> web.Response:
@@ -25,37 +30,39 @@ def _money_in_response(result: MoneyIn, amount_field: str, balance_field: str) -
 
 
 async def create_account(request: web.Request) -> web.Response:
-    view = await request.app[SERVICES].accounts.create(await read_json(request))
+    view = await request.config_dict[SERVICES].accounts.create(await read_json(request))
     return web.json_response(view, status=201)
 
 
 async def get_account(request: web.Request) -> web.Response:
     return web.json_response(
-        await request.app[SERVICES].accounts.view(request.match_info["account_id"])
+        await request.config_dict[SERVICES].accounts.view(request.match_info["account_id"])
     )
 
 
 async def list_accounts(request: web.Request) -> web.Response:
-    return web.json_response({"account_ids": await request.app[SERVICES].accounts.list_ids()})
+    return web.json_response(
+        {"account_ids": await request.config_dict[SERVICES].accounts.list_ids()}
+    )
 
 
 async def change_account(request: web.Request) -> web.Response:
     return web.json_response(
-        await request.app[SERVICES].accounts.change(
+        await request.config_dict[SERVICES].accounts.change(
             request.match_info["account_id"], await read_json(request)
         )
     )
 
 
 async def add_deposit(request: web.Request) -> web.Response:
-    result = await request.app[SERVICES].accounts.deposit(
+    result = await request.config_dict[SERVICES].accounts.deposit(
         request.match_info["account_id"], await read_json(request)
     )
     return _money_in_response(result, "amount_minor", "deposit_minor")
 
 
 async def add_minutes(request: web.Request) -> web.Response:
-    result = await request.app[SERVICES].accounts.grant_minutes(
+    result = await request.config_dict[SERVICES].accounts.grant_minutes(
         request.match_info["account_id"], await read_json(request)
     )
     return _money_in_response(result, "minutes", "bank_minutes")
@@ -63,7 +70,7 @@ async def add_minutes(request: web.Request) -> web.Response:
 
 async def get_call(request: web.Request) -> web.Response:
     return web.json_response(
-        await request.app[SERVICES].call_view.view(request.match_info["call_sid"])
+        await request.config_dict[SERVICES].call_view.view(request.match_info["call_sid"])
     )
 
 
@@ -82,7 +89,7 @@ async def get_ledger(request: web.Request) -> web.Response:
     if not 0 <= after_id <= ROW_ID_MAX or limit < 1:
         raise InvalidRequest(f"after_id must be from 0 to {ROW_ID_MAX} and limit >= 1")
     since = parse_instant(dict(query), "since") if "since" in query else None
-    async with request.app[SERVICES].database.read() as connection:
+    async with request.config_dict[SERVICES].database.read() as connection:
         transactions = await ledger_store.list_transactions(
             connection,
             account_id=query.get("account_id"),
@@ -103,22 +110,26 @@ async def get_ledger(request: web.Request) -> web.Response:
 
 async def add_rate(request: web.Request) -> web.Response:
     return web.json_response(
-        await request.app[SERVICES].rates.add(await read_json(request)), status=201
+        await request.config_dict[SERVICES].rates.add(await read_json(request)), status=201
     )
 
 
 async def list_rates(request: web.Request) -> web.Response:
-    return web.json_response({"rates": await request.app[SERVICES].rates.list()})
+    return web.json_response({"rates": await request.config_dict[SERVICES].rates.list()})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/admin/accounts", create_account)
-    app.router.add_get("/admin/accounts", list_accounts)
-    app.router.add_get("/admin/accounts/{account_id}", get_account)
-    app.router.add_patch("/admin/accounts/{account_id}", change_account)
-    app.router.add_post("/admin/accounts/{account_id}/deposits", add_deposit)
-    app.router.add_post("/admin/accounts/{account_id}/minutes", add_minutes)
-    app.router.add_get("/admin/calls/{call_sid}", get_call)
-    app.router.add_get("/admin/ledger", get_ledger)
-    app.router.add_post("/admin/rates", add_rate)
-    app.router.add_get("/admin/rates", list_rates)
+def subapp() -> web.Application:
+    """The operators' and the CRM's sub-application, mounted at PREFIX by meterd/web/app.py
+    (paths below are relative to it), behind the admin token."""
+    app = web.Application(middlewares=[authenticate])
+    app.router.add_post("/accounts", create_account)
+    app.router.add_get("/accounts", list_accounts)
+    app.router.add_get("/accounts/{account_id}", get_account)
+    app.router.add_patch("/accounts/{account_id}", change_account)
+    app.router.add_post("/accounts/{account_id}/deposits", add_deposit)
+    app.router.add_post("/accounts/{account_id}/minutes", add_minutes)
+    app.router.add_get("/calls/{call_sid}", get_call)
+    app.router.add_get("/ledger", get_ledger)
+    app.router.add_post("/rates", add_rate)
+    app.router.add_get("/rates", list_rates)
+    return app

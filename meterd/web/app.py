@@ -1,14 +1,24 @@
-"""The aiohttp application: middlewares for errors and auth, routes per caller. Its services come
-from meterd.bootstrap: `create_app` builds them on a database it is given (tests, tools); the
-daemon builds the app with `build_app` and gives it its services with `install_services` as it
-starts (meterd/daemon.py). Nothing happens at import time."""
+"""The aiohttp application: a root application with the middlewares every request goes through
+(metrics, errors, input checks, connection limits) and the open operations routes, and one
+sub-application per caller, mounted under its prefix with its own authentication middleware:
+
+    /twilio   meterd/web/twilio.py    Twilio's signature
+    /admin    meterd/web/admin.py     the admin token
+    /agents   meterd/web/agents.py    the agents token
+    /finance  meterd/web/finance.py   the finance token
+    /healthz, /metrics  meterd/web/ops.py  open (on the root application: no prefix)
+
+A request under a prefix passes the root's middlewares, then its sub-application's; one under
+no prefix (a 404, or an operations route) only the root's, of which `unrouted_paths` keeps a
+token check for the odd path that reads as under a prefix only once decoded (meterd/web/auth.py).
+
+The services come from meterd.bootstrap: `create_app` builds them on a database it is given
+(tests, tools); the daemon builds the app with `build_app` and gives it its services with
+`install_services` as it starts (meterd/daemon.py). Nothing happens at import time."""
 
 from __future__ import annotations
 
-import hmac
-import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -20,26 +30,29 @@ from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.core.ledger import LedgerError
 from meterd.logs import get_logger
-from meterd.metrics import METRICS, Metrics, metrics_middleware
+from meterd.metrics import Metrics, metrics_middleware
 from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, NotFound, ServiceError
 from meterd.services.outbox import TwilioCalls
 from meterd.store.database import Database
 from meterd.store.outage import is_unavailable
-from meterd.web.connections import CONNECTION_LIMITS, ConnectionLimits
+from meterd.web import admin, agents, finance, ops, twilio
+from meterd.web.auth import unrouted_paths
+from meterd.web.connections import ConnectionLimits
+from meterd.web.health import Health
+from meterd.web.json_io import NUL, NUL_REFUSED, json_error
+from meterd.web.keys import CONNECTION_LIMITS, HEALTH, METRICS, SERVICES
 
-if TYPE_CHECKING:
-    from meterd.web.ops import Health
+__all__ = [  # what tests and tools import from here
+    "SERVICES",
+    "build_app",
+    "create_app",
+    "install_services",
+    "json_error",
+]
 
 log = get_logger("meterd.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# Which token opens which prefix. Each token opens its own prefix only.
-TOKEN_FOR_PREFIX = {
-    "/admin/": "admin_token",
-    "/agents/": "agents_token",
-    "/finance/": "finance_token",
-}
 
 CLIENT_CLOSED_REQUEST = 499
 """The status recorded (access log, `meterd_webhooks_total`) for a request whose client hung up
@@ -50,15 +63,6 @@ _STATUS_FOR_ERROR: dict[type[ServiceError], int] = {
     NotFound: 404,
     Conflict: 409,
 }
-
-
-SERVICES = web.AppKey("services", Services)
-
-
-def json_error(
-    status: int, code: str, detail: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
 
 
 @web.middleware
@@ -76,7 +80,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             413,
             "body_too_large",
             f"the request body is larger than "
-            f"{request.app[SERVICES].settings.request_body_bytes_max} bytes",
+            f"{request.config_dict[SERVICES].settings.request_body_bytes_max} bytes",
         )
     except web.HTTPException as error:
         if (
@@ -98,7 +102,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except (InvariantBroken, LedgerError) as error:  # a ledger error no service expected
         log.critical("money invariant broken", error=str(error), path=request.path, exc_info=True)
-        request.app[SERVICES].on_invariant_broken(InvariantBroken(str(error)))
+        request.config_dict[SERVICES].on_invariant_broken(InvariantBroken(str(error)))
         return json_error(
             500,
             "invariant_broken",
@@ -118,7 +122,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         if is_unavailable(error):
             # An outage, not a bug: one line without a traceback, rate-limited per route.
-            request.app[SERVICES].database.outage.failure(
+            request.config_dict[SERVICES].database.outage.failure(
                 f"request:{_route(request)}", error, method=request.method
             )
             return json_error(
@@ -157,7 +161,7 @@ async def input_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Refuse (400) what no route can use and would fail deep inside: a NUL character in the
     path or the query (PostgreSQL's text cannot hold one), and a conditional header with a date
     aiohttp cannot parse (it would fail while sending a file, after every middleware)."""
-    if "\x00" in request.path or any("\x00" in k + v for k, v in request.query.items()):
+    if NUL in request.path or any(NUL in k + v for k, v in request.query.items()):
         return json_error(400, "invalid_request", NUL_REFUSED)
     for header in CONDITIONAL_HEADERS:
         if header in request.headers:
@@ -168,74 +172,16 @@ async def input_middleware(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    for prefix, secret_name in TOKEN_FOR_PREFIX.items():
-        if request.path.startswith(prefix):
-            expected = request.app[SERVICES].settings.secret(secret_name)
-            header = request.headers.get("Authorization", "")
-            scheme, _, presented = header.partition(" ")
-            if scheme.lower() != "bearer" or not presented:
-                return json_error(
-                    401,
-                    "unauthorized",
-                    f"send Authorization: Bearer <{secret_name.replace('_', ' ')}>",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
-                log.warning("wrong token", path=request.path)
-                return json_error(403, "forbidden", f"this token does not open {prefix}*")
-            break
-    return await handler(request)
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, strictly: JSON content type, UTF-8, no NaN or Infinity."""
-    if request.content_type != "application/json":
-        raise InvalidRequest("send the body as JSON with Content-Type: application/json")
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past the cap
-    try:
-        document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-    except UnicodeDecodeError:
-        raise InvalidRequest("the body is not valid UTF-8") from None
-    except ValueError as error:  # JSONDecodeError, and ints past Python's digit limit
-        raise InvalidRequest(f"the body is not valid JSON: {error}"[:200]) from None
-    except RecursionError:
-        raise InvalidRequest("the body is nested too deeply") from None
-    if _has_nul(document):
-        raise InvalidRequest(NUL_REFUSED)
-    return document
-
-
-NUL_REFUSED = "a NUL character (U+0000) is not allowed in any value"
-
-
-def _has_nul(value: Any) -> bool:
-    """True if a string anywhere in the decoded JSON holds U+0000 (PostgreSQL's text cannot
-    store one; no identifier or name meterd keeps has a use for it)."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
+CALLERS = (twilio, admin, agents, finance)
+"""The callers with a prefix: each module has PREFIX and `subapp()` (routes and authentication)."""
+BEARER_CALLERS = (admin, agents, finance)
+"""Those authenticated by a bearer token: `authenticate`, their sub-application's middleware."""
 
 
 def build_app(settings: Settings, metrics: Metrics) -> web.Application:
-    """The application with every route, and no services yet: `install_services` gives it them
-    before it serves a request. `metrics` is the registry its middleware (and `/metrics`) use."""
-    from meterd.web import admin, agents, finance, ops, twilio
-
+    """The root application with every route, and no services yet: `install_services` gives
+    it them before it serves a request. `metrics` is the registry its middleware (and
+    `/metrics`) use."""
     limits = ConnectionLimits(
         connections_max=settings.http_connections_max,
         idle_timeout_seconds=settings.http_idle_timeout_seconds,
@@ -250,24 +196,20 @@ def build_app(settings: Settings, metrics: Metrics) -> web.Application:
             error_middleware,
             input_middleware,
             limits.middleware,
-            auth_middleware,
+            unrouted_paths({caller.PREFIX + "/": caller.authenticate for caller in BEARER_CALLERS}),
         ],
     )
     app[METRICS] = metrics
     app[CONNECTION_LIMITS] = limits
-    admin.add_routes(app)
-    agents.add_routes(app)
-    twilio.add_routes(app)
     ops.add_routes(app)
-    finance.add_routes(app)
+    for caller in CALLERS:
+        app.add_subapp(caller.PREFIX, caller.subapp())
     return app
 
 
 def install_services(app: web.Application, services: Services) -> Health:
     """Give the app built by `build_app` its services, and the health check on them (which the
     owner of `services.database` closes before the database: `Health.close`)."""
-    from meterd.web.ops import HEALTH, Health
-
     app[SERVICES] = services
     health = Health(services.database, app[METRICS], intake=services.intake)
     app[HEALTH] = health

@@ -1,4 +1,4 @@
-"""`/finance/*`: finance pulls a business day's usage (the finance token only: see app.py).
+"""`/finance/*`: finance pulls a business day's usage (the finance token only: `subapp`).
 
     GET /finance/usage/{YYYY-MM-DD}.csv        per account
     GET /finance/usage/{YYYY-MM-DD}.json       per account, with totals
@@ -22,9 +22,14 @@ from meterd.services.usage import (
     UsageNotReady,
     UsageRefused,
 )
-from meterd.web.app import SERVICES, json_error
+from meterd.web.auth import bearer_token
+from meterd.web.json_io import json_error
+from meterd.web.keys import SERVICES
 
 log = get_logger("meterd.finance")
+
+PREFIX = "/finance"
+authenticate = bearer_token("finance_token", PREFIX + "/")
 
 _CONTENT_TYPES = {
     UsageFile.ACCOUNTS_CSV: "text/csv; charset=utf-8; header=present",
@@ -44,7 +49,7 @@ async def _serve(request: web.Request, kind: UsageFile) -> web.StreamResponse:
     except InvalidBusinessDay as error:
         return json_error(400, "invalid_date", str(error))
     try:
-        path = await request.app[SERVICES].usage.published_file(day, kind)
+        path = await request.config_dict[SERVICES].usage.published_file(day, kind)
     except UsageNotReady as error:
         return json_error(404, "usage_not_ready", str(error))
     except LedgerBroken:
@@ -75,7 +80,11 @@ async def calls_csv(request: web.Request) -> web.StreamResponse:
     return await _serve(request, UsageFile.CALLS_CSV)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/finance/usage/{day}.csv", accounts_csv)
-    app.router.add_get("/finance/usage/{day}.json", accounts_json)
-    app.router.add_get("/finance/usage/{day}/calls.csv", calls_csv)
+def subapp() -> web.Application:
+    """Finance's sub-application, mounted at PREFIX by meterd/web/app.py (paths below are
+    relative to it), behind the finance token."""
+    app = web.Application(middlewares=[authenticate])
+    app.router.add_get("/usage/{day}.csv", accounts_csv)
+    app.router.add_get("/usage/{day}.json", accounts_json)
+    app.router.add_get("/usage/{day}/calls.csv", calls_csv)
+    return app

@@ -1,10 +1,13 @@
-"""`/twilio/*`: Twilio's webhooks. Every request is signature-checked before anything is read
-into the database; a rejected one stores nothing and is logged with its call sid."""
+"""`/twilio/*`: Twilio's webhooks, on their own sub-application. Its middleware checks every
+request's signature before anything is read into the database (a rejected one stores nothing and
+is logged with its call sid); each route then checks its own fields, so a handler only ever sees
+a signed, well-formed form."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 import structlog
 from aiohttp import web
@@ -17,52 +20,69 @@ from meterd.services.twilio_fields import check_webhook
 from meterd.store.journal import JournalFull
 from meterd.store.outage import is_unavailable
 from meterd.web import twiml
-from meterd.web.app import SERVICES, json_error
+from meterd.web.json_io import NUL, json_error
+from meterd.web.keys import SERVICES
 from meterd.web.twilio_request import CALL_SID_CHARS_MAX, TwilioRequestRejected, read_signed_form
 
 log = get_logger("meterd.twilio")
 
+PREFIX = "/twilio"
 TWIML = "application/xml"
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-async def _signed_form(request: web.Request) -> MultiDict[str]:
-    services = request.app[SERVICES]
-    settings = services.settings
-    form = await read_signed_form(
-        request,
-        public_base_url=settings.public_base_url,
-        auth_token=settings.secret("twilio_auth_token"),
-        body_bytes_max=settings.request_body_bytes_max,
-        webhook_key=settings.secret("twilio_webhook_key"),
-    )
+_signed: ContextVar[MultiDict[str]] = ContextVar("meterd_twilio_signed_form")
+"""The form the signature middleware checked, for the route it calls (same task, so the same
+context; aiohttp's typed request storage, RequestKey, is newer than the aiohttp meterd supports)."""
+
+
+@web.middleware
+async def twilio_signature(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The Twilio sub-application's authentication: the form, signed over the public URL with
+    the auth token (or the webhook key), or 400/403/413 naming what is wrong. A path or method
+    no route answers goes on to its 404 or 405 unread."""
+    if request.match_info.http_exception is not None:
+        return await handler(request)
+    settings = request.config_dict[SERVICES].settings
+    try:
+        form = await read_signed_form(
+            request,
+            public_base_url=settings.public_base_url,
+            auth_token=settings.secret("twilio_auth_token"),
+            body_bytes_max=settings.request_body_bytes_max,
+            webhook_key=settings.secret("twilio_webhook_key"),
+        )
+    except TwilioRequestRejected as rejected:
+        log.warning(
+            "twilio webhook rejected",
+            path=request.path,
+            reason=rejected.code,
+            call_sid=rejected.call_sid,
+            status=rejected.status,
+        )
+        return json_error(rejected.status, rejected.code, rejected.detail)
     structlog.contextvars.bind_contextvars(
-        call_sid=(form.get("CallSid") or form.get("FriendlyName", ""))[:CALL_SID_CHARS_MAX]
+        call_sid=(form.get("CallSid") or form.get("FriendlyName") or "")[:CALL_SID_CHARS_MAX]
     )
-    return form
+    token = _signed.set(form)
+    try:
+        return await handler(request)
+    finally:
+        _signed.reset(token)
 
 
 def _twilio_route(
     name: str,
     handler: Callable[[web.Request, MultiDict[str]], Awaitable[web.Response]],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """`handler` behind the signature check and the field checks of route `name` (a key of
-    `twilio_fields.REQUIRED_FIELDS`): a handler only ever sees a signed, well-formed form."""
+    """`handler` given the signed form, once it passes the field checks of route `name` (a key
+    of `twilio_fields.REQUIRED_FIELDS`)."""
 
     async def route(request: web.Request) -> web.Response:
-        try:
-            form = await _signed_form(request)
-        except TwilioRequestRejected as rejected:
-            log.warning(
-                "twilio webhook rejected",
-                path=request.path,
-                reason=rejected.code,
-                call_sid=rejected.call_sid,
-                status=rejected.status,
-            )
-            return json_error(rejected.status, rejected.code, rejected.detail)
+        form = _signed.get()
         try:
             for key, value in form.items():
-                if "\x00" in key + value:
+                if NUL in key + value:
                     raise InvalidRequest(f"{key[:40]!s} holds a NUL character (U+0000)")
             check_webhook(name, form.items())
         except InvalidRequest as malformed:
@@ -79,7 +99,7 @@ def _twilio_route(
 
 
 def _twiml(answer: Answer, request: web.Request) -> web.Response:
-    settings = request.app[SERVICES].settings
+    settings = request.config_dict[SERVICES].settings
     return web.Response(
         text=twiml.render(answer, settings.public_base_url, settings.pay_connector),
         content_type=TWIML,
@@ -99,7 +119,7 @@ def _apologising(
         except Exception as error:
             if not is_unavailable(error):
                 raise
-            request.app[SERVICES].database.outage.failure(
+            request.config_dict[SERVICES].database.outage.failure(
                 f"request:{request.path}", error, call_sid=form.get("CallSid")
             )
             return web.Response(text=twiml.apology(), content_type=TWIML)
@@ -108,7 +128,7 @@ def _apologising(
 
 
 async def voice(request: web.Request, form: MultiDict[str]) -> web.Response:
-    answer = await request.app[SERVICES].answering.incoming(form, list(form.items()))
+    answer = await request.config_dict[SERVICES].answering.incoming(form, list(form.items()))
     return _twiml(answer, request)
 
 
@@ -116,7 +136,7 @@ async def pin(request: web.Request, form: MultiDict[str]) -> web.Response:
     attempt_text = request.query.get("attempt", "1")
     if not re.fullmatch(r"[0-9]{1,2}", attempt_text):
         return json_error(400, "invalid_request", "attempt must be a whole number")
-    answer = await request.app[SERVICES].answering.pin_entered(
+    answer = await request.config_dict[SERVICES].answering.pin_entered(
         form, list(form.items()), int(attempt_text)
     )
     return _twiml(answer, request)
@@ -126,7 +146,7 @@ async def pay(request: web.Request, form: MultiDict[str]) -> web.Response:
     attempt_text = request.query.get("attempt", "1")
     if not re.fullmatch(r"[0-9]{1,2}", attempt_text):
         return json_error(400, "invalid_request", "attempt must be a whole number")
-    answer = await request.app[SERVICES].answering.card_entered(
+    answer = await request.config_dict[SERVICES].answering.card_entered(
         form, list(form.items()), int(attempt_text)
     )
     return _twiml(answer, request)
@@ -148,7 +168,7 @@ async def _take_callback(request: web.Request, route: str, form: MultiDict[str])
     """Conference and call-status callbacks: 204 once recorded, in the database or, while it
     cannot take them, in the local journal; 503 only when the journal cannot take it either."""
     try:
-        await request.app[SERVICES].intake.take(route, form, list(form.items()))
+        await request.config_dict[SERVICES].intake.take(route, form, list(form.items()))
     except (JournalFull, OSError) as error:
         log.error("webhook journal cannot take a callback", route=route, error=str(error))
         return json_error(
@@ -186,12 +206,16 @@ async def announcement(request: web.Request, form: MultiDict[str]) -> web.Respon
     return web.Response(text=twiml.announcement(message), content_type=TWIML)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/twilio/voice", _twilio_route("voice", _apologising(voice)))
-    app.router.add_post("/twilio/pin", _twilio_route("pin", _apologising(pin)))
-    app.router.add_post("/twilio/pay", _twilio_route("pay", _apologising(pay)))
-    app.router.add_post("/twilio/pay-status", _twilio_route("pay-status", pay_status))
-    app.router.add_post("/twilio/conference", _twilio_route("conference", conference))
-    app.router.add_post("/twilio/call-status", _twilio_route("call-status", call_status))
-    app.router.add_post("/twilio/fallback", _twilio_route("fallback", fallback))
-    app.router.add_post("/twilio/announcement", _twilio_route("announcement", announcement))
+def subapp() -> web.Application:
+    """Twilio's sub-application, mounted at PREFIX by meterd/web/app.py (paths below are
+    relative to it), behind the signature check."""
+    app = web.Application(middlewares=[twilio_signature])
+    app.router.add_post("/voice", _twilio_route("voice", _apologising(voice)))
+    app.router.add_post("/pin", _twilio_route("pin", _apologising(pin)))
+    app.router.add_post("/pay", _twilio_route("pay", _apologising(pay)))
+    app.router.add_post("/pay-status", _twilio_route("pay-status", pay_status))
+    app.router.add_post("/conference", _twilio_route("conference", conference))
+    app.router.add_post("/call-status", _twilio_route("call-status", call_status))
+    app.router.add_post("/fallback", _twilio_route("fallback", fallback))
+    app.router.add_post("/announcement", _twilio_route("announcement", announcement))
+    return app

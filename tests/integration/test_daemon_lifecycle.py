@@ -18,7 +18,7 @@ import pytest
 
 from meterd import bootstrap, daemon, sdnotify
 from meterd.config import load_settings
-from meterd.web.ops import Health
+from meterd.web.health import Health
 from tests.e2e.daemon import free_port
 
 STARTED = ["database opened", "adapters opened", "scheduler created"]

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meterd.metrics import METRICS, Metrics, metrics_middleware
 from meterd.scheduler import Scheduler
 from meterd.services.metering import TickReport
-from meterd.web.ops import TICK_JOB, Health
+from meterd.web.health import TICK_JOB, Health
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
