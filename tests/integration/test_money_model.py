@@ -481,10 +481,18 @@ class Run:
         return moments
 
     async def tick(self) -> None:
-        await self.services.metering.tick()
+        await self.metering_tick()
         await self.services.payments.run()
         await self.replay()
         self.check_live()
+
+    async def metering_tick(self) -> None:
+        """As the daemon's metering job: callbacks in the webhook journal first (one the database
+        did not take within webhook_journal_wait_ms, the machine being busy, was answered from
+        it), and no metering while it still holds some."""
+        await self.services.intake.replay()
+        if not self.services.intake.journaling:
+            await self.services.metering.tick()
 
     # --- the ledger, replayed -------------------------------------------------------------------
 
@@ -579,7 +587,7 @@ class Run:
         await self.tick()
         self.clock.advance(120)
         await self.tick()
-        await self.services.metering.tick()
+        await self.metering_tick()
         await self.services.payments.run()
         await self.replay(via_api=True)
 
@@ -732,6 +740,8 @@ async def run_example(
 ) -> Run:
     localstripe.reset()
     database = await databases.fresh()
+    # a state directory of its own: nothing (a webhook journal) carries over to the next example
+    state_dir = Path(tempfile.mkdtemp(dir=state_dir))
     try:
         clock = ManualClock(START)
         app = build_app(
@@ -754,6 +764,7 @@ async def run_example(
             await client.close()
     finally:
         await databases.done(database)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -909,15 +920,14 @@ PAST_FAILURES = [
         ),
         id="block-bought-ahead-never-needed-pays-a-later-deposit-bank-first",
     ),
-    # A meterd defect, not the model's (meterd is not changed here): research running on after
-    # the hang-up is billable and accruing, and docs/billing.md has the card buy a block once
-    # bank and deposit cannot pay the next minute of every accruing agent, before anything is
-    # owed. meterd watches funds only while the call is connected (MeteringService._watch_funds
-    # returns for an ended call), so the research minutes after the hang-up are owed (bank 0,
-    # deposit 0, owed 200, no block) though a usable card is on file; the model wants the block
-    # (bank 28, deposit 0, one block). The same billable time with the caller still on the line
-    # (the agents leaving at 20, the call ending at 264) does buy it. Remove the mark once
-    # meterd keeps an ended call with research open funded.
+    # A meterd defect, not the model's (fixed in meterd since): research running on after the
+    # hang-up is billable and accruing, and docs/billing.md has the card buy a block once bank
+    # and deposit cannot pay the next minute of every accruing agent, before anything is owed.
+    # meterd watched funds only while the call was connected (MeteringService._watch_funds
+    # returned for an ended call), so the research minutes after the hang-up were owed (bank 0,
+    # deposit 0, owed 200, no block) though a usable card was on file; the model wants the block
+    # (bank 28, deposit 0, one block), as meterd gave with the same billable time and the caller
+    # still on the line (the agents leaving at 20, the call ending at 264).
     pytest.param(
         Scenario(
             skew=0,
