@@ -34,6 +34,7 @@ from meterd.metrics import Metrics, metrics_middleware
 from meterd.services.errors import Conflict, InvalidRequest, InvariantBroken, NotFound, ServiceError
 from meterd.services.outbox import TwilioCalls
 from meterd.store.database import Database
+from meterd.store.ledger_store import IdempotencyConflict
 from meterd.store.outage import is_unavailable
 from meterd.web import admin, agents, finance, ops, twilio
 from meterd.web.auth import unrouted_paths
@@ -99,6 +100,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 for k, v in error.headers.items()
                 if k.lower() not in ("content-type", "content-length")
             },
+        )
+    except IdempotencyConflict as error:
+        # A request reused a key with other content (a client's mistake, or two clients racing
+        # on one reference): the ledger refused it and holds the first; nothing is broken.
+        log.warning("idempotency conflict", path=request.path, error=str(error))
+        return json_error(
+            409,
+            "idempotency_conflict",
+            "this request's idempotency key was used before with different content",
         )
     except (InvariantBroken, LedgerError) as error:  # a ledger error no service expected
         log.critical("money invariant broken", error=str(error), path=request.path, exc_info=True)
