@@ -90,17 +90,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             or request.path.startswith("/twilio/")
         ):
             raise
-        code = error.reason.lower().replace(" ", "_")
-        return json_error(
-            error.status,
-            code,
-            error.text or error.reason,
-            headers={
-                k: v
-                for k, v in error.headers.items()
-                if k.lower() not in ("content-type", "content-length")
-            },
-        )
+        return _json_http_error(error)
     except IdempotencyConflict as error:
         # A request reused a key with other content (a client's mistake, or two clients racing
         # on one reference): the ledger refused it and holds the first; nothing is broken.
@@ -119,32 +109,53 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "a money invariant does not hold; meterd is stopping so it can be investigated",
         )
     except Exception as error:
-        if _client_went_away(request, error):
-            # The client's fault, not meterd's: one quiet line, no traceback, no 5xx counted.
-            log.debug(
-                "client closed the connection before sending the whole request",
-                path=request.path,
-                method=request.method,
-                content_length=request.content_length,
-            )
-            return json_error(
-                CLIENT_CLOSED_REQUEST, "client_closed_request", "the request body was cut short"
-            )
-        if is_unavailable(error):
-            # An outage, not a bug: one line without a traceback, rate-limited per route.
-            request.config_dict[SERVICES].database.outage.failure(
-                f"request:{_route(request)}", error, method=request.method
-            )
-            return json_error(
-                503,
-                "database_unavailable",
-                "meterd cannot reach its database right now; try again shortly",
-                headers={"Retry-After": "1"},
-            )
-        log.exception("request failed", path=request.path, method=request.method)
-        return json_error(
-            500, "internal_error", "meterd failed to handle this request; the cause is in its log"
+        return _unexpected(request, error)
+
+
+def _json_http_error(error: web.HTTPException) -> web.Response:
+    """aiohttp's plain-text 4xx or 5xx (404, 405, ...) as meterd's JSON error, its headers
+    (Allow, ...) kept."""
+    return json_error(
+        error.status,
+        error.reason.lower().replace(" ", "_"),
+        error.text or error.reason,
+        headers={
+            k: v
+            for k, v in error.headers.items()
+            if k.lower() not in ("content-type", "content-length")
+        },
+    )
+
+
+def _unexpected(request: web.Request, error: Exception) -> web.Response:
+    """An exception no handler expected (called while it is being handled, so a logged
+    traceback is its own): the client gone, the database unavailable, else a real fault."""
+    if _client_went_away(request, error):
+        # The client's fault, not meterd's: one quiet line, no traceback, no 5xx counted.
+        log.debug(
+            "client closed the connection before sending the whole request",
+            path=request.path,
+            method=request.method,
+            content_length=request.content_length,
         )
+        return json_error(
+            CLIENT_CLOSED_REQUEST, "client_closed_request", "the request body was cut short"
+        )
+    if is_unavailable(error):
+        # An outage, not a bug: one line without a traceback, rate-limited per route.
+        request.config_dict[SERVICES].database.outage.failure(
+            f"request:{_route(request)}", error, method=request.method
+        )
+        return json_error(
+            503,
+            "database_unavailable",
+            "meterd cannot reach its database right now; try again shortly",
+            headers={"Retry-After": "1"},
+        )
+    log.exception("request failed", path=request.path, method=request.method)
+    return json_error(
+        500, "internal_error", "meterd failed to handle this request; the cause is in its log"
+    )
 
 
 def _route(request: web.Request) -> str:
