@@ -240,12 +240,14 @@ def minute_key(call_sid: str, agent_id: str, n: int) -> str:
     return f"call:{call_sid}:agent:{agent_id}:minute:{n}"
 
 
-REBOOKED_SUFFIX = ":from-bank"
+REBOOKED_SUFFIX = ":from-bank"  # settlement moved a money-paid minute onto the bank
+REBOOKED_FROM_DEPOSIT_SUFFIX = ":from-deposit"  # settlement moved an owed minute onto the deposit
 
 
 def parse_minute_key(key: str) -> tuple[str, int]:
     """(agent_id, n) of a minute's key (agent ids may themselves hold colons)."""
-    head, _, number = key.removesuffix(REBOOKED_SUFFIX).rpartition(":minute:")
+    base = key.removesuffix(REBOOKED_SUFFIX).removesuffix(REBOOKED_FROM_DEPOSIT_SUFFIX)
+    head, _, number = base.rpartition(":minute:")
     _, _, agent_id = head.partition(":agent:")
     return agent_id, int(number)
 
@@ -276,8 +278,12 @@ def minute(
     """Agent `agent_id`'s minute `n` on a call. Every minute moves one agent-minute into
     `minutes:used`: from the bank if banked, else from `minutes:unbanked`; a priced minute also
     moves its money from the deposit (or, owed, from the receivable) to usage revenue.
-    `rebooked`: settlement moving a money-paid minute onto the bank (under its own key)."""
-    key = minute_key(call_sid, agent_id, n) + (REBOOKED_SUFFIX if rebooked else "")
+    `rebooked`: settlement moving a minute onto the bank or (an owed one) onto the deposit,
+    under its own key."""
+    suffix = ""
+    if rebooked:
+        suffix = REBOOKED_SUFFIX if source == "bank" else REBOOKED_FROM_DEPOSIT_SUFFIX
+    key = minute_key(call_sid, agent_id, n) + suffix
     legs: list[Posting] = [Posting(MINUTES_USED, MINUTES, 1)]
     if source == "bank":
         legs.append(Posting(bank_book(account_id), MINUTES, -1))

@@ -288,20 +288,14 @@ class PaymentService:
             if operation.kind in ("charge", "authorize", "incident"):
                 if card is None:
                     raise CardDeclined("no card on file")
-                send = (
-                    gateway.authorize
-                    if operation.kind == "authorize"
-                    else gateway.charge
-                )
+                send = gateway.authorize if operation.kind == "authorize" else gateway.charge
                 result = await send(key, card, operation.amount_minor, operation.currency)
             elif operation.kind == "capture":
                 result = await gateway.capture(
                     key, await self._reference_of(operation.related_key), operation.amount_minor
                 )
             elif operation.kind == "release":
-                result = await gateway.release(
-                    key, await self._reference_of(operation.related_key)
-                )
+                result = await gateway.release(key, await self._reference_of(operation.related_key))
             else:
                 result = await gateway.refund(
                     key, await self._reference_of(operation.related_key), operation.amount_minor

@@ -103,6 +103,7 @@ class SettlementService:
                 await self._poster.post_due_minutes(connection, call, account, timeline, now)
                 if call.plan == Plan.PER_MINUTE.value:
                     await self._pay_from_bank_first(connection, call, bank_returned, now)
+                    await self._pay_owed_from_the_deposit(connection, call, account, now)
                 if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
                     await self._charge_incidents(connection, call, account, timeline)
                 # card: capture what was used, release the rest; a waived call (or one that
@@ -211,6 +212,47 @@ class SettlementService:
                 ),
                 now,
             )
+
+    async def _pay_owed_from_the_deposit(
+        self, connection: AsyncConnection, call: Row[Any], account: Row[Any], now: dt.datetime
+    ) -> None:
+        """A minute owed live (nothing could pay it then) is paid from the deposit if, once
+        settlement has given back what the final timeline does not support, the deposit holds
+        its price: the funding order is bank, deposit, then owed. Each is rebooked at the price
+        it was owed at, in the order it was posted."""
+        deposit_book = ledger.deposit_book(call.account_id)
+        receivable_book = ledger.receivable_book(call.account_id)
+        deposit = (await ledger_store.balances(connection, [deposit_book])).get(deposit_book, 0)
+        for key in await ledger_store.unreversed_keys(
+            connection, call.call_sid, frozenset({"minute_receivable"})
+        ):
+            original = await ledger_store.load_transaction(connection, key)
+            if original is None:
+                raise InvariantBroken(f"{key} is listed but not in the ledger")
+            price = -sum(p.amount for p in original.postings if p.book == receivable_book)
+            if not 0 < price <= deposit:
+                continue
+            await ledger_store.post(
+                connection,
+                ledger.reversal_of(original, memo="settlement: paid from the deposit instead"),
+                now,
+            )
+            agent_id, n = ledger.parse_minute_key(key)
+            await ledger_store.post(
+                connection,
+                ledger.minute(
+                    call.call_sid,
+                    agent_id,
+                    n,
+                    account_id=call.account_id,
+                    currency=account.currency,
+                    source="deposit",
+                    amount_minor=price,
+                    rebooked=True,
+                ),
+                now,
+            )
+            deposit -= price
 
     async def _charge_incidents(
         self, connection: AsyncConnection, call: Row[Any], account: Row[Any], timeline: Timeline

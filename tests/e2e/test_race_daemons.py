@@ -200,7 +200,7 @@ def _check_minutes(race: Race, views: dict[str, dict], ledger: dict) -> list[str
     posted: set[tuple[str, str, int]] = set()
     for row in ledger["keys"]:
         key = row["idempotency_key"]
-        match = MINUTE_KEY.match(key.removesuffix(":from-bank"))
+        match = MINUTE_KEY.match(key.removesuffix(":from-bank").removesuffix(":from-deposit"))
         if match is None or row["reverses_key"]:
             continue
         minute = (match["sid"], match["agent"], int(match["n"]))

@@ -74,7 +74,9 @@ SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
-MINUTE_KEY = re.compile(r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank)?$")
+MINUTE_KEY = re.compile(
+    r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank|:from-deposit)?$"
+)
 MONEY_MINUTES = {"minute_deposit", "minute_debt", "minute_receivable", "minute_card"}
 
 
@@ -986,11 +988,6 @@ PAST_FAILURES = [
             ticks=(),
         ),
         id="a-minute-owed-while-a-minute-given-back-held-the-deposit",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="meterd defect: settlement leaves a minute owed though a minute it gave back "
-            "returned its price to the deposit",
-        ),
     ),
 ]
 
