@@ -189,29 +189,8 @@ class SettlementService:
             if key not in rebook and len(rebook) < bank:
                 rebook.append(key)
         for key in rebook:
-            original = await ledger_store.load_transaction(connection, key)
-            if original is None:
-                raise InvariantBroken(f"{key} is listed but not in the ledger")
-            await ledger_store.post(
-                connection,
-                ledger.reversal_of(original, memo="settlement: paid from the bank instead"),
-                now,
-            )
-            agent_id, n = ledger.parse_minute_key(key)
-            await ledger_store.post(
-                connection,
-                ledger.minute(
-                    call.call_sid,
-                    agent_id,
-                    n,
-                    account_id=call.account_id,
-                    currency="",
-                    source="bank",
-                    amount_minor=0,
-                    rebooked=True,
-                ),
-                now,
-            )
+            original = await _load(connection, key)
+            await _rebook(connection, call, original, source="bank", currency="", price=0, now=now)
 
     async def _pay_owed_from_the_deposit(
         self, connection: AsyncConnection, call: Row[Any], account: Row[Any], now: dt.datetime
@@ -226,31 +205,18 @@ class SettlementService:
         for key in await ledger_store.unreversed_keys(
             connection, call.call_sid, frozenset({"minute_receivable"})
         ):
-            original = await ledger_store.load_transaction(connection, key)
-            if original is None:
-                raise InvariantBroken(f"{key} is listed but not in the ledger")
+            original = await _load(connection, key)
             price = -sum(p.amount for p in original.postings if p.book == receivable_book)
             if not 0 < price <= deposit:
                 continue
-            await ledger_store.post(
+            await _rebook(
                 connection,
-                ledger.reversal_of(original, memo="settlement: paid from the deposit instead"),
-                now,
-            )
-            agent_id, n = ledger.parse_minute_key(key)
-            await ledger_store.post(
-                connection,
-                ledger.minute(
-                    call.call_sid,
-                    agent_id,
-                    n,
-                    account_id=call.account_id,
-                    currency=account.currency,
-                    source="deposit",
-                    amount_minor=price,
-                    rebooked=True,
-                ),
-                now,
+                call,
+                original,
+                source="deposit",
+                currency=account.currency,
+                price=price,
+                now=now,
             )
             deposit -= price
 
@@ -341,3 +307,44 @@ class SettlementService:
                 .limit(self._batch_max)
             )
             return list(rows.all())
+
+
+async def _load(connection: AsyncConnection, key: str) -> ledger.Transaction:
+    original = await ledger_store.load_transaction(connection, key)
+    if original is None:
+        raise InvariantBroken(f"{key} is listed but not in the ledger")
+    return original
+
+
+async def _rebook(
+    connection: AsyncConnection,
+    call: Row[Any],
+    original: ledger.Transaction,
+    *,
+    source: str,
+    currency: str,
+    price: int,
+    now: dt.datetime,
+) -> None:
+    """Settlement's word on how a minute is paid: the live posting reversed, the minute posted
+    again from `source` under its rebooked key."""
+    await ledger_store.post(
+        connection,
+        ledger.reversal_of(original, memo=f"settlement: paid from the {source} instead"),
+        now,
+    )
+    agent_id, n = ledger.parse_minute_key(original.key)
+    await ledger_store.post(
+        connection,
+        ledger.minute(
+            call.call_sid,
+            agent_id,
+            n,
+            account_id=call.account_id,
+            currency=currency,
+            source=source,
+            amount_minor=price,
+            rebooked=True,
+        ),
+        now,
+    )
