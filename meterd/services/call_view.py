@@ -9,7 +9,7 @@ from meterd.clock import Clock
 from meterd.core import ledger
 from meterd.core.timeline import Timeline, agent_minutes
 from meterd.services.errors import NotFound
-from meterd.store import calls_store, ledger_store
+from meterd.store import calls_store, ledger_store, timeline_store
 from meterd.store.database import Database
 
 
@@ -28,7 +28,7 @@ class CallViewService:
             call = await calls_store.get_call(connection, call_sid)
             if call is None:
                 raise NotFound(f"no call {call_sid}")
-            timeline = await calls_store.load_timeline(
+            timeline = await timeline_store.load_timeline(
                 connection, call, self._clock(), self._research_max_seconds
             )
             # what the call used (a card block bought during it is a purchase, not usage)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterd.clock import Clock
+from meterd.core.call_legs import TERMINAL_CALL_STATUSES
 from meterd.logs import get_logger
 from meterd.services.errors import InvalidRequest, InvariantBroken, NotFound
 from meterd.services.twilio_fields import (
@@ -39,7 +40,6 @@ __all__ = [
 
 log = get_logger("meterd.ingest")
 
-TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 STALE_SWEEP_BATCH_MAX = 500
 FUTURE_EVENT_SECONDS_MAX = 24 * 3600
 """A Timestamp more than this ahead of meterd's clock (or `twilio_clock_skew_seconds_max`, if

@@ -36,7 +36,7 @@ from meterd.services.outbox import OutboxKind, enqueue
 from meterd.services.payments import PaymentService
 from meterd.services.rates import RateBook
 from meterd.services.settlement import SettlementService
-from meterd.store import calls_store
+from meterd.store import calls_store, timeline_store
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
 from meterd.store.schema import (
@@ -161,7 +161,7 @@ class MeteringService:
                 await calls_store.update_call(connection, call_sid, next_due_at=None)
                 return 0, False
             account = await lock_account(connection, call.account_id)
-            timeline = await calls_store.load_timeline(
+            timeline = await timeline_store.load_timeline(
                 connection, call, now, self._research_max_seconds
             )
             posted, backlog = await self._poster.post_due_minutes(

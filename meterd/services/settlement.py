@@ -25,7 +25,7 @@ from meterd.services.funding import FundingAuthority, lock_account
 from meterd.services.minute_posting import MINUTES_PER_TRANSACTION_MAX, MinutePoster
 from meterd.services.payments import PaymentService, post_incident
 from meterd.services.rates import RateBook, RateKind
-from meterd.store import calls_store, ledger_store
+from meterd.store import calls_store, ledger_store, timeline_store
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
 from meterd.store.schema import calls, research_marks
@@ -87,7 +87,7 @@ class SettlementService:
                 return _NOT_SETTLED
             if await calls_store.research_open(connection, call_sid, now, self._research_max):
                 return _NOT_SETTLED  # started after the call was chosen: settle once it stops
-            timeline = await calls_store.load_timeline(
+            timeline = await timeline_store.load_timeline(
                 connection, call, now, self._research_max_seconds
             )
             if call.account_id is not None and call.plan is not None:
@@ -239,7 +239,7 @@ class SettlementService:
             )
         ).all()
         for member in settled_members:
-            member_timeline = await calls_store.load_timeline(
+            member_timeline = await timeline_store.load_timeline(
                 connection, member, member.settled_at, self._research_max_seconds
             )
             group_seconds += member_timeline.billable_union_seconds

@@ -4,7 +4,7 @@
   call, account, kind and book, through a server-side cursor in call-sid order
   (`usage_store.day_postings_query`). That one pass writes the calls file call by call and adds
   up, per account and per book, the accounts' movements and balances. The calls' own columns
-  and the settled calls' timelines (`calls_store.load_timelines`) are loaded `CALLS_PER_BATCH`
+  and the settled calls' timelines (`timeline_store.load_timelines`) are loaded `CALLS_PER_BATCH`
   calls at a time, one query each. Memory holds one batch of calls and a few totals per account
   and book, whatever the day's volume.
 - **Checked.** Every account reconciles (opening + movements = closing per book) and the calls
@@ -56,7 +56,7 @@ from meterd.services.usage_publish import (
     UsageFile,
     remove_stale_temporaries,
 )
-from meterd.store import calls_store, usage_store
+from meterd.store import timeline_store, usage_store
 from meterd.store.database import Database
 from meterd.store.usage_store import STREAM_ROWS
 
@@ -329,7 +329,7 @@ class UsageBuilder:
     ) -> dict[str, TimeFacts]:
         """Each settled call's time, from its timeline exactly as settlement built it: the events
         recorded up to settlement, open intervals counted to `settled_at`."""
-        timelines = await calls_store.load_timelines(
+        timelines = await timeline_store.load_timelines(
             connection, settled, self._research_max_seconds
         )
         return {

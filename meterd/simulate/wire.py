@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from urllib.parse import urlencode
 
+from meterd.core.call_legs import TERMINAL_CALL_STATUSES
+
 __all__ = [
     "ACCOUNT_SID",
     "API_VERSION",
@@ -42,7 +44,6 @@ __all__ = [
 API_VERSION = "2010-04-01"
 SUPPORT_NUMBER = "+18005550100"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
-TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
 Params = Mapping[str, str] | Iterable[tuple[str, str]]
 

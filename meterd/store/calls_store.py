@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Row, and_, case, func, literal, or_, select, update
+from sqlalchemy import Row, and_, case, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterd.core.timeline import ConferenceEvent, ResearchMark, Timeline, build_timeline
+from meterd.core.timeline import ResearchMark
 from meterd.store.schema import (
     UtcDateTime,
     call_agent_minutes,
@@ -139,30 +139,6 @@ async def end_call(
         await update_call(connection, call_sid, **values)
 
 
-async def conference_events(connection: AsyncConnection, call_sid: str) -> list[ConferenceEvent]:
-    rows = await connection.execute(
-        select(
-            webhook_events.c.sequence_number,
-            webhook_events.c.event_at,
-            webhook_events.c.kind,
-            webhook_events.c.participant_sid,
-            webhook_events.c.label,
-            webhook_events.c.hold,
-        ).where(webhook_events.c.call_sid == call_sid, webhook_events.c.route == "conference")
-    )
-    return [
-        ConferenceEvent(
-            sequence_number=row.sequence_number,
-            at_seconds=int(row.event_at.timestamp()),
-            kind=row.kind,
-            call_sid=row.participant_sid or "",
-            label=row.label or "",
-            hold=row.hold,
-        )
-        for row in rows
-    ]
-
-
 async def first_event_at(connection: AsyncConnection, call_sid: str) -> dt.datetime | None:
     """The earliest Twilio timestamp recorded for the call."""
     return await connection.scalar(
@@ -260,167 +236,6 @@ async def stale_calls(
                 .limit(limit)
             )
         ).all()
-    )
-
-
-def params_of(raw_json: str) -> Mapping[str, str]:
-    return dict(json.loads(raw_json))
-
-
-# The call-status callbacks that end the customer's own leg.
-TERMINAL_CALL_STATUSES = ("completed", "busy", "failed", "no-answer", "canceled")
-
-
-async def load_timeline(
-    connection: AsyncConnection, call: Row[Any], now: dt.datetime, research_max_seconds: int
-) -> Timeline:
-    """The call's timeline from everything recorded for it, open intervals counted to `now`.
-
-    Conference time is Twilio's: its clock has reached at least the latest timestamp it sent,
-    so what is open in the conference is counted to that stamp when it is ahead of our `now`
-    (Twilio's clock running ahead of ours); research runs on our clock and is counted to `now`.
-    So time Twilio has already told us of is never cut short by our clock lagging behind."""
-    ((_, timeline),) = await load_timelines(connection, [call], research_max_seconds, now=now)
-    return timeline
-
-
-async def load_timelines(
-    connection: AsyncConnection,
-    calls_: Sequence[Any],
-    research_max_seconds: int,
-    *,
-    now: dt.datetime | None = None,
-) -> Iterator[tuple[Any, Timeline]]:
-    """`load_timeline` of each of a batch of calls (rows with the `calls` columns `call_sid`,
-    `ended_at`, `settled_at`, `closed_by_sweeper`): one query for their research marks, one for
-    their events, however many calls. The one place a call's timeline is loaded.
-
-    With `now`: from everything recorded, open intervals counted to `now`. Without: each call is
-    settled and its timeline is the one its settlement built, from the events recorded (received)
-    by its `settled_at`, open intervals counted to `settled_at`.
-
-    Each call's timeline is built as the iterator reaches it (its events are read together), so
-    a batch's timelines are never all held at once; every call of the batch is reached once."""
-    by_sid = {call.call_sid: call for call in calls_}
-    if not by_sid:
-        return iter(())
-    sids = list(by_sid)
-    research = await _marks_of(connection, sids)
-    rows = await connection.execute(_events_query(sids, up_to_settlement=now is None))
-
-    def built(sid: str, events: list[ConferenceEvent], leg_end: dt.datetime | None) -> Any:
-        call = by_sid.pop(sid)
-        at = now if now is not None else call.settled_at
-        return call, _timeline(
-            call, events, research.get(sid, []), leg_end, at, research_max_seconds
-        )
-
-    def timelines() -> Iterator[tuple[Any, Timeline]]:
-        current: str | None = None
-        events: list[ConferenceEvent] = []
-        leg_end: dt.datetime | None = None  # the customer's leg ended (terminal call-status)
-        for sid, route, kind, sequence_number, event_at, participant, label, hold in rows:
-            if sid != current:
-                if current is not None:
-                    yield built(current, events, leg_end)
-                current, events, leg_end = sid, [], None
-            if event_at is None:
-                continue
-            if route == "conference":
-                events.append(
-                    ConferenceEvent(
-                        sequence_number,
-                        int(event_at.timestamp()),
-                        kind,
-                        participant or "",
-                        label or "",
-                        hold,
-                    )
-                )
-            elif leg_end is None or event_at < leg_end:
-                leg_end = event_at
-        if current is not None:
-            yield built(current, events, leg_end)
-        for sid in list(by_sid):  # no event recorded
-            yield built(sid, [], None)
-
-    return timelines()
-
-
-async def _marks_of(
-    connection: AsyncConnection, call_sids: Sequence[str]
-) -> dict[str, list[ResearchMark]]:
-    found: dict[str, list[ResearchMark]] = {}
-    for sid, agent_id, start_at, end_at in await connection.execute(
-        select(
-            research_marks.c.call_sid,
-            research_marks.c.agent_id,
-            research_marks.c.start_at,
-            research_marks.c.end_at,
-        )
-        .where(research_marks.c.call_sid.in_(call_sids))
-        .order_by(research_marks.c.mark_id)
-    ):
-        found.setdefault(sid, []).append(
-            ResearchMark(
-                agent_id,
-                int(start_at.timestamp()),
-                None if end_at is None else int(end_at.timestamp()),
-            )
-        )
-    return found
-
-
-def _events_query(call_sids: Sequence[str], *, up_to_settlement: bool) -> Any:
-    """The calls' conference events and the terminal call-status callbacks of their customer
-    legs, a call's together; with `up_to_settlement`, only those received by its settlement."""
-    w = webhook_events
-    query = select(
-        w.c.call_sid,
-        w.c.route,
-        w.c.kind,
-        w.c.sequence_number,
-        w.c.event_at,
-        w.c.participant_sid,
-        w.c.label,
-        w.c.hold,
-    )
-    recorded = or_(
-        w.c.route == "conference",
-        and_(w.c.route == "call-status", w.c.kind.in_(TERMINAL_CALL_STATUSES)),
-    )
-    if up_to_settlement:
-        query = query.select_from(w.join(calls, calls.c.call_sid == w.c.call_sid)).where(
-            w.c.call_sid.in_(call_sids),
-            calls.c.call_sid.in_(call_sids),  # else PostgreSQL hashes the whole calls table
-            recorded,
-            w.c.received_at <= calls.c.settled_at,
-        )
-    else:
-        query = query.where(w.c.call_sid.in_(call_sids), recorded)
-    return query.order_by(w.c.call_sid)  # any order, as long as a call's events come together
-
-
-def _timeline(
-    call: Any,
-    events: list[ConferenceEvent],
-    research: list[ResearchMark],
-    leg_end: dt.datetime | None,
-    now: dt.datetime,
-    research_max_seconds: int,
-) -> Timeline:
-    if call.closed_by_sweeper and call.ended_at is not None:
-        leg_end = call.ended_at if leg_end is None else min(leg_end, call.ended_at)
-    now_seconds = int(now.timestamp())
-    twilio_now_seconds = max([now_seconds, *(event.at_seconds for event in events)])
-    return build_timeline(
-        events,
-        research,
-        now_seconds=twilio_now_seconds,
-        research_now_seconds=now_seconds,
-        research_max_seconds=research_max_seconds,
-        call_ended_at_seconds=None if leg_end is None else int(leg_end.timestamp()),
-        customer_call_sid=call.call_sid,
     )
 
 

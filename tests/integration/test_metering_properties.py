@@ -17,7 +17,7 @@ from meterd.config import load_settings
 from meterd.core import ledger, rating
 from meterd.core.timeline import build_timeline
 from meterd.services.ledger_check import check_ledger
-from meterd.store import calls_store, ledger_store
+from meterd.store import calls_store, ledger_store, timeline_store
 from meterd.store.database import open_database
 from meterd.web.app import SERVICES, create_app
 from tests.call_scripts import CallScript
@@ -126,7 +126,7 @@ async def _example(database, tmp_path, call, seed: int, bank_minutes: int) -> No
     async with database.read() as connection:
         call_row = await calls_store.get_call(connection, script.call_sid)
         assert call_row.settled_at is not None
-        events = await calls_store.conference_events(connection, script.call_sid)
+        events = await timeline_store.conference_events(connection, script.call_sid)
         marks = await calls_store.marks(connection, script.call_sid)
         totals = await ledger_store.call_book_totals(connection, script.call_sid)
     final = build_timeline(

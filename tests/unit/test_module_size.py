@@ -20,7 +20,6 @@ DECLARATIVE = {
 }
 DEBT = {
     "meterd/services/payments.py",
-    "meterd/store/calls_store.py",
     "meterd/bootstrap.py:build_services",
     "meterd/cli.py:_parser",
     "meterd/core/timeline.py:build_timeline",
