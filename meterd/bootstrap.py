@@ -6,6 +6,8 @@ and every CLI command (`meterd.cli`) get what they use from here, so they cannot
 - `open_adapters` / `adapters`: the Twilio REST client (the outbox's announcements and hang-ups)
   and the Stripe gateway, each None (with one warning) when it is not configured;
 - `build_services`: every service, wired together, as the web app and the scheduler use them;
+  each service is built by one function from the settings it reads (`payment_service`,
+  `funding_authority`, `metering_service`, ...);
 - `account_service`, `usage_service`: the two the offline CLI commands use, built by the same
   functions `build_services` uses (the CLI builds no more than it needs: the webhook intake
   would load, and may trim, the daemon's live journal).
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from meterd.adapters.stripe_gateway import PaymentGateway, StripeGateway, StripeSettings
 from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.clock import Clock
-from meterd.config import Settings
+from meterd.config import OnExhausted, Settings
 from meterd.logs import get_logger
 from meterd.metrics import Metrics
 from meterd.services.accounts import AccountService, AccountSettings
@@ -195,7 +197,52 @@ def build_services(
     `metrics` receives the webhook journal's gauges; `on_invariant_broken` is told of a broken
     money invariant (default: raise it)."""
     rates = rate_book(settings, database, clock)
-    payments = PaymentService(
+    payments = payment_service(settings, database, clock, rates, gateway)
+    funding = funding_authority(settings, rates, payments)
+    ingest = ingest_service(settings, database, clock)
+    return Services(
+        settings=settings,
+        database=database,
+        clock=clock,
+        accounts=account_service(settings, database, clock),
+        answering=answering_service(settings, database, clock, payments, funding),
+        ingest=ingest,
+        intake=webhook_intake(settings, database, clock, ingest, metrics),
+        research=ResearchService(
+            database, clock, research_max_minutes=settings.research_max_minutes
+        ),
+        call_view=CallViewService(
+            database,
+            clock,
+            increment_seconds=settings.increment_seconds,
+            research_max_minutes=settings.research_max_minutes,
+        ),
+        metering=metering_service(settings, database, clock, rates, payments, funding),
+        waivers=WaiverService(
+            database,
+            clock,
+            payments,
+            reasons=list(settings.waiver_reasons),
+            waiver_days=settings.waiver_days,
+        ),
+        payments=payments,
+        incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
+        rates=rates,
+        outbox=OutboxDispatcher(database, twilio_rest, clock),
+        usage=usage_service(settings, database, clock),
+        on_invariant_broken=on_invariant_broken or _raise,
+    )
+
+
+def payment_service(
+    settings: Settings,
+    database: Database,
+    clock: Clock,
+    rates: RateBook,
+    gateway: PaymentGateway | None,
+) -> PaymentService:
+    """Card payments through `gateway` (None: card payments are off)."""
+    return PaymentService(
         database,
         gateway,
         PaymentSettings(
@@ -207,13 +254,29 @@ def build_services(
         clock,
         rates,
     )
-    funding = FundingAuthority(
+
+
+def funding_authority(
+    settings: Settings, rates: RateBook, payments: PaymentService
+) -> FundingAuthority:
+    """Who pays for a minute: bank, deposit, card, then debt (under allow_debt) or owed."""
+    return FundingAuthority(
         rates,
         payments,
         card_mode=settings.card_mode,
-        allow_debt=settings.on_exhausted == "allow_debt",
+        allow_debt=settings.on_exhausted is OnExhausted.ALLOW_DEBT,
     )
-    answering = AnsweringService(
+
+
+def answering_service(
+    settings: Settings,
+    database: Database,
+    clock: Clock,
+    payments: PaymentService,
+    funding: FundingAuthority,
+) -> AnsweringService:
+    """The voice webhook's answer: identify the caller, secure payment, connect."""
+    return AnsweringService(
         database,
         AnsweringSettings(
             pin_secret=settings.secret("pin_secret"),
@@ -224,7 +287,18 @@ def build_services(
         payments,
         funding,
     )
-    metering = MeteringService(
+
+
+def metering_service(
+    settings: Settings,
+    database: Database,
+    clock: Clock,
+    rates: RateBook,
+    payments: PaymentService,
+    funding: FundingAuthority,
+) -> MeteringService:
+    """The live tick and settlement."""
+    return MeteringService(
         database,
         MeteringSettings(
             increment_seconds=settings.increment_seconds,
@@ -241,51 +315,32 @@ def build_services(
         payments,
         funding,
     )
-    ingest = IngestService(
+
+
+def ingest_service(settings: Settings, database: Database, clock: Clock) -> IngestService:
+    return IngestService(
         database,
         clock,
         stale_call_hours=settings.stale_call_hours,
         clock_skew_seconds_max=settings.twilio_clock_skew_seconds_max,
     )
-    intake = WebhookIntake(
+
+
+def webhook_intake(
+    settings: Settings,
+    database: Database,
+    clock: Clock,
+    ingest: IngestService,
+    metrics: Metrics,
+) -> WebhookIntake:
+    """Conference and call-status callbacks: into the database, else the local journal."""
+    return WebhookIntake(
         ingest,
         WebhookJournal(settings.state_dir, bytes_max=settings.webhook_journal_bytes_max),
         clock,
         database.outage,
         wait_seconds=settings.webhook_journal_wait_ms / 1000,
         registry=metrics.registry,
-    )
-    return Services(
-        settings=settings,
-        database=database,
-        clock=clock,
-        accounts=account_service(settings, database, clock),
-        answering=answering,
-        ingest=ingest,
-        intake=intake,
-        research=ResearchService(
-            database, clock, research_max_minutes=settings.research_max_minutes
-        ),
-        call_view=CallViewService(
-            database,
-            clock,
-            increment_seconds=settings.increment_seconds,
-            research_max_minutes=settings.research_max_minutes,
-        ),
-        metering=metering,
-        waivers=WaiverService(
-            database,
-            clock,
-            payments,
-            reasons=settings.waiver_reasons,
-            waiver_days=settings.waiver_days,
-        ),
-        payments=payments,
-        incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
-        rates=rates,
-        outbox=OutboxDispatcher(database, twilio_rest, clock),
-        usage=usage_service(settings, database, clock),
-        on_invariant_broken=on_invariant_broken or _raise,
     )
 
 

@@ -1,12 +1,15 @@
 """Settings: defaults, then the TOML file, then the environment (`METERD_<NAME>`).
 
-Every setting is declared once in `SETTINGS`; `config/meterd.toml` documents each with its default
-(a test keeps the two in step). Secrets (tokens, keys) are never read from the TOML file: they come
-from the environment, from systemd credentials (`$CREDENTIALS_DIRECTORY/<name>`), or, for the tokens
-meterd itself issues, from a file generated once in the state directory. That directory
-(`<state_dir>/secrets`) is kept 0700 and its files 0600: looser modes found there (a directory
-made by hand, a restored copy) are tightened before a token is read, and `Settings` lists what was
-changed so the start can warn about it; modes that cannot be tightened stop the start.
+Every setting is declared once, as a field of `Settings` whose metadata carries its section,
+default, documentation and limits; mypy sees each one with its type, and `SETTINGS` lists the
+declarations for the loader, the docs and `config/meterd.toml` (written from them by
+`meterd.config_example`; a test keeps the shipped file in step). Secrets (tokens, keys) are
+never read from the TOML file: they come from the environment, from systemd credentials
+(`$CREDENTIALS_DIRECTORY/<name>`), or, for the tokens meterd itself issues, from a file
+generated once in the state directory. That directory (`<state_dir>/secrets`) is kept 0700 and
+its files 0600: looser modes found there (a directory made by hand, a restored copy) are
+tightened before a token is read, and `Settings` lists what was changed so the start can warn
+about it; modes that cannot be tightened stop the start.
 
 A bad value raises `ConfigError` naming the setting; `meterd run` turns it into exit status 2.
 Every setting and every secret given is checked before anything is written: a bad value leaves
@@ -21,9 +24,10 @@ import secrets
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -34,6 +38,21 @@ ENV_PREFIX = "METERD_"
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the setting and where it came from."""
+
+
+class CardMode(StrEnum):
+    """How a per-minute caller with no minutes and no deposit is funded from a card."""
+
+    BLOCK = "block"  # charge a block of minutes
+    AUTHORIZE = "authorize"  # an authorisation hold, captured at completion
+
+
+class OnExhausted(StrEnum):
+    """What happens when a per-minute caller's funds run out mid-call."""
+
+    CARD = "card"
+    ANNOUNCE = "announce"
+    ALLOW_DEBT = "allow_debt"
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -111,427 +130,465 @@ def _check_cron(value: str) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    name: str
+    """One setting as declared on its `Settings` field: where it goes in the TOML file, its
+    default, what it does and its limits. `name` and `kind` come from the field itself (its
+    name, and its type as read from the file: int, str, tuple of names, or a StrEnum)."""
+
     section: str
-    kind: type  # int, str, bool or list
     default: Any
     doc: str
     minimum: int | None = None
     maximum: int | None = None
     check: Callable[[str], Any] | None = None
+    name: str = ""
+    kind: type = str
 
     @property
     def env_name(self) -> str:
         return ENV_PREFIX + self.name.upper()
 
 
-SETTINGS: tuple[Setting, ...] = (
-    # [server]
-    Setting(
-        "listen",
-        "server",
-        str,
-        "127.0.0.1:8080",
-        "address the HTTP server binds, host:port",
-        check=_parse_listen,
-    ),
-    Setting(
-        "public_base_url",
-        "server",
-        str,
-        "",
-        "the public URL Twilio calls (scheme, host, optional port and path prefix); "
-        "signatures are checked against it. Empty: http://<listen>",
-        check=_check_public_base_url,
-    ),
-    Setting(
-        "request_body_bytes_max",
-        "server",
-        int,
-        64 * 1024,
-        "largest request body accepted; larger gets 413",
-        minimum=1024,
-        maximum=16 * 1024 * 1024,
-    ),
-    Setting(
-        "http_connections_max",
-        "server",
-        int,
-        512,
-        "most client connections held at once; past it the oldest connection with no request "
-        "being handled is closed to make room, or the new one if every connection is busy",
-        minimum=8,
-        maximum=100_000,
-    ),
-    Setting(
-        "http_idle_timeout_seconds",
-        "server",
-        int,
-        15,
-        "a connection with no request under way is closed after this long: keep-alive, and "
-        "clients that connect and send nothing or their headers too slowly",
-        minimum=1,
-        maximum=3600,
-    ),
-    Setting(
-        "http_request_read_timeout_seconds",
-        "server",
-        int,
-        10,
-        "a request's body must arrive within this long of its headers; slower gets 408 and "
-        "the connection is closed",
-        minimum=1,
-        maximum=600,
-    ),
-    Setting(
-        "http_headers_max",
-        "server",
-        int,
-        32,
-        "most header lines in one request; more gets 400",
-        minimum=8,
-        maximum=128,
-    ),
-    Setting(
-        "http_header_line_bytes_max",
-        "server",
-        int,
-        8190,
-        "longest request line or header line; longer gets 400",
-        minimum=1024,
-        maximum=65536,
-    ),
-    Setting(
-        "shutdown_timeout_seconds",
-        "server",
-        int,
-        20,
-        "how long a stop waits for in-flight requests and the running tick",
-        minimum=1,
-        maximum=600,
-    ),
-    # [storage]
-    Setting(
-        "state_dir",
-        "storage",
-        str,
-        "",
-        "where meterd keeps its SQLite file, generated tokens and usage files. "
-        "Empty: $STATE_DIRECTORY if systemd set it, else ./var",
-    ),
-    Setting(
-        "database_url",
-        "storage",
-        str,
-        "",
-        "SQLAlchemy URL. Empty: sqlite+aiosqlite:///<state_dir>/meterd.sqlite3. "
-        "PostgreSQL: postgresql+asyncpg://user@host/db",
-        check=_check_database_url,
-    ),
-    Setting(
-        "sqlite_busy_timeout_ms",
-        "storage",
-        int,
-        5000,
-        "how long a SQLite writer waits for another writer's lock",
-        minimum=0,
-        maximum=600_000,
-    ),
-    Setting(
-        "webhook_journal_wait_ms",
-        "storage",
-        int,
-        2000,
-        "how long a conference or call-status callback waits for the database before it is "
-        "written to the local webhook journal instead (and answered 2xx); an outage goes there "
-        "at once",
-        minimum=50,
-        maximum=10_000,
-    ),
-    Setting(
-        "webhook_journal_bytes_max",
-        "storage",
-        int,
-        64 * 1024 * 1024,
-        "largest size of the webhook journal (<state_dir>/webhook-journal.log); when full, "
-        "callbacks get 503 and Twilio retries them",
-        minimum=64 * 1024,
-        maximum=16 * 1024 * 1024 * 1024,
-    ),
-    # [billing]
-    Setting(
-        "currency", "billing", str, "USD", "default currency of new accounts", check=_check_currency
-    ),
-    Setting(
-        "increment_seconds",
-        "billing",
-        int,
-        60,
-        "billable time is charged in whole increments of this many seconds, rounded up",
-        minimum=1,
-        maximum=3600,
-    ),
-    Setting(
-        "included_minutes",
-        "billing",
-        int,
-        45,
-        "minutes banked once per account by its first main product (Desktop or Web)",
-        minimum=0,
-        maximum=100_000,
-    ),
-    Setting(
-        "rate_per_agent_minute_minor",
-        "billing",
-        int,
-        100,
-        "price of one agent-minute taken from the deposit, in minor units",
-        minimum=0,
-        maximum=10**9,
-    ),
-    Setting(
-        "incident_price_minor",
-        "billing",
-        int,
-        5000,
-        "price of one per_incident incident (up to 2 hours), in minor units",
-        minimum=0,
-        maximum=10**9,
-    ),
-    Setting(
-        "incident_link_days",
-        "billing",
-        int,
-        14,
-        "how long after an incident a follow-up call may be linked to it",
-        minimum=0,
-        maximum=3650,
-    ),
-    Setting(
-        "card_mode",
-        "billing",
-        str,
-        "block",
-        "card funding: block (charge a block of "
-        "minutes) or authorize (authorisation hold, captured at completion)",
-        check=_one_of("block", "authorize"),
-    ),
-    Setting(
-        "block_minutes",
-        "billing",
-        int,
-        30,
-        "minutes bought by one card block",
-        minimum=1,
-        maximum=10_000,
-    ),
-    Setting(
-        "block_price_minor",
-        "billing",
-        int,
-        3000,
-        "price of one card block, minor units",
-        minimum=0,
-        maximum=10**9,
-    ),
-    Setting(
-        "authorize_minutes",
-        "billing",
-        int,
-        30,
-        "minutes' worth held by one card authorisation",
-        minimum=1,
-        maximum=10_000,
-    ),
-    Setting(
-        "on_exhausted",
-        "billing",
-        str,
-        "announce",
-        "when a per_minute caller runs out mid-call: card, announce or allow_debt",
-        check=_one_of("card", "announce", "allow_debt"),
-    ),
-    Setting(
-        "warn_minutes_left",
-        "billing",
-        int,
-        2,
-        "announce this many minutes before funds run out",
-        minimum=0,
-        maximum=60,
-    ),
-    Setting(
-        "grace_seconds",
-        "billing",
-        int,
-        60,
-        "how long a call goes on after funds ran out, under announce",
-        minimum=0,
-        maximum=3600,
-    ),
-    Setting(
-        "pay_attempts",
-        "billing",
-        int,
-        3,
-        "card attempts before a polite goodbye",
-        minimum=1,
-        maximum=10,
-    ),
-    Setting(
-        "research_max_minutes",
-        "billing",
-        int,
-        120,
-        "an open research interval closes itself after this long",
-        minimum=1,
-        maximum=24 * 60,
-    ),
-    Setting(
-        "waiver_days",
-        "billing",
-        int,
-        30,
-        "how long after a call its charges may be waived",
-        minimum=0,
-        maximum=3650,
-    ),
-    Setting(
-        "waiver_reasons",
-        "billing",
-        list,
-        ["software_defect", "documentation_error", "service_outage", "goodwill"],
-        "reasons an agent may give for a waiver",
-    ),
-    Setting(
-        "settle_delay_seconds",
-        "billing",
-        int,
-        300,
-        "a call is settled this long after it ended (late webhooks arrive, research may still "
-        "start); after settlement its minutes are final",
-        minimum=0,
-        maximum=24 * 3600,
-    ),
-    Setting(
-        "stale_call_hours",
-        "billing",
-        int,
-        12,
-        "a call with no end event for this long is closed by the sweeper and flagged",
-        minimum=1,
-        maximum=24 * 14,
-    ),
-    # [schedule]
-    Setting(
-        "business_timezone",
-        "schedule",
-        str,
-        "UTC",
-        "time zone of the business day used by the nightly usage",
-        check=_check_timezone,
-    ),
-    Setting(
-        "usage_cron",
-        "schedule",
-        str,
-        "30 0 * * *",
-        "when the nightly usage of the previous business day is built (crontab, business "
-        "time zone)",
-        check=_check_cron,
-    ),
-    Setting(
-        "tick_interval_seconds",
-        "schedule",
-        int,
-        1,
-        "how often the metering tick runs",
-        minimum=1,
-        maximum=60,
-    ),
-    Setting(
-        "tick_batch_max",
-        "schedule",
-        int,
-        2000,
-        "most due minutes one metering tick posts",
-        minimum=1,
-        maximum=1_000_000,
-    ),
-    # [twilio]
-    Setting(
-        "twilio_account_sid",
-        "twilio",
-        str,
-        "",
-        "the Twilio account (AC...) meterd's REST requests act on (announcements, hang-ups). "
-        "Empty: no REST requests are made, and they are logged instead",
-    ),
-    Setting(
-        "twilio_api_base_url",
-        "twilio",
-        str,
-        "https://api.twilio.com",
-        "Twilio's REST API address (tests point it at a local server)",
-        check=_check_public_base_url,
-    ),
-    Setting(
-        "twilio_clock_skew_seconds_max",
-        "twilio",
-        int,
-        86400,
-        "a conference or call-status callback whose Timestamp is earlier than the call's voice "
-        "webhook (by meterd's clock) by more than this is refused with 400, as is one ahead of "
-        "meterd's clock by more than a day (or this, if larger)",
-        minimum=0,
-        maximum=7 * 24 * 3600,
-    ),
-    # [payments]
-    Setting(
-        "pay_connector",
-        "payments",
-        str,
-        "Default",
-        "the unique name of the Twilio <Pay> connector (Stripe) that tokenises cards",
-    ),
-    Setting(
-        "stripe_api_base_url",
-        "payments",
-        str,
-        "https://api.stripe.com",
-        "Stripe's API address (tests point it at localstripe); the key is METERD_STRIPE_SECRET_KEY",
-        check=_check_public_base_url,
-    ),
-    Setting(
-        "gateway_timeout_seconds",
-        "payments",
-        int,
-        8,
-        "how long a card operation may take; Twilio waits 15 s for the webhook that waits for it",
-        minimum=1,
-        maximum=14,
-    ),
-    Setting(
-        "payment_resolve_after_seconds",
-        "payments",
-        int,
-        60,
-        "a card operation sent but never answered (a crash, a timeout) is looked up at the "
-        "gateway this long after it was sent, and completed or failed as the gateway says",
-        minimum=1,
-        maximum=86400,
-    ),
-    # [log]
-    Setting(
-        "log_level",
-        "log",
-        str,
-        "info",
-        "debug, info, warning or error",
-        check=_one_of("debug", "info", "warning", "error"),
-    ),
-)
+_SETTING = "meterd.setting"
 
+
+def _setting(
+    section: str,
+    default: Any,
+    doc: str,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    check: Callable[[str], Any] | None = None,
+) -> dict[str, Setting]:
+    """The metadata of a `Settings` field that is a setting."""
+    return {_SETTING: Setting(section, default, doc, minimum, maximum, check)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, checked, with its type; then what the loader derives. `state_dir`,
+    `database_url` and `public_base_url` hold the values in force (their empty defaults mean
+    the state directory systemd gives or ./var, SQLite in it, and http://<listen>)."""
+
+    # [server]
+    listen: str = field(
+        metadata=_setting(
+            "server",
+            "127.0.0.1:8080",
+            "address the HTTP server binds, host:port",
+            check=_parse_listen,
+        )
+    )
+    public_base_url: str = field(
+        metadata=_setting(
+            "server",
+            "",
+            "the public URL Twilio calls (scheme, host, optional port and path prefix); "
+            "signatures are checked against it. Empty: http://<listen>",
+            check=_check_public_base_url,
+        )
+    )
+    request_body_bytes_max: int = field(
+        metadata=_setting(
+            "server",
+            64 * 1024,
+            "largest request body accepted; larger gets 413",
+            minimum=1024,
+            maximum=16 * 1024 * 1024,
+        )
+    )
+    http_connections_max: int = field(
+        metadata=_setting(
+            "server",
+            512,
+            "most client connections held at once; past it the oldest connection with no "
+            "request being handled is closed to make room, or the new one if every connection "
+            "is busy",
+            minimum=8,
+            maximum=100_000,
+        )
+    )
+    http_idle_timeout_seconds: int = field(
+        metadata=_setting(
+            "server",
+            15,
+            "a connection with no request under way is closed after this long: keep-alive, "
+            "and clients that connect and send nothing or their headers too slowly",
+            minimum=1,
+            maximum=3600,
+        )
+    )
+    http_request_read_timeout_seconds: int = field(
+        metadata=_setting(
+            "server",
+            10,
+            "a request's body must arrive within this long of its headers; slower gets 408 "
+            "and the connection is closed",
+            minimum=1,
+            maximum=600,
+        )
+    )
+    http_headers_max: int = field(
+        metadata=_setting(
+            "server", 32, "most header lines in one request; more gets 400", minimum=8, maximum=128
+        )
+    )
+    http_header_line_bytes_max: int = field(
+        metadata=_setting(
+            "server",
+            8190,
+            "longest request line or header line; longer gets 400",
+            minimum=1024,
+            maximum=65_536,
+        )
+    )
+    shutdown_timeout_seconds: int = field(
+        metadata=_setting(
+            "server",
+            20,
+            "how long a stop waits for in-flight requests and the running tick",
+            minimum=1,
+            maximum=600,
+        )
+    )
+    # [storage]
+    state_dir: Path = field(
+        metadata=_setting(
+            "storage",
+            "",
+            "where meterd keeps its SQLite file, generated tokens and usage files. Empty: "
+            "$STATE_DIRECTORY if systemd set it, else ./var",
+        )
+    )
+    database_url: str = field(
+        metadata=_setting(
+            "storage",
+            "",
+            "SQLAlchemy URL. Empty: sqlite+aiosqlite:///<state_dir>/meterd.sqlite3. "
+            "PostgreSQL: postgresql+asyncpg://user@host/db",
+            check=_check_database_url,
+        )
+    )
+    sqlite_busy_timeout_ms: int = field(
+        metadata=_setting(
+            "storage",
+            5000,
+            "how long a SQLite writer waits for another writer's lock",
+            minimum=0,
+            maximum=600_000,
+        )
+    )
+    webhook_journal_wait_ms: int = field(
+        metadata=_setting(
+            "storage",
+            2000,
+            "how long a conference or call-status callback waits for the database before it "
+            "is written to the local webhook journal instead (and answered 2xx); an outage "
+            "goes there at once",
+            minimum=50,
+            maximum=10_000,
+        )
+    )
+    webhook_journal_bytes_max: int = field(
+        metadata=_setting(
+            "storage",
+            64 * 1024 * 1024,
+            "largest size of the webhook journal (<state_dir>/webhook-journal.log); when "
+            "full, callbacks get 503 and Twilio retries them",
+            minimum=64 * 1024,
+            maximum=16 * 1024 * 1024 * 1024,
+        )
+    )
+    # [billing]
+    currency: str = field(
+        metadata=_setting(
+            "billing", "USD", "default currency of new accounts", check=_check_currency
+        )
+    )
+    increment_seconds: int = field(
+        metadata=_setting(
+            "billing",
+            60,
+            "billable time is charged in whole increments of this many seconds, rounded up",
+            minimum=1,
+            maximum=3600,
+        )
+    )
+    included_minutes: int = field(
+        metadata=_setting(
+            "billing",
+            45,
+            "minutes banked once per account by its first main product (Desktop or Web)",
+            minimum=0,
+            maximum=100_000,
+        )
+    )
+    rate_per_agent_minute_minor: int = field(
+        metadata=_setting(
+            "billing",
+            100,
+            "price of one agent-minute taken from the deposit, in minor units",
+            minimum=0,
+            maximum=10**9,
+        )
+    )
+    incident_price_minor: int = field(
+        metadata=_setting(
+            "billing",
+            5000,
+            "price of one per_incident incident (up to 2 hours), in minor units",
+            minimum=0,
+            maximum=10**9,
+        )
+    )
+    incident_link_days: int = field(
+        metadata=_setting(
+            "billing",
+            14,
+            "how long after an incident a follow-up call may be linked to it",
+            minimum=0,
+            maximum=3650,
+        )
+    )
+    card_mode: CardMode = field(
+        metadata=_setting(
+            "billing",
+            CardMode.BLOCK,
+            "card funding: block (charge a block of minutes) or authorize (authorisation "
+            "hold, captured at completion)",
+        )
+    )
+    block_minutes: int = field(
+        metadata=_setting(
+            "billing", 30, "minutes bought by one card block", minimum=1, maximum=10_000
+        )
+    )
+    block_price_minor: int = field(
+        metadata=_setting(
+            "billing", 3000, "price of one card block, minor units", minimum=0, maximum=10**9
+        )
+    )
+    authorize_minutes: int = field(
+        metadata=_setting(
+            "billing",
+            30,
+            "minutes' worth held by one card authorisation",
+            minimum=1,
+            maximum=10_000,
+        )
+    )
+    on_exhausted: OnExhausted = field(
+        metadata=_setting(
+            "billing",
+            OnExhausted.ANNOUNCE,
+            "when a per_minute caller runs out mid-call: card, announce or allow_debt",
+        )
+    )
+    warn_minutes_left: int = field(
+        metadata=_setting(
+            "billing", 2, "announce this many minutes before funds run out", minimum=0, maximum=60
+        )
+    )
+    grace_seconds: int = field(
+        metadata=_setting(
+            "billing",
+            60,
+            "how long a call goes on after funds ran out, under announce",
+            minimum=0,
+            maximum=3600,
+        )
+    )
+    pay_attempts: int = field(
+        metadata=_setting(
+            "billing", 3, "card attempts before a polite goodbye", minimum=1, maximum=10
+        )
+    )
+    research_max_minutes: int = field(
+        metadata=_setting(
+            "billing",
+            120,
+            "an open research interval closes itself after this long",
+            minimum=1,
+            maximum=24 * 60,
+        )
+    )
+    waiver_days: int = field(
+        metadata=_setting(
+            "billing",
+            30,
+            "how long after a call its charges may be waived",
+            minimum=0,
+            maximum=3650,
+        )
+    )
+    waiver_reasons: tuple[str, ...] = field(
+        metadata=_setting(
+            "billing",
+            ("software_defect", "documentation_error", "service_outage", "goodwill"),
+            "reasons an agent may give for a waiver",
+        )
+    )
+    settle_delay_seconds: int = field(
+        metadata=_setting(
+            "billing",
+            300,
+            "a call is settled this long after it ended (late webhooks arrive, research may "
+            "still start); after settlement its minutes are final",
+            minimum=0,
+            maximum=24 * 3600,
+        )
+    )
+    stale_call_hours: int = field(
+        metadata=_setting(
+            "billing",
+            12,
+            "a call with no end event for this long is closed by the sweeper and flagged",
+            minimum=1,
+            maximum=24 * 14,
+        )
+    )
+    # [schedule]
+    business_timezone: str = field(
+        metadata=_setting(
+            "schedule",
+            "UTC",
+            "time zone of the business day used by the nightly usage",
+            check=_check_timezone,
+        )
+    )
+    usage_cron: str = field(
+        metadata=_setting(
+            "schedule",
+            "30 0 * * *",
+            "when the nightly usage of the previous business day is built (crontab, business "
+            "time zone)",
+            check=_check_cron,
+        )
+    )
+    tick_interval_seconds: int = field(
+        metadata=_setting("schedule", 1, "how often the metering tick runs", minimum=1, maximum=60)
+    )
+    tick_batch_max: int = field(
+        metadata=_setting(
+            "schedule",
+            2000,
+            "most due minutes one metering tick posts",
+            minimum=1,
+            maximum=1_000_000,
+        )
+    )
+    # [twilio]
+    twilio_account_sid: str = field(
+        metadata=_setting(
+            "twilio",
+            "",
+            "the Twilio account (AC...) meterd's REST requests act on (announcements, "
+            "hang-ups). Empty: no REST requests are made, and they are logged instead",
+        )
+    )
+    twilio_api_base_url: str = field(
+        metadata=_setting(
+            "twilio",
+            "https://api.twilio.com",
+            "Twilio's REST API address (tests point it at a local server)",
+            check=_check_public_base_url,
+        )
+    )
+    twilio_clock_skew_seconds_max: int = field(
+        metadata=_setting(
+            "twilio",
+            86_400,
+            "a conference or call-status callback whose Timestamp is earlier than the call's "
+            "voice webhook (by meterd's clock) by more than this is refused with 400, as is "
+            "one ahead of meterd's clock by more than a day (or this, if larger)",
+            minimum=0,
+            maximum=7 * 24 * 3600,
+        )
+    )
+    # [payments]
+    pay_connector: str = field(
+        metadata=_setting(
+            "payments",
+            "Default",
+            "the unique name of the Twilio <Pay> connector (Stripe) that tokenises cards",
+        )
+    )
+    stripe_api_base_url: str = field(
+        metadata=_setting(
+            "payments",
+            "https://api.stripe.com",
+            "Stripe's API address (tests point it at localstripe); the key is "
+            "METERD_STRIPE_SECRET_KEY",
+            check=_check_public_base_url,
+        )
+    )
+    gateway_timeout_seconds: int = field(
+        metadata=_setting(
+            "payments",
+            8,
+            "how long a card operation may take; Twilio waits 15 s for the webhook that waits "
+            "for it",
+            minimum=1,
+            maximum=14,
+        )
+    )
+    payment_resolve_after_seconds: int = field(
+        metadata=_setting(
+            "payments",
+            60,
+            "a card operation sent but never answered (a crash, a timeout) is looked up at "
+            "the gateway this long after it was sent, and completed or failed as the gateway "
+            "says",
+            minimum=1,
+            maximum=86_400,
+        )
+    )
+    # [log]
+    log_level: str = field(
+        metadata=_setting(
+            "log",
+            "info",
+            "debug, info, warning or error",
+            check=_one_of("debug", "info", "warning", "error"),
+        )
+    )
+
+    # derived by the loader
+    secrets: Mapping[str, str]
+    listen_host: str
+    listen_port: int
+    generated_secret_files: tuple[Path, ...] = field(default=())
+    secrets_from_state_dir: frozenset[str] = field(default=frozenset())
+    # secrets directory and files others could read, made private: (path, mode was, mode now)
+    secret_modes_fixed: tuple[tuple[Path, int, int], ...] = field(default=())
+
+    def secret(self, name: str) -> str:
+        return self.secrets.get(name, "")
+
+
+def _kind(hint: Any) -> type:
+    """The type a setting has in the TOML file and the environment, from its field's type."""
+    if hint is int or hint is str:
+        return hint
+    if hint is Path:
+        return str  # a path is given as text
+    if hint == tuple[str, ...]:
+        return tuple
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        return hint
+    raise TypeError(f"a setting cannot have the type {hint!r}")
+
+
+def _declared() -> tuple[Setting, ...]:
+    hints = get_type_hints(Settings)
+    return tuple(
+        replace(f.metadata[_SETTING], name=f.name, kind=_kind(hints[f.name]))
+        for f in fields(Settings)
+        if _SETTING in f.metadata
+    )
+
+
+SETTINGS: tuple[Setting, ...] = _declared()
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 
 
@@ -572,52 +629,12 @@ SECRETS: tuple[Secret, ...] = (
 SECRET_MIN_CHARS = 16
 
 
-@dataclass(frozen=True)
-class Settings:
-    values: Mapping[str, Any]
-    secrets: Mapping[str, str]
-    state_dir: Path
-    database_url: str
-    listen_host: str
-    listen_port: int
-    public_base_url: str
-    generated_secret_files: tuple[Path, ...] = field(default=())
-    secrets_from_state_dir: frozenset[str] = field(default=frozenset())
-    # secrets directory and files others could read, made private: (path, mode was, mode now)
-    secret_modes_fixed: tuple[tuple[Path, int, int], ...] = field(default=())
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def secret(self, name: str) -> str:
-        return self.secrets.get(name, "")
-
-
 def _coerce(setting: Setting, raw: Any, origin: str) -> Any:
     def bad(reason: str) -> ConfigError:
         return ConfigError(f"bad setting {setting.name} ({origin}): {reason}")
 
     value: Any
-    if setting.kind is bool:
-        if isinstance(raw, bool):
-            value = raw
-        elif isinstance(raw, str) and raw.lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-            "0",
-            "false",
-            "no",
-            "off",
-        ):
-            value = raw.lower() in ("1", "true", "yes", "on")
-        else:
-            raise bad("expected true or false")
-    elif setting.kind is int:
+    if setting.kind is int:
         if isinstance(raw, bool):
             raise bad("expected a whole number")
         if isinstance(raw, str):
@@ -632,16 +649,20 @@ def _coerce(setting: Setting, raw: Any, origin: str) -> Any:
         if setting.maximum is not None and raw > setting.maximum:
             raise bad(f"{raw} is above the maximum {setting.maximum}")
         value = raw
-    elif setting.kind is list:
+    elif setting.kind is tuple:
         if isinstance(raw, str):
             raw = [item.strip() for item in raw.split(",") if item.strip()]
         if not isinstance(raw, list) or not all(isinstance(i, str) and i for i in raw) or not raw:
             raise bad("expected a non-empty list of names")
-        value = list(raw)
+        value = tuple(raw)
     else:
         if not isinstance(raw, str):
             raise bad(f"expected text, got {raw!r}")
         value = raw.strip()
+        if issubclass(setting.kind, StrEnum):
+            if value not in {member.value for member in setting.kind}:
+                raise bad(f"expected one of {', '.join(setting.kind)}")
+            value = setting.kind(value)
     if setting.check is not None:
         try:
             setting.check(value)
@@ -686,6 +707,42 @@ def load_settings(
     of a running daemon, e.g. `meterd simulate`) tokens already in the state directory are read
     and missing ones stay missing."""
     env = os.environ if environ is None else environ
+    values = _values(config_path, env)
+    state_dir = Path(
+        values["state_dir"] or env.get("STATE_DIRECTORY", "").split(":")[0] or "var"
+    ).resolve()
+    host, port = _parse_listen(values["listen"])
+    resolved, generated, modes_fixed = _resolve_secrets(env, state_dir, generate=generate_secrets)
+    return Settings(
+        **{
+            **values,
+            "state_dir": state_dir,
+            "database_url": values["database_url"]
+            or f"sqlite+aiosqlite:///{state_dir}/meterd.sqlite3",
+            "public_base_url": values["public_base_url"] or f"http://{values['listen']}",
+        },
+        secrets=resolved,
+        listen_host=host,
+        listen_port=port,
+        generated_secret_files=tuple(generated),
+        secret_modes_fixed=tuple(modes_fixed),
+        secrets_from_state_dir=frozenset(
+            s.name
+            for s in SECRETS
+            if s.generated
+            and s.name in resolved
+            and s.env_name not in env
+            and not (
+                env.get("CREDENTIALS_DIRECTORY")
+                and (Path(env["CREDENTIALS_DIRECTORY"]) / s.name).is_file()
+            )
+        ),
+    )
+
+
+def _values(config_path: Path | None, env: Mapping[str, str]) -> dict[str, Any]:
+    """Every setting as given, checked: the environment's, else the file's, else the default.
+    A `METERD_*` variable that names no setting or secret is an error, not ignored."""
     from_file = _read_toml(config_path) if config_path is not None else {}
     values: dict[str, Any] = {}
     for setting in SETTINGS:
@@ -703,36 +760,7 @@ def load_settings(
             and name != "METERD_CONFIG"
         ):
             raise ConfigError(f"unknown setting {name} in the environment")
-
-    state_dir = Path(
-        values["state_dir"] or env.get("STATE_DIRECTORY", "").split(":")[0] or "var"
-    ).resolve()
-    database_url = values["database_url"] or f"sqlite+aiosqlite:///{state_dir}/meterd.sqlite3"
-    host, port = _parse_listen(values["listen"])
-    public_base_url = values["public_base_url"] or f"http://{values['listen']}"
-    resolved, generated, modes_fixed = _resolve_secrets(env, state_dir, generate=generate_secrets)
-    return Settings(
-        values=values,
-        secrets=resolved,
-        state_dir=state_dir,
-        database_url=database_url,
-        listen_host=host,
-        listen_port=port,
-        public_base_url=public_base_url,
-        generated_secret_files=tuple(generated),
-        secret_modes_fixed=tuple(modes_fixed),
-        secrets_from_state_dir=frozenset(
-            s.name
-            for s in SECRETS
-            if s.generated
-            and s.name in resolved
-            and s.env_name not in env
-            and not (
-                env.get("CREDENTIALS_DIRECTORY")
-                and (Path(env["CREDENTIALS_DIRECTORY"]) / s.name).is_file()
-            )
-        ),
-    )
+    return values
 
 
 SECRETS_DIR_MODE = 0o700

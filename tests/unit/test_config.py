@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from meterd.config import SECRETS, SETTINGS, ConfigError, load_settings
+from meterd.config import (
+    SECRETS,
+    SETTINGS,
+    CardMode,
+    ConfigError,
+    OnExhausted,
+    Settings,
+    load_settings,
+)
+from meterd.config_example import render_example
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,18 +40,65 @@ def test_state_dir_defaults_to_systemds_state_directory(tmp_path):
     assert settings.state_dir == tmp_path / "sd"
 
 
+def _declared(settings: Settings) -> dict[str, object]:
+    return {s.name: getattr(settings, s.name) for s in SETTINGS}
+
+
+def test_the_shipped_config_file_is_the_one_the_declaration_writes():
+    shipped = (ROOT / "config" / "meterd.toml").read_text()
+    assert shipped == render_example(), (
+        "config/meterd.toml differs from the settings' declaration; write it again with "
+        "python -m meterd.config_example > config/meterd.toml"
+    )
+
+
 def test_the_shipped_config_file_documents_every_setting_with_its_default(tmp_path):
     path = ROOT / "config" / "meterd.toml"
     document = tomllib.loads(path.read_text())
     shipped = {name: value for section in document.values() for name, value in section.items()}
-    assert shipped == {s.name: s.default for s in SETTINGS}
+    assert shipped == {s.name: _toml(s.default) for s in SETTINGS}
     text = path.read_text()
     for setting in SETTINGS:
         assert setting.env_name in text
     for secret in SECRETS:
         assert secret.env_name in text
-    loaded = load_settings(path, {"STATE_DIRECTORY": str(tmp_path)})
-    assert loaded.values == {s.name: s.default for s in SETTINGS}
+    env = {"STATE_DIRECTORY": str(tmp_path)}
+    assert _declared(load_settings(path, env)) == _declared(load_settings(None, env))
+
+
+def _toml(default: object) -> object:
+    return list(default) if isinstance(default, tuple) else default
+
+
+def test_settings_carry_their_types(tmp_path):
+    settings = load_settings(None, _env(tmp_path))
+    assert settings.card_mode is CardMode.BLOCK and settings.card_mode == "block"
+    assert settings.on_exhausted is OnExhausted.ANNOUNCE
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.waiver_reasons == (
+        "software_defect",
+        "documentation_error",
+        "service_outage",
+        "goodwill",
+    )
+    given = load_settings(
+        None,
+        _env(
+            tmp_path,
+            METERD_CARD_MODE="authorize",
+            METERD_ON_EXHAUSTED="allow_debt",
+            METERD_WAIVER_REASONS="goodwill, outage",
+        ),
+    )
+    assert given.card_mode is CardMode.AUTHORIZE
+    assert given.on_exhausted is OnExhausted.ALLOW_DEBT and given.on_exhausted == "allow_debt"
+    assert given.waiver_reasons == ("goodwill", "outage")
+
+
+def test_settings_are_frozen(tmp_path):
+    settings = load_settings(None, _env(tmp_path))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.increment_seconds = 30  # type: ignore[misc]
 
 
 def test_environment_overrides_the_file(tmp_path):
@@ -63,6 +120,9 @@ def test_environment_overrides_the_file(tmp_path):
         ("METERD_BUSINESS_TIMEZONE", "Mars/Olympus", "business_timezone"),
         ("METERD_PUBLIC_BASE_URL", "calls.example.com", "public_base_url"),
         ("METERD_CARD_MODE", "cash", "card_mode"),
+        ("METERD_CARD_MODE", "cash", "expected one of block, authorize"),
+        ("METERD_ON_EXHAUSTED", "hang_up", "expected one of card, announce, allow_debt"),
+        ("METERD_WAIVER_REASONS", " , ", "waiver_reasons"),
         ("METERD_ADMIN_TOKEN", "short", "admin_token"),
         ("METERD_LISTN", "127.0.0.1:1", "METERD_LISTN"),
     ],
@@ -76,6 +136,8 @@ def test_a_bad_value_names_the_setting(tmp_path, name, value, named):
     ("content", "named"),
     [
         ("[server]\nlisten = 8080\n", "listen"),
+        ('[billing]\non_exhausted = "debt"\n', "on_exhausted"),
+        ("[billing]\nwaiver_reasons = []\n", "waiver_reasons"),
         ('[server]\nadmin_token = "0123456789abcdef0123"\n', "admin_token is a secret"),
         ("[server]\nno_such_thing = 1\n", "no_such_thing"),
         ('[billing]\nlisten = "127.0.0.1:1"\n', "listen"),
