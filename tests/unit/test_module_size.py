@@ -20,7 +20,6 @@ DECLARATIVE = {
 }
 DEBT = {
     "meterd/services/payments.py",
-    "meterd/bootstrap.py:build_services",
     "meterd/cli.py:_parser",
     "meterd/core/timeline.py:build_timeline",
     "meterd/daemon.py:serve",
