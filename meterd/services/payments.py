@@ -3,7 +3,8 @@
 Every gateway operation is first recorded in `payment_operations` under a deterministic key
 (`call:<sid>:block:<n>`, `call:<sid>:auth:<n>`, `...:capture`, `...:release`, `...:refund`),
 committed, then sent to the gateway with that key as its idempotency key (and in its metadata);
-its outcome is recorded after, in the same transaction as its ledger postings. Statuses:
+its outcome is recorded after, in the same transaction as its ledger postings. Statuses
+(`PaymentStatus`, meterd/store/payments_store.py):
 
 - `queued`: decided (by metering, settlement or a waiver), not sent yet; `send_queued` sends it.
 - `sent`: handed to the gateway; the answer may have been lost to a crash or a timeout.
@@ -15,17 +16,15 @@ its outcome is recorded after, in the same transaction as its ledger postings. S
 
 Block mode: a charge of `block_price` buys `block_minutes` into the bank (`card_block`).
 Authorise mode: a hold of `authorize_minutes` x rate; minutes are then paid from it
-(`minute_card`), and settlement captures what was used and releases the rest.
+(`minute_card`), and settlement captures what was used and releases the rest. What follows a
+payment (capture, release, refund, cancelling) is decided in meterd/services/payment_follow_ups.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
-
-from sqlalchemy import Row, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from typing import TypeGuard
 
 from meterd.adapters.stripe_gateway import (
     CardDeclined,
@@ -36,25 +35,25 @@ from meterd.adapters.stripe_gateway import (
     PaymentGateway,
 )
 from meterd.clock import Clock
-from meterd.core import ledger, rating
+from meterd.core import ledger
 from meterd.core.ledger import BookKind
 from meterd.logs import get_logger
+from meterd.services import payment_follow_ups
 from meterd.services.errors import InvariantBroken
-from meterd.services.funding import (
-    card_money_used_minor,
-    lock_account,
-    owes_nothing,
-    reverse_charges,
-)
+from meterd.services.funding import lock_account, owes_nothing
 from meterd.services.rates import RateBook, RateKind
-from meterd.store import calls_store, ledger_store
+from meterd.store import calls_store, ledger_store, payments_store
 from meterd.store.database import Database
-from meterd.store.schema import accounts, payment_operations
-from meterd.store.sql import insert_ignoring_conflict
+from meterd.store.payments_store import IN_FLIGHT, PaymentKind, PaymentStatus
+from meterd.store.transaction import Record, Transaction
 
 log = get_logger("meterd.payments")
 
 BATCH_MAX = 100
+
+CARD_CHARGES = (PaymentKind.CHARGE, PaymentKind.AUTHORIZE, PaymentKind.INCIDENT)
+"""Operations that take money from the card, found at the gateway by their key; the others
+(capture, release, refund) follow one of them and are simply sent again."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class Outcome:
     reason: str = ""  # declined, unavailable, error, no_gateway
 
 
-def card_of(account: Row[Any]) -> CardOnFile | None:
+def card_of(account: Record) -> CardOnFile | None:
     if not account.card_customer or not account.card_on_file:
         return None
     return CardOnFile(
@@ -122,15 +121,13 @@ class PaymentService:
         except GatewayError:
             return Outcome(False, "error")
         async with self._database.write() as connection:
-            await connection.execute(
-                update(accounts)
-                .where(accounts.c.account_id == account_id)
-                .values(
-                    card_customer=card.customer,
-                    card_on_file=card.payment_method,
-                    card_brand=card.brand,
-                    card_last4=card.last4,
-                )
+            await payments_store.save_card_on_file(
+                connection,
+                account_id,
+                customer=card.customer,
+                payment_method=card.payment_method,
+                brand=card.brand,
+                last4=card.last4,
             )
         log.info("card saved", account_id=account_id, brand=card.brand, last4=card.last4)
         return Outcome(True)
@@ -150,96 +147,75 @@ class PaymentService:
             account = await lock_account(connection, account_id)
             if card_of(account) is None:
                 return Outcome(False, "no_card")
-            last = await _last_purchase(connection, call_sid)
-            if last is not None and last.status == "succeeded":
+            last = await payments_store.last_purchase(connection, call_sid)
+            if last is not None and last.status == PaymentStatus.SUCCEEDED:
                 return Outcome(True)  # paid before: a retried webhook
-            if last is not None and last.status in ("queued", "sent"):
+            if last is not None and last.status in IN_FLIGHT:
                 in_flight = last
             else:
                 in_flight = None
-                key = await self._record(connection, account, call_sid, status="sent")
+                key = await self._record(connection, account, call_sid, status=PaymentStatus.SENT)
         if in_flight is not None:
             return await self._resolve_gate_payment(in_flight)
         return await self._send(key)
 
-    async def _resolve_gate_payment(self, operation: Row[Any]) -> Outcome:
+    async def _resolve_gate_payment(self, operation: Record) -> Outcome:
         """A gate payment still in flight: the gateway's word on it, by its key."""
         gateway = self._require_gateway()
         try:
             found = await gateway.find(operation.operation_key)
         except GatewayError:
             return Outcome(False, "unavailable")
-        wanted = "requires_capture" if operation.kind == "authorize" else "succeeded"
-        if found is not None and found.status in (wanted, "succeeded"):
+        if _completed_at_gateway(found, operation.kind):
             await self.complete(operation.operation_key, found)
             return Outcome(True)
         age = self._clock() - operation.created_at
         if age < dt.timedelta(seconds=self._settings.resolve_after_seconds):
             return Outcome(False, "unavailable")  # may still be on its way: never charge twice
-        await self._fail(
-            operation.operation_key,
-            f"not completed at the gateway ({found.status if found else 'never received'})",
-        )
+        await self._fail(operation.operation_key, _not_completed(found))
         return Outcome(False, "unavailable")
 
-    async def operation_status(self, connection: AsyncConnection, key: str) -> str | None:
-        return await connection.scalar(
-            select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
-        )
+    async def operation_status(self, connection: Transaction, key: str) -> PaymentStatus | None:
+        return await payments_store.operation_status(connection, key)
 
-    async def queue_top_up(
-        self, connection: AsyncConnection, account: Row[Any], call_sid: str
-    ) -> None:
+    async def queue_top_up(self, connection: Transaction, account: Record, call_sid: str) -> None:
         """The next block (or authorisation), decided by the funding authority, sent by the
         payments job."""
-        await self._record(connection, account, call_sid, status="queued")
+        await self._record(connection, account, call_sid, status=PaymentStatus.QUEUED)
         log.info("funds running out: buying the next card payment", call_sid=call_sid)
 
     async def queue_incident(
         self,
-        connection: AsyncConnection,
-        account: Row[Any],
+        connection: Transaction,
+        account: Record,
         call_sid: str,
         key: str,
         amount_minor: int,
     ) -> None:
         """A per-incident charge the deposit cannot pay, to the card on file (decided by the
         funding authority)."""
-        await connection.execute(
-            insert_ignoring_conflict(
-                connection,
-                payment_operations,
-                {
-                    "operation_key": key,
-                    "kind": "incident",
-                    "account_id": account.account_id,
-                    "call_sid": call_sid,
-                    "amount_minor": amount_minor,
-                    "currency": account.currency,
-                    "minutes": 0,
-                    "related_key": None,
-                    "status": "queued",
-                    "gateway_reference": None,
-                    "error": None,
-                    "created_at": self._clock(),
-                    "completed_at": None,
-                },
-                ["operation_key"],
-            )
+        await payments_store.insert_operation(
+            connection,
+            key=key,
+            kind=PaymentKind.INCIDENT,
+            account_id=account.account_id,
+            call_sid=call_sid,
+            amount_minor=amount_minor,
+            currency=account.currency,
+            minutes=0,
+            related_key=None,
+            status=PaymentStatus.QUEUED,
+            created_at=self._clock(),
         )
 
     async def _record(
-        self, connection: AsyncConnection, account: Row[Any], call_sid: str, *, status: str
+        self, connection: Transaction, account: Record, call_sid: str, *, status: PaymentStatus
     ) -> str:
         block = self._settings.card_mode == "block"
-        kind, word = ("charge", "block") if block else ("authorize", "auth")
+        kind, word = (PaymentKind.CHARGE, "block") if block else (PaymentKind.AUTHORIZE, "auth")
         now = self._clock()
-        count = await connection.scalar(
-            select(func.count())
-            .select_from(payment_operations)
-            .where(payment_operations.c.call_sid == call_sid, payment_operations.c.kind == kind)
-        )
-        key = f"call:{call_sid}:{word}:{(count or 0) + 1}"
+        count = await payments_store.count_operations(connection, call_sid, kind)
+        key = f"call:{call_sid}:{word}:{count + 1}"
         if block:
             minutes = self._settings.block_minutes
             amount = await self._rates.rate_at(connection, RateKind.BLOCK, account.currency, now)
@@ -248,27 +224,18 @@ class PaymentService:
             amount = minutes * await self._rates.rate_at(
                 connection, RateKind.PER_AGENT_MINUTE, account.currency, now
             )
-        await connection.execute(
-            insert_ignoring_conflict(
-                connection,
-                payment_operations,
-                {
-                    "operation_key": key,
-                    "kind": kind,
-                    "account_id": account.account_id,
-                    "call_sid": call_sid,
-                    "amount_minor": amount,
-                    "currency": account.currency,
-                    "minutes": minutes,
-                    "related_key": None,
-                    "status": status,
-                    "gateway_reference": None,
-                    "error": None,
-                    "created_at": now,
-                    "completed_at": None,
-                },
-                ["operation_key"],
-            )
+        await payments_store.insert_operation(
+            connection,
+            key=key,
+            kind=kind,
+            account_id=account.account_id,
+            call_sid=call_sid,
+            amount_minor=amount,
+            currency=account.currency,
+            minutes=minutes,
+            related_key=None,
+            status=status,
+            created_at=now,
         )
         return key
 
@@ -277,24 +244,21 @@ class PaymentService:
     async def _send(self, key: str) -> Outcome:
         gateway = self._require_gateway()
         async with self._database.read() as connection:
-            operation = await _operation(connection, key)
-            account = (
-                await connection.execute(
-                    select(accounts).where(accounts.c.account_id == operation.account_id)
-                )
-            ).one()
+            operation = await payments_store.get_operation(connection, key)
+            account = await payments_store.paying_account(connection, operation.account_id)
         card = card_of(account)
         try:
-            if operation.kind in ("charge", "authorize", "incident"):
+            if operation.kind in CARD_CHARGES:
                 if card is None:
                     raise CardDeclined("no card on file")
-                send = gateway.authorize if operation.kind == "authorize" else gateway.charge
+                authorize = operation.kind == PaymentKind.AUTHORIZE
+                send = gateway.authorize if authorize else gateway.charge
                 result = await send(key, card, operation.amount_minor, operation.currency)
-            elif operation.kind == "capture":
+            elif operation.kind == PaymentKind.CAPTURE:
                 result = await gateway.capture(
                     key, await self._reference_of(operation.related_key), operation.amount_minor
                 )
-            elif operation.kind == "release":
+            elif operation.kind == PaymentKind.RELEASE:
                 result = await gateway.release(key, await self._reference_of(operation.related_key))
             else:
                 result = await gateway.refund(
@@ -321,23 +285,14 @@ class PaymentService:
         for a call that owes nothing (waived, or never connected) is given back at once."""
         async with self._database.write() as connection:
             operation, call = await _lock_operation(connection, key)
-            changed = await connection.execute(
-                update(payment_operations)
-                .where(
-                    payment_operations.c.operation_key == key,
-                    payment_operations.c.status.in_(("queued", "sent")),
-                )
-                .values(
-                    status="succeeded",
-                    gateway_reference=result.reference,
-                    completed_at=self._clock(),
-                )
+            changed = await payments_store.mark_succeeded(
+                connection, key, reference=result.reference, completed_at=self._clock()
             )
-            if changed.rowcount != 1:
+            if not changed:
                 return  # completed before
-            if operation.kind == "incident":
+            if operation.kind == PaymentKind.INCIDENT:
                 await self._post_incident_of(connection, operation, "card")
-            if operation.kind == "charge":
+            if operation.kind == PaymentKind.CHARGE:
                 await ledger_store.post(
                     connection,
                     ledger.card_block(
@@ -364,22 +319,17 @@ class PaymentService:
         card did not pay is owed, unless its call owes nothing (waived)."""
         async with self._database.write() as connection:
             operation, call = await _lock_operation(connection, key)
-            changed = await connection.execute(
-                update(payment_operations)
-                .where(
-                    payment_operations.c.operation_key == key,
-                    payment_operations.c.status.in_(("queued", "sent")),
-                )
-                .values(status="failed", error=error[:500], completed_at=self._clock())
+            changed = await payments_store.mark_failed(
+                connection, key, error=error[:500], completed_at=self._clock()
             )
             owed = call is None or not owes_nothing(call)
-            if changed.rowcount == 1 and operation.kind == "incident" and owed:
+            if changed and operation.kind == PaymentKind.INCIDENT and owed:
                 # the card said no: the incident is owed, for finance to invoice
                 await self._post_incident_of(connection, operation, "receivable")
         log.info("payment failed", operation_key=key, error=error[:200])
 
     async def _post_incident_of(
-        self, connection: AsyncConnection, operation: Row[Any], payer: str
+        self, connection: Transaction, operation: Record, payer: str
     ) -> None:
         """The incident a card operation was for: paid by the card, or owed if it failed."""
         await post_incident(
@@ -395,11 +345,7 @@ class PaymentService:
 
     async def _reference_of(self, key: str | None) -> str:
         async with self._database.read() as connection:
-            reference = await connection.scalar(
-                select(payment_operations.c.gateway_reference).where(
-                    payment_operations.c.operation_key == key
-                )
-            )
+            reference = await payments_store.gateway_reference(connection, key)
         if not reference:
             raise GatewayError(f"{key} has no gateway reference")
         return str(reference)
@@ -409,26 +355,12 @@ class PaymentService:
         if self._gateway is None:
             return 0
         async with self._database.read() as connection:
-            keys = (
-                await connection.scalars(
-                    select(payment_operations.c.operation_key)
-                    .where(payment_operations.c.status == "queued")
-                    .order_by(payment_operations.c.operation_id)
-                    .limit(BATCH_MAX)
-                )
-            ).all()
+            keys = await payments_store.queued_keys(connection, BATCH_MAX)
         sent = 0
         for key in keys:
             async with self._database.write() as connection:  # claim it: queued -> sent
-                claimed = await connection.execute(
-                    update(payment_operations)
-                    .where(
-                        payment_operations.c.operation_key == key,
-                        payment_operations.c.status == "queued",
-                    )
-                    .values(status="sent")
-                )
-            if claimed.rowcount == 1:
+                claimed = await payments_store.claim_queued(connection, key)
+            if claimed:
                 await self._send(key)
                 sent += 1
         return sent
@@ -439,20 +371,10 @@ class PaymentService:
             return 0
         cutoff = self._clock() - dt.timedelta(seconds=self._settings.resolve_after_seconds)
         async with self._database.read() as connection:
-            rows = (
-                await connection.execute(
-                    select(payment_operations)
-                    .where(
-                        payment_operations.c.status == "sent",
-                        payment_operations.c.created_at <= cutoff,
-                    )
-                    .order_by(payment_operations.c.operation_id)
-                    .limit(BATCH_MAX)
-                )
-            ).all()
+            rows = await payments_store.sent_before(connection, cutoff, BATCH_MAX)
         resolved = 0
         for operation in rows:
-            if operation.kind not in ("charge", "authorize", "incident"):
+            if operation.kind not in CARD_CHARGES:
                 await self._send(operation.operation_key)  # capture/release/refund: idempotent
                 resolved += 1
                 continue
@@ -465,14 +387,10 @@ class PaymentService:
                     error=str(error),
                 )
                 continue
-            wanted = "requires_capture" if operation.kind == "authorize" else "succeeded"
-            if found is not None and found.status in (wanted, "succeeded"):
+            if _completed_at_gateway(found, operation.kind):
                 await self.complete(operation.operation_key, found)
             else:
-                await self._fail(
-                    operation.operation_key,
-                    f"not completed at the gateway ({found.status if found else 'never received'})",
-                )
+                await self._fail(operation.operation_key, _not_completed(found))
             resolved += 1
             log.info(
                 "resolved a payment left in flight",
@@ -486,156 +404,34 @@ class PaymentService:
         await self.send_queued()
         await self.resolve_sent()
 
-    # --- settlement and giving back ---------------------------------------------------------
+    # --- settlement and giving back (meterd/services/payment_follow_ups.py) -----------------
 
-    async def queue_settlement(self, connection: AsyncConnection, call: Row[Any]) -> None:
+    async def queue_settlement(self, connection: Transaction, call: Record) -> None:
         """At settlement: capture what each authorisation paid for (in order) and release the
         rest. A call that owes nothing (waived, never connected) has everything given back."""
-        if owes_nothing(call):
-            await self.give_back(connection, call)
-            return
-        holds = await _operations(connection, call.call_sid, ("authorize",), ("succeeded",))
-        if not holds:
-            return
-        used_minor = await card_money_used_minor(connection, call.call_sid, holds[0].currency)
-        for hold in holds:
-            take = min(used_minor, hold.amount_minor)
-            used_minor -= take
-            kind, amount = ("capture", take) if take else ("release", 0)
-            await self._queue(connection, f"{hold.operation_key}:{kind}", kind, hold, amount)
+        await payment_follow_ups.queue_settlement(connection, call, clock=self._clock)
 
-    async def give_back(self, connection: AsyncConnection, call: Row[Any]) -> int:
+    async def give_back(self, connection: Transaction, call: Record) -> int:
         """Leave the account as if the call's charges had never been made (a waiver, or a call
-        that never connected). Idempotent; called again whenever one of the call's card
-        payments completes later. In the caller's transaction, under the account's lock.
+        that never connected): `payment_follow_ups.give_back`. Idempotent; called again whenever
+        one of the call's card payments completes later. Returns how many ledger charges were
+        reversed now."""
+        return await payment_follow_ups.give_back(connection, call, clock=self._clock)
 
-        - every charge of the call is reversed in the ledger (minutes to the bank, money to
-          the deposit, off the receivable or back to the card's receipts);
-        - card payments not sent yet are cancelled (a queued capture becomes a release);
-        - a block bought on the call is refunded for the minutes of it the bank still holds
-          (all of them, unless another call of the account used some), the money pro rata,
-          rounded up: never against the customer;
-        - an authorisation not captured is released; a capture or a card-paid incident is
-          refunded in full (their ledger money came back with the reversals above).
-        Payments still in flight are given back when they complete (`complete`). Returns how
-        many ledger charges were reversed now."""
-        reversed_count = 0
-        if call.waived_at is not None:
-            reversed_count = await reverse_charges(connection, call.call_sid, self._clock())
-        for pending in await _operations(
-            connection, call.call_sid, ("charge", "authorize", "incident", "capture"), ("queued",)
-        ):
-            await self._cancel(connection, pending.operation_key)
-        captured_or_released = {
-            operation.related_key
-            for operation in await _operations(
-                connection,
-                call.call_sid,
-                ("capture", "release"),
-                ("queued", "sent", "succeeded"),
-            )
-        }
-        for operation in await _operations(
-            connection,
-            call.call_sid,
-            ("charge", "authorize", "capture", "incident"),
-            ("succeeded",),
-        ):
-            if operation.kind == "authorize":
-                if operation.operation_key not in captured_or_released:
-                    key = f"{operation.operation_key}:release"
-                    await self._queue(connection, key, "release", operation, 0)
-            elif operation.kind == "charge":
-                await self._refund_block(connection, operation)
-            else:  # a capture (refunded on its authorisation's intent) or an incident
-                await self._queue(
-                    connection,
-                    f"{operation.operation_key}:refund",
-                    "refund",
-                    operation,
-                    operation.amount_minor,
-                    related_key=operation.related_key
-                    if operation.kind == "capture"
-                    else operation.operation_key,
-                )
-        return reversed_count
 
-    async def _refund_block(self, connection: AsyncConnection, block: Row[Any]) -> None:
-        refund_key = f"{block.operation_key}:refund"
-        if await ledger_store.load_transaction(connection, f"payment:{refund_key}"):
-            return
-        bank_book = ledger.bank_book(block.account_id)
-        bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
-        minutes = min(block.minutes, max(bank, 0))
-        amount = rating.block_refund_minor(block.amount_minor, block.minutes, minutes)
-        if minutes == 0 and amount == 0:
-            return
-        await ledger_store.post(
-            connection,
-            ledger.card_refund(
-                refund_key,
-                account_id=block.account_id,
-                call_sid=block.call_sid,
-                minutes=minutes,
-                currency=block.currency,
-                amount_minor=amount,
-            ),
-            self._clock(),
-        )
-        if amount:
-            await self._queue(connection, refund_key, "refund", block, amount)
+def _completed_at_gateway(found: GatewayResult | None, kind: str) -> TypeGuard[GatewayResult]:
+    """The gateway holds the payment done: its hold placed (an authorisation) or paid."""
+    wanted = "requires_capture" if kind == PaymentKind.AUTHORIZE else "succeeded"
+    return found is not None and found.status in (wanted, "succeeded")
 
-    async def _cancel(self, connection: AsyncConnection, key: str) -> None:
-        """A payment not sent yet that is no longer wanted: it never reaches the gateway. A
-        capture cancelled becomes the release of its authorisation."""
-        changed = await connection.execute(
-            update(payment_operations)
-            .where(
-                payment_operations.c.operation_key == key,
-                payment_operations.c.status == "queued",
-            )
-            .values(status="failed", error="cancelled: nothing is owed", completed_at=self._clock())
-        )
-        operation = await _operation(connection, key)
-        if changed.rowcount == 1 and operation.kind == "capture":
-            hold = await _operation(connection, operation.related_key)
-            await self._queue(connection, f"{hold.operation_key}:release", "release", hold, 0)
 
-    async def _queue(
-        self,
-        connection: AsyncConnection,
-        key: str,
-        kind: str,
-        of: Row[Any],
-        amount_minor: int,
-        related_key: str | None = None,
-    ) -> None:
-        await connection.execute(
-            insert_ignoring_conflict(
-                connection,
-                payment_operations,
-                {
-                    "operation_key": key,
-                    "kind": kind,
-                    "account_id": of.account_id,
-                    "call_sid": of.call_sid,
-                    "amount_minor": amount_minor,
-                    "currency": of.currency,
-                    "minutes": 0,
-                    "related_key": related_key or of.operation_key,
-                    "status": "queued",
-                    "gateway_reference": None,
-                    "error": None,
-                    "created_at": self._clock(),
-                    "completed_at": None,
-                },
-                ["operation_key"],
-            )
-        )
+def _not_completed(found: GatewayResult | None) -> str:
+    """Why a payment the gateway did not complete is failed."""
+    return f"not completed at the gateway ({found.status if found else 'never received'})"
 
 
 async def post_incident(
-    connection: AsyncConnection,
+    connection: Transaction,
     key: str,
     *,
     call_sid: str | None,
@@ -671,20 +467,10 @@ async def post_incident(
     )
 
 
-async def _operation(connection: AsyncConnection, key: str) -> Row[Any]:
-    return (
-        await connection.execute(
-            select(payment_operations).where(payment_operations.c.operation_key == key)
-        )
-    ).one()
-
-
-async def _lock_operation(
-    connection: AsyncConnection, key: str
-) -> tuple[Row[Any], Row[Any] | None]:
+async def _lock_operation(connection: Transaction, key: str) -> tuple[Record, Record | None]:
     """A payment operation and its call, locked in the one order: the call's row, then the
     account's row (funding.py)."""
-    operation = await _operation(connection, key)
+    operation = await payments_store.get_operation(connection, key)
     call = (
         None
         if operation.call_sid is None
@@ -692,36 +478,3 @@ async def _lock_operation(
     )
     await lock_account(connection, operation.account_id)
     return operation, call
-
-
-async def _operations(
-    connection: AsyncConnection, call_sid: str, kinds: tuple[str, ...], statuses: tuple[str, ...]
-) -> list[Row[Any]]:
-    return list(
-        (
-            await connection.execute(
-                select(payment_operations)
-                .where(
-                    payment_operations.c.call_sid == call_sid,
-                    payment_operations.c.kind.in_(kinds),
-                    payment_operations.c.status.in_(statuses),
-                )
-                .order_by(payment_operations.c.operation_id)
-            )
-        ).all()
-    )
-
-
-async def _last_purchase(connection: AsyncConnection, call_sid: str) -> Row[Any] | None:
-    """The call's latest block or authorisation."""
-    return (
-        await connection.execute(
-            select(payment_operations)
-            .where(
-                payment_operations.c.call_sid == call_sid,
-                payment_operations.c.kind.in_(("charge", "authorize")),
-            )
-            .order_by(payment_operations.c.operation_id.desc())
-            .limit(1)
-        )
-    ).one_or_none()

@@ -19,7 +19,6 @@ DECLARATIVE = {
     "meterd/metrics.py:Metrics.__init__",  # one declaration per metric
 }
 DEBT = {
-    "meterd/services/payments.py",
     "meterd/cli.py:_parser",
     "meterd/core/timeline.py:build_timeline",
     "meterd/daemon.py:serve",

@@ -22,7 +22,6 @@ PENDING = {
     "meterd/services/metering.py",
     "meterd/services/minute_posting.py",
     "meterd/services/outbox.py",
-    "meterd/services/payments.py",
     "meterd/services/rates.py",
     "meterd/services/settlement.py",
     "meterd/services/usage.py",
