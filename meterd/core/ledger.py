@@ -45,6 +45,28 @@ class UnbalancedTransaction(LedgerError):
     """Postings that do not sum to zero per unit: a programming error, never bad input."""
 
 
+class TransactionKind(StrEnum):
+    """What a transaction records: the `kind` of every transaction meterd posts. A transaction
+    read back from the database keeps the kind it was stored with, a plain string when it is not
+    one of these (the usage report then names it rather than guessing)."""
+
+    DEPOSIT = "deposit"  # money paid into the prepaid deposit
+    MINUTES_GRANTED = "minutes_granted"  # minutes put into the bank by an operator
+    INCLUDED_MINUTES = "included_minutes"  # the minutes a first main product brings
+    MINUTE_BANK = "minute_bank"  # a call's minute, from the bank
+    MINUTE_DEPOSIT = "minute_deposit"  # ... paid from the deposit
+    MINUTE_DEBT = "minute_debt"  # ... from a deposit allowed into debt
+    MINUTE_RECEIVABLE = "minute_receivable"  # ... owed, for finance to invoice
+    MINUTE_CARD = "minute_card"  # ... paid by the card's authorisation
+    MINUTE_COVERED = "minute_covered"  # ... covered by the plan: usage at zero price
+    INCIDENT_DEPOSIT = "incident_deposit"  # a per-incident charge, from the deposit
+    INCIDENT_CARD = "incident_card"  # ... by card
+    INCIDENT_RECEIVABLE = "incident_receivable"  # ... owed
+    CARD_BLOCK = "card_block"  # a block of minutes bought by card
+    CARD_REFUND = "card_refund"  # part or all of a card block given back
+    REVERSAL = "reversal"  # undoes another transaction exactly
+
+
 class BookKind(StrEnum):
     BANK = "bank"
     DEPOSIT = "deposit"
@@ -115,7 +137,7 @@ class Transaction:
     """
 
     key: str
-    kind: str
+    kind: str  # a TransactionKind; as read back from the database, the stored string
     postings: tuple[Posting, ...]
     account_id: str | None = None
     call_sid: str | None = None
@@ -185,7 +207,7 @@ def reversal_of(original: Transaction, key: str | None = None, memo: str = "") -
     """The compensating transaction that undoes `original` exactly."""
     return Transaction(
         key=key or reversal_key(original.key),
-        kind="reversal",
+        kind=TransactionKind.REVERSAL,
         account_id=original.account_id,
         call_sid=original.call_sid,
         memo=memo or f"reverses {original.key}",
@@ -198,7 +220,7 @@ def deposit(account_id: str, currency: str, amount_minor: int, reference: str) -
     """Money paid into an account's prepaid deposit; the reference names the payment."""
     return transfer(
         f"account:{account_id}:deposit:{reference}",
-        "deposit",
+        TransactionKind.DEPOSIT,
         unit=currency,
         amount=amount_minor,
         from_book=deposits_received_book(currency),
@@ -212,7 +234,7 @@ def grant_minutes(account_id: str, minutes: int, reference: str) -> Transaction:
     """Minutes put into an account's bank by an operator (a purchase, a goodwill grant)."""
     return transfer(
         f"account:{account_id}:minutes:{reference}",
-        "minutes_granted",
+        TransactionKind.MINUTES_GRANTED,
         unit=MINUTES,
         amount=minutes,
         from_book=MINUTES_ISSUED,
@@ -226,7 +248,7 @@ def included_minutes(account_id: str, minutes: int) -> Transaction:
     """The minutes a first main product brings; the key makes it once per account, ever."""
     return transfer(
         f"account:{account_id}:included-minutes",
-        "included_minutes",
+        TransactionKind.INCLUDED_MINUTES,
         unit=MINUTES,
         amount=minutes,
         from_book=MINUTES_ISSUED,
@@ -255,13 +277,38 @@ def parse_minute_key(key: str) -> tuple[str, int]:
 # Kinds of transaction that charge the customer (and that a waiver reverses). A covered minute
 # records usage at zero price and is not a charge.
 MONEY_MINUTE_KINDS = frozenset(
-    {"minute_deposit", "minute_debt", "minute_receivable", "minute_card"}
+    {
+        TransactionKind.MINUTE_DEPOSIT,
+        TransactionKind.MINUTE_DEBT,
+        TransactionKind.MINUTE_RECEIVABLE,
+        TransactionKind.MINUTE_CARD,
+    }
 )
 # Card payments: a block of minutes bought by card (`card_block`); in authorise mode a minute
 # paid by the card's authorisation (`minute_card`).
-CARD_KINDS = frozenset({"card_block", "minute_card"})
-INCIDENT_KINDS = frozenset({"incident_deposit", "incident_card", "incident_receivable"})
-CHARGE_KINDS = frozenset({"minute_bank", *MONEY_MINUTE_KINDS, *INCIDENT_KINDS})
+CARD_KINDS = frozenset({TransactionKind.CARD_BLOCK, TransactionKind.MINUTE_CARD})
+INCIDENT_KINDS = frozenset(
+    {
+        TransactionKind.INCIDENT_DEPOSIT,
+        TransactionKind.INCIDENT_CARD,
+        TransactionKind.INCIDENT_RECEIVABLE,
+    }
+)
+CHARGE_KINDS = frozenset({TransactionKind.MINUTE_BANK, *MONEY_MINUTE_KINDS, *INCIDENT_KINDS})
+# A minute's kind by its funding source, an incident's by its payer.
+_MINUTE_KIND_BY_SOURCE = {
+    "bank": TransactionKind.MINUTE_BANK,
+    "deposit": TransactionKind.MINUTE_DEPOSIT,
+    "debt": TransactionKind.MINUTE_DEBT,
+    "receivable": TransactionKind.MINUTE_RECEIVABLE,
+    "card": TransactionKind.MINUTE_CARD,
+    "covered": TransactionKind.MINUTE_COVERED,
+}
+_INCIDENT_KIND_BY_PAYER = {
+    "deposit": TransactionKind.INCIDENT_DEPOSIT,
+    "card": TransactionKind.INCIDENT_CARD,
+    "receivable": TransactionKind.INCIDENT_RECEIVABLE,
+}
 
 
 def minute(
@@ -302,7 +349,7 @@ def minute(
         raise LedgerError(f"unknown funding source {source!r}")
     return Transaction(
         key=key,
-        kind=f"minute_{source}",
+        kind=_MINUTE_KIND_BY_SOURCE[source],
         postings=tuple(legs),
         account_id=account_id,
         call_sid=call_sid,
@@ -339,7 +386,7 @@ def incident(
     }
     return transfer(
         incident_key(group_sid, k),
-        f"incident_{payer}",
+        _INCIDENT_KIND_BY_PAYER[payer],
         unit=currency,
         amount=amount_minor,
         from_book=books[payer],
@@ -379,7 +426,7 @@ def card_block(
         ]
     return Transaction(
         key=f"payment:{operation_key}",
-        kind="card_block",
+        kind=TransactionKind.CARD_BLOCK,
         postings=tuple(legs),
         account_id=account_id,
         call_sid=call_sid,
@@ -411,7 +458,7 @@ def card_refund(
         ]
     return Transaction(
         key=f"payment:{operation_key}",
-        kind="card_refund",
+        kind=TransactionKind.CARD_REFUND,
         postings=tuple(legs),
         account_id=account_id,
         call_sid=call_sid,

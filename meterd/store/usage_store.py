@@ -31,7 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from meterd.core.usage.movements import REVERSAL, WAIVER_MEMO
+from meterd.core.ledger import TransactionKind
+from meterd.core.usage.movements import WAIVER_MEMO
 from meterd.store.calls_store import CallStatus
 from meterd.store.schema import (
     accounts,
@@ -212,7 +213,7 @@ def _waiver_memo() -> Any:
     return case(
         (
             and_(
-                t.c.kind == _constant(f"'{REVERSAL}'"),
+                t.c.kind == _constant(f"'{TransactionKind.REVERSAL.value}'"),
                 t.c.memo == _constant(f"'{WAIVER_MEMO}'"),
             ),
             _constant("1"),

@@ -32,7 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
-from meterd.core.ledger import MINUTES, MINUTES_USED, bank_book, deposit_book, receivable_book
+from meterd.core.ledger import (
+    INCIDENT_KINDS,
+    MINUTES,
+    MINUTES_USED,
+    TransactionKind,
+    bank_book,
+    deposit_book,
+    receivable_book,
+)
 
 __all__ = [
     "REVERSAL",
@@ -47,31 +55,42 @@ __all__ = [
 # The memo of a waiver's reversals (meterd.services.funding.reverse_charges): what tells a
 # waiver from a settlement correction, which reverses with another memo.
 WAIVER_MEMO = "waiver"
-REVERSAL = "reversal"
+REVERSAL = TransactionKind.REVERSAL
 
 # How each kind of transaction moves a customer's books. A kind not named here that touches a
 # customer book makes the reconciliation fail, naming it.
-_BANK_IN = {
-    "included_minutes": "bank_included_minutes",
-    "minutes_granted": "bank_granted_minutes",
-    "card_block": "bank_card_minutes",
-    "card_refund": "bank_card_minutes",  # a refund takes the block's unused minutes back out
+_BANK_IN: dict[str, str] = {
+    TransactionKind.INCLUDED_MINUTES: "bank_included_minutes",
+    TransactionKind.MINUTES_GRANTED: "bank_granted_minutes",
+    TransactionKind.CARD_BLOCK: "bank_card_minutes",
+    # a refund takes the block's unused minutes back out
+    TransactionKind.CARD_REFUND: "bank_card_minutes",
 }
 _MINUTE_KINDS = frozenset(
     {
-        "minute_bank",
-        "minute_deposit",
-        "minute_debt",
-        "minute_receivable",
-        "minute_card",
-        "minute_covered",
+        TransactionKind.MINUTE_BANK,
+        TransactionKind.MINUTE_DEPOSIT,
+        TransactionKind.MINUTE_DEBT,
+        TransactionKind.MINUTE_RECEIVABLE,
+        TransactionKind.MINUTE_CARD,
+        TransactionKind.MINUTE_COVERED,
     }
 )
-_DEPOSIT_CHARGES = frozenset({"minute_deposit", "minute_debt", "incident_deposit"})
-_RECEIVABLE_CHARGES = frozenset({"minute_receivable", "incident_receivable"})
-_INCIDENT_KINDS = frozenset({"incident_deposit", "incident_receivable", "incident_card"})
-_CARD_CHARGES = frozenset({"card_block", "minute_card", "incident_card"})
-_CARD_REFUNDS = frozenset({"card_refund"})
+_DEPOSIT_CHARGES = frozenset(
+    {
+        TransactionKind.MINUTE_DEPOSIT,
+        TransactionKind.MINUTE_DEBT,
+        TransactionKind.INCIDENT_DEPOSIT,
+    }
+)
+_RECEIVABLE_CHARGES = frozenset(
+    {TransactionKind.MINUTE_RECEIVABLE, TransactionKind.INCIDENT_RECEIVABLE}
+)
+_INCIDENT_KINDS = INCIDENT_KINDS
+_CARD_CHARGES = frozenset(
+    {TransactionKind.CARD_BLOCK, TransactionKind.MINUTE_CARD, TransactionKind.INCIDENT_CARD}
+)
+_CARD_REFUNDS = frozenset({TransactionKind.CARD_REFUND})
 _WAIVABLE = _MINUTE_KINDS | _INCIDENT_KINDS  # what a waiver reverses (its memo says so)
 
 
@@ -203,7 +222,7 @@ class Movements:
                 self.bank_waived_minutes += amount
             else:
                 self.bank_used_minutes -= amount
-        elif role is Role.DEPOSIT and kind == "deposit":
+        elif role is Role.DEPOSIT and kind == TransactionKind.DEPOSIT:
             self.deposit_paid_in += amount
         elif role is Role.DEPOSIT and kind in _DEPOSIT_CHARGES:
             if waiver:
