@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -95,15 +94,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
     command = _commands(parser, "command")
-
     command(
         "run",
         "run the daemon",
         "Run the daemon: migrate the database, serve HTTP, run the scheduled jobs; stop "
         "cleanly on SIGTERM or SIGINT.",
     )
+    _add_db_commands(command("db", "database maintenance"))
+    ledger = _commands(command("ledger", "ledger tools"), "ledger_command")
+    ledger("check", "re-sum every balance and check every invariant; exit 1 on any breach")
+    _add_usage_command(command)
+    _add_account_commands(command("account", "manage accounts"))
+    _add_simulate_and_demo(command)
+    return parser
 
-    db = _commands(command("db", "database maintenance"), "db_command")
+
+def _add_db_commands(db_parser: argparse.ArgumentParser) -> None:
+    """`meterd db upgrade`, `meterd db backup PATH`."""
+    db = _commands(db_parser, "db_command")
     db("upgrade", "apply every pending migration")
     backup = db(
         "backup",
@@ -113,9 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("path", type=Path, help="the copy to write (a new file)")
     backup.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
 
-    ledger = _commands(command("ledger", "ledger tools"), "ledger_command")
-    ledger("check", "re-sum every balance and check every invariant; exit 1 on any breach")
 
+def _add_usage_command(command: Callable[..., argparse.ArgumentParser]) -> None:
     usage = command(
         "usage",
         "print a closed business day's usage per account (building it if the nightly job "
@@ -134,8 +141,31 @@ def _parser() -> argparse.ArgumentParser:
         "published",
     )
 
-    account = _commands(command("account", "manage accounts"), "account_command")
-    add = account("add", "create an account")
+
+def _add_account_commands(account_parser: argparse.ArgumentParser) -> None:
+    """`meterd account add|show|list|deposit|grant-minutes`."""
+    account = _commands(account_parser, "account_command")
+    _add_account_add(account("add", "create an account"))
+    show = account("show", "show an account as JSON")
+    show.add_argument("account_id", help="the account's id")
+    account("list", "list account ids")
+    deposit = account("deposit", "money into the prepaid deposit")
+    deposit.add_argument("account_id", help="the account's id")
+    deposit.add_argument(
+        "--amount-minor", type=int, required=True, help="the amount, in minor units (cents)"
+    )
+    deposit.add_argument(
+        "--reference", required=True, help="names the payment; the same reference never posts twice"
+    )
+    grant = account("grant-minutes", "minutes into the bank")
+    grant.add_argument("account_id", help="the account's id")
+    grant.add_argument("--minutes", type=int, required=True, help="how many agent-minutes")
+    grant.add_argument(
+        "--reference", required=True, help="names the grant; the same reference never posts twice"
+    )
+
+
+def _add_account_add(add: argparse.ArgumentParser) -> None:
     add.add_argument("account_id", help="the new account's id")
     add.add_argument("--name", required=True, help="the customer's name")
     add.add_argument(
@@ -160,23 +190,9 @@ def _parser() -> argparse.ArgumentParser:
         help="PRODUCT:KIND[:UNTIL], e.g. desktop:license:2027-06-30 (UMP end) or "
         "web:subscription; repeatable",
     )
-    show = account("show", "show an account as JSON")
-    show.add_argument("account_id", help="the account's id")
-    account("list", "list account ids")
-    deposit = account("deposit", "money into the prepaid deposit")
-    deposit.add_argument("account_id", help="the account's id")
-    deposit.add_argument(
-        "--amount-minor", type=int, required=True, help="the amount, in minor units (cents)"
-    )
-    deposit.add_argument(
-        "--reference", required=True, help="names the payment; the same reference never posts twice"
-    )
-    grant = account("grant-minutes", "minutes into the bank")
-    grant.add_argument("account_id", help="the account's id")
-    grant.add_argument("--minutes", type=int, required=True, help="how many agent-minutes")
-    grant.add_argument(
-        "--reference", required=True, help="names the grant; the same reference never posts twice"
-    )
+
+
+def _add_simulate_and_demo(command: Callable[..., argparse.ArgumentParser]) -> None:
     from meterd import demo, simulate
 
     sim = command(
@@ -196,7 +212,6 @@ def _parser() -> argparse.ArgumentParser:
         config_help="ignored: the demo makes its own throw-away settings",
     )
     demo.add_arguments(show_it)
-    return parser
 
 
 def _product(text: str) -> dict[str, Any]:
@@ -298,13 +313,10 @@ def _backup(settings: Settings, destination: Path, *, overwrite: bool) -> int:
     copy is a consistent snapshot while the daemon goes on writing (WAL). The copy is written
     beside PATH (mode 0600), checked, made self-contained (no -wal file), then renamed into place.
     Never migrates or otherwise changes the database."""
-    import sqlite3
-    from urllib.parse import quote
+    from meterd.store.sqlite_backup import BackupFailed, copy_database, sqlite_file
 
-    from sqlalchemy.engine import make_url
-
-    url = make_url(settings.database_url)
-    if url.get_backend_name() != "sqlite":
+    database_file = sqlite_file(settings.database_url)
+    if database_file is None:
         print(
             "meterd: db backup copies a SQLite database, and this one is PostgreSQL; back it "
             "up with pg_dump, e.g. pg_dump --format=custom --file=meterd.dump "
@@ -312,8 +324,8 @@ def _backup(settings: Settings, destination: Path, *, overwrite: bool) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_SETTINGS
-    source = Path(url.database or "")
-    if not url.database or url.database == ":memory:" or not source.is_file():
+    source = Path(database_file)
+    if not database_file or database_file == ":memory:" or not source.is_file():
         print(f"meterd: there is no SQLite database at {source}", file=sys.stderr)
         return EXIT_FAILED
     destination = destination.absolute()
@@ -328,26 +340,12 @@ def _backup(settings: Settings, destination: Path, *, overwrite: bool) -> int:
     temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     try:
         os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        # mode=rw: never create a database that is not there
-        with (
-            contextlib.closing(
-                sqlite3.connect(
-                    f"file:{quote(str(source))}?mode=rw",
-                    uri=True,
-                    timeout=settings.sqlite_busy_timeout_ms / 1000,
-                )
-            ) as original,
-            contextlib.closing(sqlite3.connect(temporary)) as copy,
-        ):
-            original.backup(copy)
-            copy.execute("PRAGMA journal_mode=DELETE")
-            integrity = copy.execute("PRAGMA integrity_check").fetchone()[0]
-            pages = copy.execute("PRAGMA page_count").fetchone()[0]
-        if integrity != "ok":
-            raise sqlite3.DatabaseError(f"the copy fails its integrity check: {integrity}")
+        pages = copy_database(
+            source, temporary, busy_timeout_seconds=settings.sqlite_busy_timeout_ms / 1000
+        )
         fsync_file(temporary)
         replace_durably([(temporary, destination)])
-    except (OSError, sqlite3.Error) as error:
+    except (OSError, BackupFailed) as error:
         temporary.unlink(missing_ok=True)
         print(f"meterd: backup to {destination} failed: {error}", file=sys.stderr)
         return EXIT_FAILED

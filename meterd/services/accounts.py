@@ -17,10 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.core import ledger
@@ -37,9 +33,10 @@ from meterd.core.plans import (
 )
 from meterd.services import validation as v
 from meterd.services.errors import Conflict, InvalidRequest, NotFound
-from meterd.store import ledger_store
+from meterd.store import accounts_store, ledger_store
+from meterd.store.accounts_store import AccountConflict, Clash
 from meterd.store.database import Database
-from meterd.store.schema import accounts, caller_ids
+from meterd.store.transaction import Transaction
 
 ACCOUNT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
@@ -79,6 +76,21 @@ class AccountSettings:
             pin_secret=settings.secret("pin_secret"),
             business_timezone=settings.business_timezone,
         )
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    """An account to create, as checked from the request."""
+
+    account_id: str
+    name: str
+    plan: Plan
+    fallback_plan: Plan
+    currency: str
+    caller_ids: list[str]
+    pin: str | None
+    products: tuple[Product, ...]
+    valid_until: dt.date | None
 
 
 @dataclass(frozen=True)
@@ -180,83 +192,22 @@ class AccountService:
         self._clock = clock
 
     async def create(self, body: Any) -> dict[str, Any]:
-        body = v.require_object(body)
-        v.only_fields(body, CREATE_FIELDS)
-        account_id = v.required_text(body, "account_id", pattern=ACCOUNT_ID, max_chars=64)
-        name = v.required_text(body, "name", max_chars=200)
-        plan = _plan(body, "plan")
-        fallback_plan = _plan(body, "fallback_plan", default=Plan.PER_MINUTE)
-        if fallback_plan is Plan.SERVICE_AGREEMENT:
-            raise InvalidRequest("fallback_plan cannot be service_agreement")
-        currency = v.text(
-            body,
-            "currency",
-            pattern=CURRENCY,
-            max_chars=3,
-            required=False,
-            default=self._settings.default_currency,
-        )
-        if currency is None:
-            raise InvalidRequest("currency is required")
-        try:
-            check_currency(currency)
-        except MoneyError:
-            raise InvalidRequest(
-                f"currency {currency!r} is not an ISO 4217 currency with minor units, e.g. USD"
-            ) from None
-        numbers = _caller_ids(body)
-        pin = _pin(body)
-        products = _products(body)
-        valid_until = v.iso_date(body, "valid_until")
+        account = _new_account(body, self._settings.default_currency)
         now = self._clock()
         try:
             async with self._database.write() as connection:
-                exists = await connection.scalar(
-                    select(accounts.c.account_id).where(accounts.c.account_id == account_id)
-                )
-                if exists is not None:
-                    raise Conflict(f"account {account_id} already exists; change it with PATCH")
-                await connection.execute(
-                    insert(accounts).values(
-                        account_id=account_id,
-                        name=name,
-                        plan=plan.value,
-                        fallback_plan=fallback_plan.value,
-                        valid_until=valid_until,
-                        currency=currency,
-                        pin_hash=pin and pin_hash(self._settings.pin_secret, pin),
-                        products_json=_products_json(products),
-                        card_on_file=None,
-                        debt_flagged=False,
-                        created_at=now,
-                        updated_at=now,
+                if await accounts_store.account_exists(connection, account.account_id):
+                    raise Conflict(
+                        f"account {account.account_id} already exists; change it with PATCH"
                     )
+                await self._insert_account(connection, account, now)
+                await _open_books(connection, account.account_id, account.currency)
+                await self._grant_included_minutes(
+                    connection, account.account_id, account.products, now
                 )
-                await self._set_caller_ids(connection, account_id, numbers)
-                await ledger_store.create_book(
-                    connection,
-                    ledger.bank_book(account_id),
-                    unit=MINUTES,
-                    kind=BookKind.BANK,
-                    account_id=account_id,
-                    allow_negative=False,
-                )
-                await ledger_store.create_book(
-                    connection,
-                    ledger.deposit_book(account_id),
-                    unit=currency,
-                    kind=BookKind.DEPOSIT,
-                    account_id=account_id,
-                    allow_negative=False,
-                )
-                # so that no call's first posting has to insert (and wait on) a system book
-                await ledger_store.open_system_books(
-                    connection, ledger_store.system_books(currency)
-                )
-                await self._grant_included_minutes(connection, account_id, products, now)
-        except IntegrityError as error:
-            raise self._conflict(error) from None
-        return await self.view(account_id)
+        except AccountConflict as error:
+            raise _conflict(error) from None
+        return await self.view(account.account_id)
 
     async def change(self, account_id: str, body: Any) -> dict[str, Any]:
         body = v.require_object(body)
@@ -288,39 +239,23 @@ class AccountService:
         values["updated_at"] = now
         try:
             async with self._database.write() as connection:
-                changed = await connection.execute(
-                    update(accounts).where(accounts.c.account_id == account_id).values(**values)
-                )
-                if changed.rowcount == 0:
+                if not await accounts_store.update_account(connection, account_id, **values):
                     raise NotFound(f"no account {account_id}")
                 if numbers is not None:
-                    await connection.execute(
-                        delete(caller_ids).where(caller_ids.c.account_id == account_id)
-                    )
-                    await self._set_caller_ids(connection, account_id, numbers)
+                    await accounts_store.replace_caller_ids(connection, account_id, numbers)
                 if products is not None:
                     await self._grant_included_minutes(connection, account_id, products, now)
-        except IntegrityError as error:
-            raise self._conflict(error) from None
+        except AccountConflict as error:
+            raise _conflict(error) from None
         return await self.view(account_id)
 
     async def view(self, account_id: str) -> dict[str, Any]:
         today = self._clock().astimezone(ZoneInfo(self._settings.business_timezone)).date()
         async with self._database.read() as connection:
-            row = (
-                await connection.execute(
-                    select(accounts).where(accounts.c.account_id == account_id)
-                )
-            ).one_or_none()
+            row = await accounts_store.get_account(connection, account_id)
             if row is None:
                 raise NotFound(f"no account {account_id}")
-            numbers = (
-                await connection.scalars(
-                    select(caller_ids.c.number)
-                    .where(caller_ids.c.account_id == account_id)
-                    .order_by(caller_ids.c.number)
-                )
-            ).all()
+            numbers = await accounts_store.account_caller_ids(connection, account_id)
             held = await ledger_store.balances(
                 connection, [ledger.bank_book(account_id), ledger.deposit_book(account_id)]
             )
@@ -334,7 +269,7 @@ class AccountService:
             "plan": plan.value,
             "fallback_plan": fallback.value,
             "valid_until": row.valid_until and row.valid_until.isoformat(),
-            "caller_ids": list(numbers),
+            "caller_ids": numbers,
             "pin_set": row.pin_hash is not None,
             "currency": row.currency,
             "bank_minutes": held[ledger.bank_book(account_id)],
@@ -360,13 +295,7 @@ class AccountService:
 
     async def list_ids(self) -> list[str]:
         async with self._database.read() as connection:
-            return list(
-                (
-                    await connection.scalars(
-                        select(accounts.c.account_id).order_by(accounts.c.account_id)
-                    )
-                ).all()
-            )
+            return await accounts_store.account_ids(connection)
 
     async def deposit(self, account_id: str, body: Any) -> MoneyIn:
         body = v.require_object(body)
@@ -412,24 +341,31 @@ class AccountService:
 
     async def _currency(self, account_id: str) -> str:
         async with self._database.read() as connection:
-            currency = await connection.scalar(
-                select(accounts.c.currency).where(accounts.c.account_id == account_id)
-            )
+            currency = await accounts_store.account_currency(connection, account_id)
         if currency is None:
             raise NotFound(f"no account {account_id}")
-        return str(currency)
+        return currency
 
-    async def _set_caller_ids(
-        self, connection: AsyncConnection, account_id: str, numbers: list[str]
+    async def _insert_account(
+        self, connection: Transaction, account: NewAccount, now: dt.datetime
     ) -> None:
-        if numbers:
-            await connection.execute(
-                insert(caller_ids), [{"number": n, "account_id": account_id} for n in numbers]
-            )
+        await accounts_store.insert_account(
+            connection,
+            account_id=account.account_id,
+            name=account.name,
+            plan=account.plan.value,
+            fallback_plan=account.fallback_plan.value,
+            valid_until=account.valid_until,
+            currency=account.currency,
+            pin_hash=account.pin and pin_hash(self._settings.pin_secret, account.pin),
+            products_json=_products_json(account.products),
+            now=now,
+        )
+        await accounts_store.add_caller_ids(connection, account.account_id, account.caller_ids)
 
     async def _grant_included_minutes(
         self,
-        connection: AsyncConnection,
+        connection: Transaction,
         account_id: str,
         products: tuple[Product, ...],
         now: dt.datetime,
@@ -442,13 +378,74 @@ class AccountService:
         if await ledger_store.load_transaction(connection, grant.key) is None:
             await ledger_store.post(connection, grant, now)
 
-    @staticmethod
-    def _conflict(error: IntegrityError) -> Conflict:
-        if "accounts_pkey" in str(error.orig) or "accounts.account_id" in str(error.orig):
-            return Conflict("that account already exists; change it with PATCH")
-        if "pin_hash" in str(error.orig) or "accounts_pin_hash" in str(error.orig):
-            return Conflict("that PIN is already used by another account; choose another")
-        return Conflict(f"the change conflicts with existing data: {error.orig}"[:300])
+
+def _new_account(body: Any, default_currency: str) -> NewAccount:
+    """The account a create request asks for, every field checked (in the order the errors
+    are reported)."""
+    body = v.require_object(body)
+    v.only_fields(body, CREATE_FIELDS)
+    account_id = v.required_text(body, "account_id", pattern=ACCOUNT_ID, max_chars=64)
+    name = v.required_text(body, "name", max_chars=200)
+    plan = _plan(body, "plan")
+    fallback_plan = _plan(body, "fallback_plan", default=Plan.PER_MINUTE)
+    if fallback_plan is Plan.SERVICE_AGREEMENT:
+        raise InvalidRequest("fallback_plan cannot be service_agreement")
+    return NewAccount(
+        account_id=account_id,
+        name=name,
+        plan=plan,
+        fallback_plan=fallback_plan,
+        currency=_checked_currency(body, default_currency),
+        caller_ids=_caller_ids(body),
+        pin=_pin(body),
+        products=_products(body),
+        valid_until=v.iso_date(body, "valid_until"),
+    )
+
+
+def _checked_currency(body: Mapping[str, Any], default: str) -> str:
+    currency = v.text(
+        body, "currency", pattern=CURRENCY, max_chars=3, required=False, default=default
+    )
+    if currency is None:
+        raise InvalidRequest("currency is required")
+    try:
+        check_currency(currency)
+    except MoneyError:
+        raise InvalidRequest(
+            f"currency {currency!r} is not an ISO 4217 currency with minor units, e.g. USD"
+        ) from None
+    return currency
+
+
+async def _open_books(connection: Transaction, account_id: str, currency: str) -> None:
+    """The account's bank and deposit, and its currency's system books (so that no call's
+    first posting has to insert, and wait on, a system book)."""
+    await ledger_store.create_book(
+        connection,
+        ledger.bank_book(account_id),
+        unit=MINUTES,
+        kind=BookKind.BANK,
+        account_id=account_id,
+        allow_negative=False,
+    )
+    await ledger_store.create_book(
+        connection,
+        ledger.deposit_book(account_id),
+        unit=currency,
+        kind=BookKind.DEPOSIT,
+        account_id=account_id,
+        allow_negative=False,
+    )
+    await ledger_store.open_system_books(connection, ledger_store.system_books(currency))
+
+
+def _conflict(error: AccountConflict) -> Conflict:
+    if error.clash is Clash.ACCOUNT_ID:
+        return Conflict("that account already exists; change it with PATCH")
+    if error.clash is Clash.PIN:
+        return Conflict("that PIN is already used by another account; choose another")
+    return Conflict(f"the change conflicts with existing data: {error.detail}"[:300])
 
 
 def _phone_reason(plan: Plan, governing: Plan) -> str:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, literal, select
-
+from meterd.store import ledger_check_store as find
 from meterd.store.database import Database
-from meterd.store.ledger_store import system_book_clause
-from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
+from meterd.store.transaction import Record, Transaction
 
 FINDINGS_MAX = 100  # per kind of breach; the count is always reported in full
 
@@ -37,125 +36,72 @@ async def check_ledger(database: Database) -> CheckReport:
     keeps none: its balance is the sum of its postings, migration 0006); a book is of kind
     'system' exactly when its name says `system:`; no book that may not go negative is negative
     (by the sum of its postings); every reversal names a transaction that exists."""
-    breaches: list[Breach] = []
-    t, p, b = ledger_transactions, ledger_postings, ledger_books
     async with database.read() as connection:
-        counts = (
-            await connection.execute(
-                select(
-                    select(func.count()).select_from(t).scalar_subquery(),
-                    select(func.count()).select_from(p).scalar_subquery(),
-                    select(func.count()).select_from(b).scalar_subquery(),
-                )
-            )
-        ).one()
-
-        unbalanced = await connection.execute(
-            select(p.c.transaction_id, t.c.idempotency_key, p.c.unit, func.sum(p.c.amount))
-            .join(t, t.c.transaction_id == p.c.transaction_id)
-            .group_by(p.c.transaction_id, t.c.idempotency_key, p.c.unit)
-            .having(func.sum(p.c.amount) != 0)
-            .order_by(p.c.transaction_id)
-            .limit(FINDINGS_MAX)
-        )
-        breaches += [
-            Breach(
-                "transaction balances",
-                f"transaction {row[0]} ({row[1]}) sums to {row[3]} {row[2]}, not 0",
-            )
-            for row in unbalanced
-        ]
-
-        empty = await connection.execute(
-            select(t.c.transaction_id, t.c.idempotency_key)
-            .where(~select(literal(1)).where(p.c.transaction_id == t.c.transaction_id).exists())
-            .order_by(t.c.transaction_id)
-            .limit(FINDINGS_MAX)
-        )
-        breaches += [
-            Breach("transaction has postings", f"transaction {row[0]} ({row[1]}) has no postings")
-            for row in empty
-        ]
-
-        sums = select(p.c.book, func.sum(p.c.amount).label("total")).group_by(p.c.book).subquery()
-        system = system_book_clause(b.c.book)
-        mismatched = await connection.execute(
-            select(b.c.book, b.c.balance, func.coalesce(sums.c.total, 0))
-            .outerjoin(sums, sums.c.book == b.c.book)
-            .where(~system, b.c.balance != func.coalesce(sums.c.total, 0))
-            .order_by(b.c.book)
-            .limit(FINDINGS_MAX)
-        )
-        breaches += [
-            Breach(
-                "balance equals the sum of postings",
-                f"book {row[0]} holds {row[1]} but its postings sum to {row[2]}",
-            )
-            for row in mismatched
-        ]
-
-        kept = await connection.execute(
-            select(b.c.book, b.c.balance)
-            .where(system, b.c.balance != 0)
-            .order_by(b.c.book)
-            .limit(FINDINGS_MAX)
-        )
-        breaches += [
-            Breach(
-                "system book keeps no stored balance",
-                f"book {row[0]} holds {row[1]}, but a system book's stored balance stays 0 "
-                f"(its balance is the sum of its postings)",
-            )
-            for row in kept
-        ]
-
-        misnamed = await connection.execute(
-            select(b.c.book, b.c.kind, b.c.account_id)
-            .where(
-                (system & ((b.c.kind != "system") | b.c.account_id.is_not(None)))
-                | (~system & (b.c.kind == "system"))
-            )
-            .order_by(b.c.book)
-            .limit(FINDINGS_MAX)
-        )
-        breaches += [
-            Breach(
-                "book kind matches its name",
-                f"book {row[0]} is of kind {row[1]} (account {row[2]}); kind 'system', with no "
-                f"account, is for exactly the books named system:...",
-            )
-            for row in misnamed
-        ]
-
-        negative = await connection.execute(
-            select(b.c.book, sums.c.total)
-            .join(sums, sums.c.book == b.c.book)
-            .where(~b.c.allow_negative, sums.c.total < 0)
-            .order_by(b.c.book)
-            .limit(FINDINGS_MAX)
-        )
-        breaches += [
-            Breach(
-                "balance not negative",
-                f"book {row[0]} may not go negative but its postings sum to {row[1]}",
-            )
-            for row in negative
-        ]
-
-        original = t.alias("original")
-        orphans = await connection.execute(
-            select(t.c.transaction_id, t.c.reverses_key)
-            .outerjoin(original, original.c.idempotency_key == t.c.reverses_key)
-            .where(t.c.reverses_key.is_not(None), original.c.transaction_id.is_(None))
-            .limit(FINDINGS_MAX)
-        )
-        breaches += [
-            Breach(
-                "reversal names an existing transaction",
-                f"transaction {row[0]} reverses unknown key {row[1]}",
-            )
-            for row in orphans
+        size = await find.ledger_size(connection)
+        breaches = [
+            Breach(invariant.name, invariant.describe(row))
+            for invariant in INVARIANTS
+            for row in await invariant.find(connection, FINDINGS_MAX)
         ]
     return CheckReport(
-        transactions=counts[0], postings=counts[1], books=counts[2], breaches=tuple(breaches)
+        transactions=size.transactions,
+        postings=size.postings,
+        books=size.books,
+        breaches=tuple(breaches),
     )
+
+
+@dataclass(frozen=True)
+class Invariant:
+    name: str
+    find: Callable[[Transaction, int], Awaitable[list[Record]]]  # the rows that break it
+    describe: Callable[[Record], str]  # one such row, for the report
+
+
+# in the order their breaches are reported
+INVARIANTS = (
+    Invariant(
+        "transaction balances",
+        find.unbalanced_transactions,
+        lambda row: (
+            f"transaction {row.transaction_id} ({row.idempotency_key}) sums to "
+            f"{row.total} {row.unit}, not 0"
+        ),
+    ),
+    Invariant(
+        "transaction has postings",
+        find.transactions_without_postings,
+        lambda row: f"transaction {row.transaction_id} ({row.idempotency_key}) has no postings",
+    ),
+    Invariant(
+        "balance equals the sum of postings",
+        find.customer_balances_off_their_postings,
+        lambda row: f"book {row.book} holds {row.balance} but its postings sum to {row.total}",
+    ),
+    Invariant(
+        "system book keeps no stored balance",
+        find.system_books_keeping_a_balance,
+        lambda row: (
+            f"book {row.book} holds {row.balance}, but a system book's stored balance "
+            f"stays 0 (its balance is the sum of its postings)"
+        ),
+    ),
+    Invariant(
+        "book kind matches its name",
+        find.books_of_the_wrong_kind,
+        lambda row: (
+            f"book {row.book} is of kind {row.kind} (account {row.account_id}); kind "
+            f"'system', with no account, is for exactly the books named system:..."
+        ),
+    ),
+    Invariant(
+        "balance not negative",
+        find.negative_books_not_allowed_to_be,
+        lambda row: f"book {row.book} may not go negative but its postings sum to {row.total}",
+    ),
+    Invariant(
+        "reversal names an existing transaction",
+        find.reversals_of_unknown_keys,
+        lambda row: f"transaction {row.transaction_id} reverses unknown key {row.reverses_key}",
+    ),
+)

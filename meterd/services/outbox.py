@@ -15,14 +15,11 @@ import datetime as dt
 from enum import StrEnum
 from typing import Protocol
 
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from meterd.clock import Clock
 from meterd.logs import get_logger
+from meterd.store import outbox_store
 from meterd.store.database import Database
-from meterd.store.schema import outbox
-from meterd.store.sql import insert_ignoring_conflict
+from meterd.store.transaction import Transaction
 
 log = get_logger("meterd.outbox")
 
@@ -41,7 +38,7 @@ class TwilioCalls(Protocol):
 
 
 async def enqueue(
-    connection: AsyncConnection,
+    connection: Transaction,
     kind: OutboxKind,
     request_key: str,
     *,
@@ -51,24 +48,15 @@ async def enqueue(
     now: dt.datetime,
 ) -> bool:
     """Record a request once; True if it is new."""
-    statement = insert_ignoring_conflict(
+    return await outbox_store.record_request(
         connection,
-        outbox,
-        {
-            "request_key": request_key,
-            "kind": kind.value,
-            "call_sid": call_sid,
-            "target_sid": target_sid,
-            "argument": argument,
-            "created_at": now,
-            "attempts": 0,
-            "done_at": None,
-            "failed_at": None,
-            "last_error": None,
-        },
-        ["request_key"],
-    ).returning(outbox.c.outbox_id)
-    return (await connection.execute(statement)).scalar_one_or_none() is not None
+        request_key=request_key,
+        kind=kind.value,
+        call_sid=call_sid,
+        target_sid=target_sid,
+        argument=argument,
+        now=now,
+    )
 
 
 class OutboxDispatcher:
@@ -82,27 +70,14 @@ class OutboxDispatcher:
         if self._twilio is None:
             return 0
         async with self._database.read() as connection:
-            pending = (
-                await connection.execute(
-                    select(outbox)
-                    .where(outbox.c.done_at.is_(None), outbox.c.failed_at.is_(None))
-                    .order_by(outbox.c.outbox_id)
-                    .limit(DISPATCH_BATCH_MAX)
-                )
-            ).all()
+            pending = await outbox_store.pending_requests(connection, DISPATCH_BATCH_MAX)
         delivered = 0
         for request in pending:
             async with self._database.write() as connection:  # claim this attempt
-                claimed = await connection.execute(
-                    update(outbox)
-                    .where(
-                        outbox.c.outbox_id == request.outbox_id,
-                        outbox.c.attempts == request.attempts,
-                        outbox.c.done_at.is_(None),
-                    )
-                    .values(attempts=request.attempts + 1)
+                claimed = await outbox_store.claim_attempt(
+                    connection, request.outbox_id, request.attempts
                 )
-            if claimed.rowcount != 1:
+            if not claimed:
                 continue  # another daemon has it
             try:
                 if request.kind == OutboxKind.ANNOUNCE:
@@ -118,18 +93,12 @@ class OutboxDispatcher:
                     error=str(error)[:300],
                 )
                 async with self._database.write() as connection:
-                    await connection.execute(
-                        update(outbox)
-                        .where(outbox.c.outbox_id == request.outbox_id)
-                        .values(failed_at=self._clock(), last_error=str(error)[:1000])
+                    await outbox_store.mark_failed(
+                        connection, request.outbox_id, self._clock(), str(error)[:1000]
                     )
                 continue
             async with self._database.write() as connection:
-                await connection.execute(
-                    update(outbox)
-                    .where(outbox.c.outbox_id == request.outbox_id)
-                    .values(done_at=self._clock())
-                )
+                await outbox_store.mark_done(connection, request.outbox_id, self._clock())
             delivered += 1
             log.info("twilio request delivered", kind=request.kind, call_sid=request.call_sid)
         return delivered

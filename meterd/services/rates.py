@@ -12,17 +12,15 @@ import datetime as dt
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from meterd.clock import Clock
 from meterd.core.money import MONEY_MINOR_MAX
 from meterd.services import validation as v
 from meterd.services.errors import Conflict, InvalidRequest
 from meterd.services.research import parse_instant
+from meterd.store import rates_store
 from meterd.store.database import Database
-from meterd.store.schema import rates
+from meterd.store.rates_store import RateExists
+from meterd.store.transaction import Transaction
 
 
 class RateKind(StrEnum):
@@ -38,19 +36,10 @@ class RateBook:
         self._defaults = defaults
 
     async def rate_at(
-        self, connection: AsyncConnection, kind: RateKind, currency: str, at: dt.datetime
+        self, connection: Transaction, kind: RateKind, currency: str, at: dt.datetime
     ) -> int:
-        amount = await connection.scalar(
-            select(rates.c.amount_minor)
-            .where(
-                rates.c.kind == kind.value,
-                rates.c.currency == currency,
-                rates.c.effective_from <= at,
-            )
-            .order_by(rates.c.effective_from.desc())
-            .limit(1)
-        )
-        return self._defaults[kind] if amount is None else int(amount)
+        amount = await rates_store.rate_in_force(connection, kind.value, currency, at)
+        return self._defaults[kind] if amount is None else amount
 
     async def add(self, body: Any) -> dict[str, Any]:
         body = v.require_object(body)
@@ -74,16 +63,15 @@ class RateBook:
         effective_from = parse_instant(body, "effective_from")
         try:
             async with self._database.write() as connection:
-                await connection.execute(
-                    insert(rates).values(
-                        kind=kind.value,
-                        currency=currency,
-                        amount_minor=amount,
-                        effective_from=effective_from,
-                        created_at=self._clock(),
-                    )
+                await rates_store.add_rate(
+                    connection,
+                    kind=kind.value,
+                    currency=currency,
+                    amount_minor=amount,
+                    effective_from=effective_from,
+                    now=self._clock(),
                 )
-        except IntegrityError:
+        except RateExists:
             raise Conflict(
                 f"a {kind.value} rate in {currency} is already in force from "
                 f"{effective_from.isoformat()}"
@@ -97,9 +85,7 @@ class RateBook:
 
     async def list(self) -> list[dict[str, Any]]:
         async with self._database.read() as connection:
-            rows = await connection.execute(
-                select(rates).order_by(rates.c.kind, rates.c.currency, rates.c.effective_from)
-            )
+            rows = await rates_store.all_rates(connection)
         listed = [
             {
                 "kind": kind.value,

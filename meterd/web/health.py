@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from apscheduler.schedulers.base import STATE_PAUSED, STATE_RUNNING
-from sqlalchemy import func, select
 
 from meterd.logs import get_logger
 from meterd.metrics import Metrics
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
+from meterd.store.health_store import count_calls_by_status
 from meterd.store.outage import describe, is_unavailable
-from meterd.store.schema import calls
 
 if TYPE_CHECKING:
     from meterd.scheduler import Scheduler
@@ -175,12 +174,7 @@ class Health:
 
     async def _count_open_calls(self) -> dict[str, int]:
         async with self._database.write() as connection:
-            rows = await connection.execute(
-                select(calls.c.status, func.count())
-                .where(calls.c.status.in_(OPEN_STATUSES))
-                .group_by(calls.c.status)
-            )
-            return {row[0]: row[1] for row in rows}
+            return await count_calls_by_status(connection, OPEN_STATUSES)
 
     async def close(self, _app: web.Application | None = None) -> None:
         """Cancel a probe still waiting for the database (before the database is closed)."""

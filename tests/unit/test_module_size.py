@@ -19,11 +19,8 @@ DECLARATIVE = {
     "meterd/metrics.py:Metrics.__init__",  # one declaration per metric
 }
 DEBT = {
-    "meterd/cli.py:_parser",
     "meterd/core/timeline.py:build_timeline",
     "meterd/daemon.py:serve",
-    "meterd/services/accounts.py:AccountService.create",
-    "meterd/services/ledger_check.py:check_ledger",
     "meterd/services/research.py:ResearchService.flag",
     "meterd/simulate/run.py:simulate",
     "meterd/web/twiml.py:render",
