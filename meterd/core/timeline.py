@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from meterd.core.intervals import Interval, difference, intersection, total_seconds, union
 from meterd.core.money import ceil_div
 
 __all__ = [
@@ -93,80 +94,6 @@ class ResearchMark:
     end_seconds: int | None  # None = still open
 
 
-# --- intervals ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, order=True)
-class Interval:
-    """Half-open `[start_seconds, end_seconds)`; never negative."""
-
-    start_seconds: int
-    end_seconds: int
-
-    def __post_init__(self) -> None:
-        if self.end_seconds < self.start_seconds:
-            raise ValueError(f"interval ends before it starts: {self}")
-
-    @property
-    def seconds(self) -> int:
-        return self.end_seconds - self.start_seconds
-
-
-def union(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
-    """Sorted, disjoint, non-empty intervals covering the same time; touching ones are merged."""
-    merged: list[Interval] = []
-    for interval in sorted(i for i in intervals if i.seconds > 0):
-        if merged and interval.start_seconds <= merged[-1].end_seconds:
-            last = merged[-1]
-            if interval.end_seconds > last.end_seconds:
-                merged[-1] = Interval(last.start_seconds, interval.end_seconds)
-        else:
-            merged.append(interval)
-    return tuple(merged)
-
-
-def intersection(left: Iterable[Interval], right: Iterable[Interval]) -> tuple[Interval, ...]:
-    """Time covered by both."""
-    a, b = union(left), union(right)
-    out: list[Interval] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        start = max(a[i].start_seconds, b[j].start_seconds)
-        end = min(a[i].end_seconds, b[j].end_seconds)
-        if start < end:
-            out.append(Interval(start, end))
-        if a[i].end_seconds <= b[j].end_seconds:
-            i += 1
-        else:
-            j += 1
-    return tuple(out)
-
-
-def difference(minuend: Iterable[Interval], subtrahend: Iterable[Interval]) -> tuple[Interval, ...]:
-    """Time covered by `minuend` and not by `subtrahend`."""
-    cuts = union(subtrahend)
-    out: list[Interval] = []
-    for interval in union(minuend):
-        start = interval.start_seconds
-        for cut in cuts:
-            if cut.end_seconds <= start:
-                continue
-            if cut.start_seconds >= interval.end_seconds:
-                break
-            if cut.start_seconds > start:
-                out.append(Interval(start, cut.start_seconds))
-            start = cut.end_seconds
-            if start >= interval.end_seconds:
-                break
-        if start < interval.end_seconds:
-            out.append(Interval(start, interval.end_seconds))
-    return union(out)
-
-
-def _total_seconds(intervals: Iterable[Interval]) -> int:
-    return sum(i.seconds for i in intervals)
-
-
 def agent_minutes(billable_seconds: int, increment_seconds: int) -> int:
     """Whole agent-minutes for one agent on one call, rounded up (docs/billing.md, Minutes)."""
     return ceil_div(billable_seconds, increment_seconds)
@@ -189,15 +116,15 @@ class AgentTime:
 
     @property
     def active_seconds(self) -> int:
-        return _total_seconds(self.active)
+        return total_seconds(self.active)
 
     @property
     def research_seconds(self) -> int:
-        return _total_seconds(self.research)
+        return total_seconds(self.research)
 
     @property
     def billable_seconds(self) -> int:
-        return _total_seconds(self.billable)
+        return total_seconds(self.billable)
 
 
 @dataclass(frozen=True, order=True)
@@ -219,7 +146,7 @@ class Timeline:
 
     @property
     def hold_seconds(self) -> int:
-        return _total_seconds(self.hold)
+        return total_seconds(self.hold)
 
     @property
     def billable_union(self) -> tuple[Interval, ...]:
@@ -228,7 +155,7 @@ class Timeline:
 
     @property
     def billable_union_seconds(self) -> int:
-        return _total_seconds(self.billable_union)
+        return total_seconds(self.billable_union)
 
 
 # --- the state machine -------------------------------------------------------------------------
@@ -252,6 +179,10 @@ class _Leg:
             if not self.held:
                 self.available.append(Interval(self.since_seconds, end_seconds))
         self.in_conference, self.held, self.since_seconds = in_conference, held, at_seconds
+
+    @property
+    def available_now(self) -> bool:
+        return self.in_conference and not self.held
 
 
 def _event_key(event: ConferenceEvent) -> tuple[int, int, str, str, str, int]:
@@ -293,6 +224,176 @@ def _clip_end(intervals: Iterable[Interval], end_seconds: int) -> tuple[Interval
     )
 
 
+def _is_read(event: ConferenceEvent) -> bool:
+    """Conference start/end, and the participant events that name a participant."""
+    if event.kind in (CONFERENCE_START, CONFERENCE_END):
+        return True
+    return event.kind in _PARTICIPANT_KINDS and bool(event.call_sid)
+
+
+@dataclass
+class _Conference:
+    """The conference while its events are replayed in order: every participant's leg, who each
+    one is (the customer, or which agent), and the lines of the call view."""
+
+    labels: Mapping[str, str]  # call_sid -> the participant's label
+    customer_label: str
+    customer_call_sid: str
+    legs: dict[str, _Leg] = field(default_factory=dict)
+    leg_agent: dict[str, str] = field(default_factory=dict)  # call_sid -> agent id (not customer)
+    unlabelled: set[str] = field(default_factory=set)
+    entries: list[TimelineEntry] = field(default_factory=list)
+
+    def replay(self, ordered: Iterable[ConferenceEvent]) -> None:
+        """Apply the events in order; time never runs backwards (see the module's docstring)."""
+        clock_seconds: int | None = None
+        for event in ordered:
+            if not _is_read(event):
+                continue
+            at = event.at_seconds if clock_seconds is None else max(clock_seconds, event.at_seconds)
+            clock_seconds = at
+            if event.kind == CONFERENCE_START:
+                self.entries.append(TimelineEntry(at, "conference started"))
+            elif event.kind == CONFERENCE_END:
+                for leg in self.legs.values():
+                    if leg.in_conference:
+                        leg.move(at, in_conference=False, held=False)
+                self.entries.append(TimelineEntry(at, "conference ended"))
+            else:
+                self._participant_event(event, at)
+
+    def _participant_event(self, event: ConferenceEvent, at: int) -> None:
+        leg = self._leg(event.call_sid)
+        if event.kind == PARTICIPANT_JOIN:
+            held = bool(event.hold)
+            if not leg.in_conference:
+                text = f"{leg.name} joined on hold" if held else f"{leg.name} joined"
+                self.entries.append(TimelineEntry(at, text))
+                leg.move(at, in_conference=True, held=held)
+            else:
+                self._set_hold(leg, at, held)
+        elif not leg.in_conference:
+            return  # no join on record: nothing to count
+        elif event.kind == PARTICIPANT_LEAVE:
+            self.entries.append(TimelineEntry(at, f"{leg.name} left"))
+            leg.move(at, in_conference=False, held=False)
+        elif event.kind == PARTICIPANT_HOLD:
+            self._set_hold(leg, at, True)
+        elif event.kind == PARTICIPANT_UNHOLD:
+            self._set_hold(leg, at, False)
+        else:
+            self._set_hold(leg, at, leg.held if event.hold is None else event.hold)
+
+    def _set_hold(self, leg: _Leg, at: int, held: bool) -> None:
+        if held != leg.held:
+            text = f"{leg.name} put on hold" if held else f"{leg.name} taken off hold"
+            self.entries.append(TimelineEntry(at, text))
+            leg.move(at, in_conference=True, held=held)
+
+    def _leg(self, call_sid: str) -> _Leg:
+        """The participant's leg, made on its first event: the customer, or an agent."""
+        leg = self.legs.get(call_sid)
+        if leg is None:
+            label = self.labels.get(call_sid, "")
+            customer_sid = self.customer_call_sid
+            if label == self.customer_label or (customer_sid and call_sid == customer_sid):
+                name = "customer"
+            else:
+                agent_id = _agent_id(label)
+                if agent_id is None:
+                    agent_id = call_sid
+                    self.unlabelled.add(call_sid)
+                    name = f"unlabelled participant {call_sid}"
+                else:
+                    name = label
+                self.leg_agent[call_sid] = agent_id
+            leg = self.legs[call_sid] = _Leg(name)
+        return leg
+
+    def customer_legs(self) -> list[_Leg]:
+        return [leg for sid, leg in self.legs.items() if sid not in self.leg_agent]
+
+    def agents_available_now(self) -> set[str]:
+        """The agents in the conference and not on hold, as the events leave it."""
+        return {
+            agent_id for sid, agent_id in self.leg_agent.items() if self.legs[sid].available_now
+        }
+
+    def close_open_legs(self, at_seconds: int) -> None:
+        for leg in self.legs.values():
+            if leg.in_conference:
+                leg.move(max(at_seconds, leg.since_seconds), in_conference=False, held=False)
+
+    def agent_available(self) -> dict[str, list[Interval]]:
+        """Per agent, the time any of its legs was in and not on hold."""
+        available: dict[str, list[Interval]] = {}
+        for call_sid, agent_id in self.leg_agent.items():
+            available.setdefault(agent_id, []).extend(self.legs[call_sid].available)
+        return available
+
+
+@dataclass
+class _Research:
+    """The research marks, clipped to the limit: per agent its intervals, and who is still
+    researching (an open mark below its limit)."""
+
+    by_agent: dict[str, list[Interval]] = field(default_factory=dict)
+    researching_now: set[str] = field(default_factory=set)
+
+
+def _research(
+    marks: Iterable[ResearchMark],
+    *,
+    research_max_seconds: int,
+    research_now_seconds: int,
+    entries: list[TimelineEntry],
+) -> _Research:
+    """Each mark de-duplicated and clipped to `research_max_seconds`, an open one closed at
+    `research_now_seconds`; its lines go to `entries`."""
+    research = _Research()
+    for mark in sorted(set(marks), key=_mark_key):
+        research.by_agent.setdefault(mark.agent_id, [])
+        name = f"{AGENT_LABEL_PREFIX}{mark.agent_id}"
+        limit_seconds = mark.start_seconds + research_max_seconds
+        if mark.end_seconds is None:
+            if research_now_seconds < limit_seconds:
+                research.researching_now.add(mark.agent_id)
+            end_seconds = min(research_now_seconds, limit_seconds)
+        else:
+            end_seconds = min(mark.end_seconds, limit_seconds)
+        if end_seconds <= mark.start_seconds:
+            continue
+        research.by_agent[mark.agent_id].append(Interval(mark.start_seconds, end_seconds))
+        entries.append(TimelineEntry(mark.start_seconds, f"{name} research started"))
+        if end_seconds == limit_seconds and mark.end_seconds != limit_seconds:
+            text = f"{name} research closed at the {research_max_seconds} s limit"
+            entries.append(TimelineEntry(end_seconds, text))
+        elif mark.end_seconds is not None:
+            entries.append(TimelineEntry(end_seconds, f"{name} research stopped"))
+    return research
+
+
+def _agent_times(
+    customer_available: tuple[Interval, ...],
+    agent_available: Mapping[str, list[Interval]],
+    research: _Research,
+    active_now: set[str],
+) -> dict[str, AgentTime]:
+    """Per agent (sorted): active is its available time while the customer's is; billable adds
+    its research. `active_now`: the agents active with the customer at `now_seconds`."""
+    agents: dict[str, AgentTime] = {}
+    for agent_id in sorted(agent_available.keys() | research.by_agent.keys()):
+        active = intersection(customer_available, agent_available.get(agent_id, ()))
+        research_time = union(research.by_agent.get(agent_id, ()))
+        agents[agent_id] = AgentTime(
+            active=active,
+            research=research_time,
+            billable=union(active + research_time),
+            accruing=agent_id in research.researching_now or agent_id in active_now,
+        )
+    return agents
+
+
 def build_timeline(
     events: Iterable[ConferenceEvent],
     research: Iterable[ResearchMark],
@@ -319,144 +420,41 @@ def build_timeline(
         raise ValueError("customer_label must not be empty")
 
     ordered = sorted(set(events), key=_event_key)
-    labels = _labels(ordered)
-    legs: dict[str, _Leg] = {}
-    leg_agent: dict[str, str] = {}  # call_sid -> agent id; the customer's legs are not in it
-    unlabelled: set[str] = set()
-    entries: list[TimelineEntry] = []
+    conference = _Conference(_labels(ordered), customer_label, customer_call_sid)
+    conference.replay(ordered)
 
-    def leg_for(call_sid: str) -> _Leg:
-        leg = legs.get(call_sid)
-        if leg is None:
-            label = labels.get(call_sid, "")
-            if label == customer_label or (customer_call_sid and call_sid == customer_call_sid):
-                name = "customer"
-            else:
-                agent_id = _agent_id(label)
-                if agent_id is None:
-                    agent_id = call_sid
-                    unlabelled.add(call_sid)
-                    name = f"unlabelled participant {call_sid}"
-                else:
-                    name = label
-                leg_agent[call_sid] = agent_id
-            leg = legs[call_sid] = _Leg(name)
-        return leg
-
-    clock_seconds: int | None = None
-    for event in ordered:
-        kind = event.kind
-        is_participant_event = kind in _PARTICIPANT_KINDS and bool(event.call_sid)
-        if kind not in (CONFERENCE_START, CONFERENCE_END) and not is_participant_event:
-            continue
-        at = event.at_seconds if clock_seconds is None else max(clock_seconds, event.at_seconds)
-        clock_seconds = at
-        if kind == CONFERENCE_START:
-            entries.append(TimelineEntry(at, "conference started"))
-        elif kind == CONFERENCE_END:
-            for leg in legs.values():
-                if leg.in_conference:
-                    leg.move(at, in_conference=False, held=False)
-            entries.append(TimelineEntry(at, "conference ended"))
-        else:
-            leg = leg_for(event.call_sid)
-            if kind == PARTICIPANT_JOIN:
-                held = bool(event.hold)
-                if not leg.in_conference:
-                    text = f"{leg.name} joined on hold" if held else f"{leg.name} joined"
-                    entries.append(TimelineEntry(at, text))
-                    leg.move(at, in_conference=True, held=held)
-                elif held != leg.held:
-                    _note_hold(entries, at, leg.name, held)
-                    leg.move(at, in_conference=True, held=held)
-            elif not leg.in_conference:
-                continue  # no join on record: nothing to count
-            elif kind == PARTICIPANT_LEAVE:
-                entries.append(TimelineEntry(at, f"{leg.name} left"))
-                leg.move(at, in_conference=False, held=False)
-            else:
-                if kind == PARTICIPANT_HOLD:
-                    held = True
-                elif kind == PARTICIPANT_UNHOLD:
-                    held = False
-                else:
-                    held = leg.held if event.hold is None else event.hold
-                if held != leg.held:
-                    _note_hold(entries, at, leg.name, held)
-                    leg.move(at, in_conference=True, held=held)
-
+    # Who is active with the customer right now, before the open legs are closed.
     customer_available_now = call_ended_at_seconds is None and any(
-        leg.in_conference and not leg.held for sid, leg in legs.items() if sid not in leg_agent
+        leg.available_now for leg in conference.customer_legs()
     )
-    agents_available_now = {
-        agent_id
-        for sid, agent_id in leg_agent.items()
-        if legs[sid].in_conference and not legs[sid].held
-    }
+    active_now = conference.agents_available_now() if customer_available_now else set()
     open_until = now_seconds if call_ended_at_seconds is None else call_ended_at_seconds
-    for leg in legs.values():
-        if leg.in_conference:
-            leg.move(max(open_until, leg.since_seconds), in_conference=False, held=False)
+    conference.close_open_legs(open_until)
 
-    customer_legs = [leg for sid, leg in legs.items() if sid not in leg_agent]
+    customer_legs = conference.customer_legs()
     customer_present = union(i for leg in customer_legs for i in leg.present)
     customer_available = union(i for leg in customer_legs for i in leg.available)
+    entries = conference.entries
     if call_ended_at_seconds is not None:
         customer_present = _clip_end(customer_present, call_ended_at_seconds)
         customer_available = _clip_end(customer_available, call_ended_at_seconds)
         entries.append(TimelineEntry(call_ended_at_seconds, "call ended"))
 
-    agent_available: dict[str, list[Interval]] = {}
-    for call_sid, agent_id in leg_agent.items():
-        agent_available.setdefault(agent_id, []).extend(legs[call_sid].available)
-
-    research_now = now_seconds if research_now_seconds is None else research_now_seconds
-    research_by_agent: dict[str, list[Interval]] = {}
-    researching_now: set[str] = set()
-    for mark in sorted(set(research), key=_mark_key):
-        research_by_agent.setdefault(mark.agent_id, [])
-        name = f"{AGENT_LABEL_PREFIX}{mark.agent_id}"
-        limit_seconds = mark.start_seconds + research_max_seconds
-        if mark.end_seconds is None:
-            if research_now < limit_seconds:
-                researching_now.add(mark.agent_id)
-            end_seconds = min(research_now, limit_seconds)
-        else:
-            end_seconds = min(mark.end_seconds, limit_seconds)
-        if end_seconds <= mark.start_seconds:
-            continue
-        research_by_agent[mark.agent_id].append(Interval(mark.start_seconds, end_seconds))
-        entries.append(TimelineEntry(mark.start_seconds, f"{name} research started"))
-        if end_seconds == limit_seconds and mark.end_seconds != limit_seconds:
-            text = f"{name} research closed at the {research_max_seconds} s limit"
-            entries.append(TimelineEntry(end_seconds, text))
-        elif mark.end_seconds is not None:
-            entries.append(TimelineEntry(end_seconds, f"{name} research stopped"))
-
-    agents: dict[str, AgentTime] = {}
-    for agent_id in sorted(agent_available.keys() | research_by_agent.keys()):
-        active = intersection(customer_available, agent_available.get(agent_id, ()))
-        research_time = union(research_by_agent.get(agent_id, ()))
-        accruing = agent_id in researching_now or (
-            customer_available_now and agent_id in agents_available_now
-        )
-        agents[agent_id] = AgentTime(
-            active=active,
-            research=research_time,
-            billable=union(active + research_time),
-            accruing=accruing,
-        )
+    research_time = _research(
+        research,
+        research_max_seconds=research_max_seconds,
+        research_now_seconds=now_seconds if research_now_seconds is None else research_now_seconds,
+        entries=entries,
+    )
+    agents = _agent_times(
+        customer_available, conference.agent_available(), research_time, active_now
+    )
     all_active = union(i for agent in agents.values() for i in agent.active)
 
     entries.sort(key=lambda entry: entry.at_seconds)  # stable: same-second entries keep their order
     return Timeline(
         hold=difference(customer_present, all_active),
         agents=MappingProxyType(agents),
-        unlabelled_agents=tuple(sorted(unlabelled)),
+        unlabelled_agents=tuple(sorted(conference.unlabelled)),
         entries=tuple(entries),
     )
-
-
-def _note_hold(entries: list[TimelineEntry], at_seconds: int, name: str, held: bool) -> None:
-    text = f"{name} put on hold" if held else f"{name} taken off hold"
-    entries.append(TimelineEntry(at_seconds, text))

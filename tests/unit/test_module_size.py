@@ -19,7 +19,6 @@ DECLARATIVE = {
     "meterd/metrics.py:Metrics.__init__",  # one declaration per metric
 }
 DEBT = {
-    "meterd/core/timeline.py:build_timeline",
     "meterd/daemon.py:serve",
     "meterd/services/research.py:ResearchService.flag",
     "meterd/simulate/run.py:simulate",
