@@ -1,8 +1,9 @@
 """Accounts and their caller ids, in the database.
 
-The database refuses a second account with the same id, a PIN (hash) another account holds and a
-caller id another account holds; a write it refuses raises `AccountConflict`, which says which of
-those it was. The caller's transaction must then roll back (`Database.write()` does).
+The database refuses a second account with the same id, a PIN (hash) another account holds, and
+the same caller id twice for one account (accounts may share a number); a write it refuses raises
+`AccountConflict`, which says which it was. The caller's transaction must then roll back
+(`Database.write()` does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from meterd.store.transaction import Record, Transaction
 class Clash(StrEnum):
     ACCOUNT_ID = "account_id"  # another account has that id
     PIN = "pin"  # another account has that PIN
-    OTHER = "other"  # anything else the database refused (a caller id, ...)
+    OTHER = "other"  # anything else the database refused (a caller id the account has, ...)
 
 
 class AccountConflict(Exception):
@@ -101,7 +102,7 @@ async def update_account(connection: Transaction, account_id: str, **values: Any
 
 
 async def add_caller_ids(connection: Transaction, account_id: str, numbers: list[str]) -> None:
-    """`AccountConflict` if another account has one of them."""
+    """`AccountConflict` if the account has one of them already."""
     if not numbers:
         return
     with _refused_as_conflict():
@@ -111,7 +112,7 @@ async def add_caller_ids(connection: Transaction, account_id: str, numbers: list
 
 
 async def replace_caller_ids(connection: Transaction, account_id: str, numbers: list[str]) -> None:
-    """The account's caller ids become `numbers`. `AccountConflict` if another account has one."""
+    """The account's caller ids become `numbers` (`AccountConflict` if one is there twice)."""
     await connection.execute(delete(caller_ids).where(caller_ids.c.account_id == account_id))
     await add_caller_ids(connection, account_id, numbers)
 
@@ -144,3 +145,18 @@ async def account_currency(connection: Transaction, account_id: str) -> str | No
         select(accounts.c.currency).where(accounts.c.account_id == account_id)
     )
     return None if currency is None else str(currency)
+
+
+async def accounts_of_number(connection: Transaction, number: str) -> list[str]:
+    """The accounts that list `number` as a caller ID (answering: one identifies the caller)."""
+    rows = await connection.scalars(
+        select(caller_ids.c.account_id).where(caller_ids.c.number == number)
+    )
+    return list(rows.all())
+
+
+async def account_with_pin(connection: Transaction, pin_hash: str) -> str | None:
+    """The account whose PIN hashes to `pin_hash`, if any."""
+    return await connection.scalar(
+        select(accounts.c.account_id).where(accounts.c.pin_hash == pin_hash)
+    )
