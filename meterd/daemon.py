@@ -181,6 +181,33 @@ class Lifecycle:
 
 async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
     """Run until SIGTERM or SIGINT; return the exit status. A second signal exits at once."""
+    _log_start(settings)
+    lifecycle = Lifecycle(settings, clock)
+    app = build_app(settings, lifecycle.metrics)
+    lifecycle.install(app)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        **server_limits(settings),
+    )
+    if not await _start(runner, settings):
+        return EXIT_STARTUP_FAILED
+    _stop_on_signals(lifecycle)
+    log.info("ready", listen=f"{settings.listen_host}:{settings.listen_port}")
+    lifecycle.ready(app[HEALTH])
+    await lifecycle.stop.wait()
+    await lifecycle.stopping()
+    # Stops listening, lets in-flight requests finish, then stops the lifecycle's steps in
+    # reverse: notifier, scheduler (the running job finishes), services, adapters, database.
+    await runner.cleanup()
+    log.info("stopped", exit_status=lifecycle.exit_status)
+    return lifecycle.exit_status
+
+
+def _log_start(settings: Settings) -> None:
+    """The start line, after warnings about where the secrets came from."""
     for path in settings.generated_secret_files:
         log.warning("generated a token; read it from this file (mode 0600)", path=str(path))
     if settings.database_url.startswith("postgresql") and settings.secrets_from_state_dir:
@@ -196,16 +223,11 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         database=_redacted(settings.database_url),
         state_dir=str(settings.state_dir),
     )
-    lifecycle = Lifecycle(settings, clock)
-    app = build_app(settings, lifecycle.metrics)
-    lifecycle.install(app)
-    runner = web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        handle_signals=False,
-        shutdown_timeout=settings.shutdown_timeout_seconds,
-        **server_limits(settings),
-    )
+
+
+async def _start(runner: web.AppRunner, settings: Settings) -> bool:
+    """Start the lifecycle's steps, then listen; False (logged, what started stopped again) if
+    the database is unavailable or the address cannot be listened on."""
     try:
         await runner.setup()  # every step of the lifecycle, in order
     except Exception as error:
@@ -218,18 +240,21 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
             database=_redacted(settings.database_url),
             **describe(error),
         )
-        return EXIT_STARTUP_FAILED
+        return False
     try:
         assert runner.server is not None
-        app[CONNECTION_LIMITS].install(runner.server)
+        runner.app[CONNECTION_LIMITS].install(runner.server)
         site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
         await site.start()
     except OSError as error:
         log.error("cannot listen", listen=settings.listen, error=str(error))
         await runner.cleanup()
-        return EXIT_STARTUP_FAILED
+        return False
+    return True
 
-    loop = asyncio.get_running_loop()
+
+def _stop_on_signals(lifecycle: Lifecycle) -> None:
+    """SIGTERM or SIGINT stops the daemon gracefully; a second signal exits at once."""
     signals_seen = 0
 
     def on_signal(number: int) -> None:
@@ -241,17 +266,9 @@ async def serve(settings: Settings, *, clock: Clock = system_clock) -> int:
         log.info("stopping", signal=signal.Signals(number).name)
         lifecycle.stop.set()
 
+    loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
-    log.info("ready", listen=f"{settings.listen_host}:{settings.listen_port}")
-    lifecycle.ready(app[HEALTH])
-    await lifecycle.stop.wait()
-    await lifecycle.stopping()
-    # Stops listening, lets in-flight requests finish, then stops the lifecycle's steps in
-    # reverse: notifier, scheduler (the running job finishes), services, adapters, database.
-    await runner.cleanup()
-    log.info("stopped", exit_status=lifecycle.exit_status)
-    return lifecycle.exit_status
 
 
 LINGERING_SECONDS_MAX = 2.0

@@ -4,10 +4,11 @@ settles it, check the accounts, summarise."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 
@@ -59,9 +60,7 @@ async def simulate(
     rng = random.Random(seed)
     nonce = int.from_bytes(os.urandom(4), "big")
     options = Options(duplicates, reorder, time_scale, settle_delay, waiver_reason)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    async with _session(concurrency) as session:
         meterd = Meterd(
             session,
             base_url,
@@ -90,10 +89,27 @@ async def simulate(
         )
         outcome.account_problems = await check_accounts(meterd, accounts, planned, prices)
     summarise(planned, meterd.stats, prices, outcome, options=options, seed=seed, cps=cps)
+    return _verdict(out, planned, outcome, seed)
+
+
+def _verdict(
+    out: Callable[[str], None], planned: list[PlannedCall], outcome: Outcome, seed: int
+) -> int:
+    """Every difference, or that there were none: the exit status."""
     if print_differences(out, planned, outcome, seed):
         return EXIT_DIFFERENCES
     out(f"\nOK: all {len(planned)} calls matched the expectation (seed {seed}).")
     return EXIT_OK
+
+
+@contextlib.asynccontextmanager
+async def _session(concurrency: int) -> AsyncIterator[aiohttp.ClientSession]:
+    """The HTTP session of the run's requests: at most `concurrency` connections at a time, each
+    request given up after `REQUEST_TIMEOUT_SECONDS`."""
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        yield session
 
 
 def _refusal(
