@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from meterd.clock import Clock
 from meterd.core.plans import Plan, effective_plan
 from meterd.logs import get_logger
@@ -29,10 +26,10 @@ from meterd.services.accounts import pin_hash
 from meterd.services.errors import InvalidRequest, InvariantBroken, NotFound
 from meterd.services.funding import FundingAuthority, lock_account
 from meterd.services.payments import PaymentService
-from meterd.store import calls_store
+from meterd.store import accounts_store, calls_store
 from meterd.store.calls_store import CallStatus, EventRecord
 from meterd.store.database import Database
-from meterd.store.schema import accounts, caller_ids, calls
+from meterd.store.transaction import Transaction
 
 log = get_logger("meterd.answering")
 
@@ -232,12 +229,7 @@ class AnsweringService:
         """Connect a caller who has just paid, unless they hung up while the payment was on its
         way: then the call stays ended and the payment is given back."""
         async with self._database.write() as connection:
-            connected = await connection.execute(
-                update(calls)
-                .where(calls.c.call_sid == call_sid, calls.c.status == CallStatus.MENU)
-                .values(status=CallStatus.CONNECTED, last_event_at=self._clock())
-            )
-            if connected.rowcount != 1:
+            if not await calls_store.connect_from_menu(connection, call_sid, self._clock()):
                 call = await calls_store.get_call(connection, call_sid, for_update=True)
                 if call is None:
                     raise InvariantBroken(f"call {call_sid} went away while connecting")
@@ -272,13 +264,7 @@ class AnsweringService:
             await calls_store.insert_call(
                 connection, call_sid=call_sid, from_number=form.get("From", "")[:64], now=now
             )
-            account_ids = (
-                await connection.scalars(
-                    select(caller_ids.c.account_id).where(
-                        caller_ids.c.number == form.get("From", "")
-                    )
-                )
-            ).all()
+            account_ids = await accounts_store.accounts_of_number(connection, form.get("From", ""))
             if len(account_ids) == 1:
                 return await self._gate(connection, call_sid, account_ids[0], now)
             if await self._locked_out(connection, form.get("From", "")[:64], now):
@@ -327,10 +313,8 @@ class AnsweringService:
                 return await self._answer_from_state(connection, call_sid)
             account_id = None
             if digits.isdigit() and 4 <= len(digits) <= 8:
-                account_id = await connection.scalar(
-                    select(accounts.c.account_id).where(
-                        accounts.c.pin_hash == pin_hash(self._settings.pin_secret, digits)
-                    )
+                account_id = await accounts_store.account_with_pin(
+                    connection, pin_hash(self._settings.pin_secret, digits)
                 )
             if account_id is not None:
                 return await self._gate(connection, call_sid, account_id, now)
@@ -350,25 +334,19 @@ class AnsweringService:
             return Answer(Action.ASK_PIN, call_sid, attempt=attempt + 1, retry=True)
 
     async def _locked_out(
-        self, connection: AsyncConnection, from_number: str, now: dt.datetime
+        self, connection: Transaction, from_number: str, now: dt.datetime
     ) -> bool:
-        failures = await connection.scalar(
-            select(func.count())
-            .select_from(calls)
-            .where(
-                calls.c.from_number == from_number,
-                calls.c.end_reason == "pin_not_recognised",
-                calls.c.started_at > now - PIN_LOCKOUT_WINDOW,
-            )
+        failures = await calls_store.calls_refused_for_pin(
+            connection, from_number, now - PIN_LOCKOUT_WINDOW
         )
-        return (failures or 0) >= PIN_LOCKOUT_CALLS
+        return failures >= PIN_LOCKOUT_CALLS
 
     async def _gate(
-        self, connection: AsyncConnection, call_sid: str, account_id: str, now: dt.datetime
+        self, connection: Transaction, call_sid: str, account_id: str, now: dt.datetime
     ) -> Answer:
-        account = (
-            await connection.execute(select(accounts).where(accounts.c.account_id == account_id))
-        ).one()
+        account = await accounts_store.get_account(connection, account_id)
+        if account is None:
+            raise InvariantBroken(f"account {account_id} was found and then was not")
         plan = effective_plan(
             Plan(account.plan),
             account.valid_until,
@@ -409,7 +387,7 @@ class AnsweringService:
         log.info("connecting caller", call_sid=call_sid, account_id=account_id, plan=plan.value)
         return Answer(Action.CONNECT, call_sid)
 
-    async def _answer_from_state(self, connection: AsyncConnection, call_sid: str) -> Answer:
+    async def _answer_from_state(self, connection: Transaction, call_sid: str) -> Answer:
         call = await calls_store.get_call(connection, call_sid)
         if call is None:
             return Answer(Action.HANG_UP, call_sid)

@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-from sqlalchemy import Row, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from typing import Protocol
 
 from meterd.core import ledger, rating
 from meterd.core.rating import Funding, Source
 from meterd.services.errors import InvariantBroken
 from meterd.services.rates import RateBook, RateKind
-from meterd.store import ledger_store
+from meterd.store import ledger_store, repositories
 from meterd.store.calls_store import CallStatus
-from meterd.store.schema import accounts, ledger_postings, ledger_transactions, payment_operations
-
-IN_FLIGHT = ("queued", "sent")
-CARD_PURCHASE_KINDS = ("charge", "authorize")
+from meterd.store.payments_store import IN_FLIGHT
+from meterd.store.repositories import Repositories, RepositoriesFactory
+from meterd.store.transaction import Record, Transaction
 
 
 class CardPayments(Protocol):
@@ -51,36 +47,38 @@ class CardPayments(Protocol):
     def available(self) -> bool: ...
 
     async def queue_top_up(
-        self, connection: AsyncConnection, account: Row[Any], call_sid: str
+        self, connection: Transaction, account: Record, call_sid: str
     ) -> None: ...
 
     async def queue_incident(
         self,
-        connection: AsyncConnection,
-        account: Row[Any],
+        connection: Transaction,
+        account: Record,
         call_sid: str,
         key: str,
         amount_minor: int,
     ) -> None: ...
 
 
-async def lock_account(connection: AsyncConnection, account_id: str) -> Row[Any]:
+async def lock_account(connection: Transaction, account_id: str) -> Record:
     """The account's row, locked until the transaction ends (PostgreSQL; SQLite's write
     transaction is exclusive already). Take it after the call's row, before the books."""
-    query = select(accounts).where(accounts.c.account_id == account_id)
-    if connection.dialect.name == "postgresql":
-        query = query.with_for_update()
-    account = (await connection.execute(query)).one_or_none()
+    return await locked_account(Repositories(connection), account_id)
+
+
+async def locked_account(repos: Repositories, account_id: str) -> Record:
+    """`lock_account` on repositories."""
+    account = await repos.accounts.lock(account_id)
     if account is None:
         raise InvariantBroken(f"account {account_id} is referenced but does not exist")
     return account
 
 
-def has_card(account: Row[Any]) -> bool:
+def has_card(account: Record) -> bool:
     return bool(account.card_customer and account.card_on_file)
 
 
-def owes_nothing(call: Row[Any]) -> bool:
+def owes_nothing(call: Record) -> bool:
     """A waived call, or one that never connected (the caller hung up while paying): nothing of
     it is kept, whenever its card payments complete."""
     return call.waived_at is not None or call.status == CallStatus.REJECTED
@@ -121,45 +119,48 @@ class FundingAuthority:
         *,
         card_mode: str,
         allow_debt: bool,
+        repositories: RepositoriesFactory = Repositories,
     ) -> None:
+        self._repositories = repositories
         self._rates = rates
         self._payments = payments
         self._block_mode = card_mode == "block"
         self._allow_debt = allow_debt
 
     async def funds(
-        self, connection: AsyncConnection, account: Row[Any], call_sid: str, at: dt.datetime
+        self, connection: Transaction, account: Record, call_sid: str, at: dt.datetime
     ) -> Funds:
         bank, deposit = (
             ledger.bank_book(account.account_id),
             ledger.deposit_book(account.account_id),
         )
-        held = await ledger_store.balances(connection, [bank, deposit])
+        repos = self._repositories(connection)
+        held = await repos.ledger.balances([bank, deposit])
         rate_minor = await self._rates.rate_at(
             connection, RateKind.PER_AGENT_MINUTE, account.currency, at
         )
         card_hold_minor = 0
         if not self._block_mode:
-            card_hold_minor = await card_hold_left_minor(connection, call_sid, account.currency)
+            card_hold_minor = await repos.cards.hold_left_minor(call_sid, account.currency)
         return Funds(held.get(bank, 0), held.get(deposit, 0), rate_minor, card_hold_minor)
 
     # --- the connect gate ---------------------------------------------------------------------
 
     async def can_connect(
-        self, connection: AsyncConnection, account_id: str, call_sid: str, now: dt.datetime
+        self, connection: Transaction, account_id: str, call_sid: str, now: dt.datetime
     ) -> bool:
         """A per-minute caller is connected with a banked minute, one agent-minute at the rate
         in force now in the deposit, or an authorisation of this call that holds one."""
-        account = await lock_account(connection, account_id)
+        account = await locked_account(self._repositories(connection), account_id)
         return (await self.funds(connection, account, call_sid, now)).can_pay_a_minute
 
     # --- each minute --------------------------------------------------------------------------
 
     async def fund_minute(
         self,
-        connection: AsyncConnection,
-        account: Row[Any],
-        call: Row[Any],
+        connection: Transaction,
+        account: Record,
+        call: Record,
         due_at: dt.datetime,
     ) -> Funding:
         """How one agent-minute of the call, due at `due_at`, is paid. A waived call's minutes
@@ -180,8 +181,8 @@ class FundingAuthority:
 
     async def keep_funded(
         self,
-        connection: AsyncConnection,
-        account: Row[Any],
+        connection: Transaction,
+        account: Record,
         call_sid: str,
         accruing_agents: int,
         now: dt.datetime,
@@ -205,32 +206,23 @@ class FundingAuthority:
         return funds, True
 
     async def _card_payment_on_its_way(
-        self, connection: AsyncConnection, account_id: str, call_sid: str
+        self, connection: Transaction, account_id: str, call_sid: str
     ) -> bool:
-        operations = payment_operations.c
-        query = select(func.count()).where(operations.status.in_(IN_FLIGHT))
+        cards = self._repositories(connection).cards
         if self._block_mode:  # a block lands in the account's bank: any call's will do
-            query = query.where(operations.account_id == account_id, operations.kind == "charge")
-        else:  # an authorisation pays only the call it was placed for
-            query = query.where(operations.call_sid == call_sid, operations.kind == "authorize")
-        return bool(await connection.scalar(query))
+            return await cards.block_in_flight(account_id)
+        return await cards.authorisation_in_flight(call_sid)  # it pays only its own call
 
-    async def _last_card_payment_failed(self, connection: AsyncConnection, call_sid: str) -> bool:
-        operations = payment_operations.c
-        last = await connection.scalar(
-            select(operations.status)
-            .where(operations.call_sid == call_sid, operations.kind.in_(CARD_PURCHASE_KINDS))
-            .order_by(operations.operation_id.desc())
-            .limit(1)
-        )
-        return last == "failed"
+    async def _last_card_payment_failed(self, connection: Transaction, call_sid: str) -> bool:
+        cards = self._repositories(connection).cards
+        return await cards.last_purchase_status(call_sid) == "failed"
 
     # --- incidents ----------------------------------------------------------------------------
 
     async def incident_payer(
         self,
-        connection: AsyncConnection,
-        account: Row[Any],
+        connection: Transaction,
+        account: Record,
         call_sid: str,
         key: str,
         price_minor: int,
@@ -238,13 +230,12 @@ class FundingAuthority:
         """Who pays an incident: the deposit if it holds the price, else the card on file (queued
         here; the incident is posted when the card says yes, owed if it says no), else it is
         owed. None when it went to the card (or is on its way there)."""
-        status = await connection.scalar(
-            select(payment_operations.c.status).where(payment_operations.c.operation_key == key)
-        )
+        repos = self._repositories(connection)
+        status = await repos.cards.operation_status(key)
         if status in IN_FLIGHT:
             return None
         deposit = ledger.deposit_book(account.account_id)
-        if (await ledger_store.balances(connection, [deposit])).get(deposit, 0) >= price_minor:
+        if (await repos.ledger.balances([deposit])).get(deposit, 0) >= price_minor:
             return "deposit"
         if status != "failed" and self._payments.available and account.card_on_file is not None:
             await self._payments.queue_incident(connection, account, call_sid, key, price_minor)
@@ -252,43 +243,12 @@ class FundingAuthority:
         return "receivable"
 
 
-async def card_hold_left_minor(connection: AsyncConnection, call_sid: str, currency: str) -> int:
-    """Authorise mode: the money the call's succeeded authorisations still hold, less the money
-    of the minutes paid from them (net of reversals)."""
-    authorised = await connection.scalar(
-        select(func.coalesce(func.sum(payment_operations.c.amount_minor), 0)).where(
-            payment_operations.c.call_sid == call_sid,
-            payment_operations.c.kind == "authorize",
-            payment_operations.c.status == "succeeded",
-        )
-    )
-    if not authorised:
-        return 0
-    return int(authorised) - await card_money_used_minor(connection, call_sid, currency)
+async def card_money_used_minor(connection: Transaction, call_sid: str, currency: str) -> int:
+    """Money of the call's minutes paid by card authorisation, less what was given back."""
+    return await repositories.card_money_used_minor(connection, call_sid, currency)
 
 
-async def card_money_used_minor(connection: AsyncConnection, call_sid: str, currency: str) -> int:
-    """Money of the call's minutes paid by card authorisation, less what was given back: the
-    call's net movement on the card receipts book from minute postings and their reversals."""
-    original = ledger_transactions.alias("original")
-    minute_card = (ledger_transactions.c.kind == "minute_card") | (original.c.kind == "minute_card")
-    moved = await connection.scalar(
-        select(func.coalesce(func.sum(ledger_postings.c.amount), 0))
-        .join(
-            ledger_transactions,
-            ledger_transactions.c.transaction_id == ledger_postings.c.transaction_id,
-        )
-        .outerjoin(original, original.c.idempotency_key == ledger_transactions.c.reverses_key)
-        .where(
-            ledger_transactions.c.call_sid == call_sid,
-            minute_card,
-            ledger_postings.c.book == ledger.card_receipts_book(currency),
-        )
-    )
-    return -int(moved or 0)
-
-
-async def reverse_charges(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> int:
+async def reverse_charges(connection: Transaction, call_sid: str, now: dt.datetime) -> int:
     """Reverse every charge of the call not reversed yet (a waiver: minutes back to the bank,
     money back to the deposit, off the receivable or back to the card's receipts). Idempotent."""
     count = 0

@@ -20,29 +20,22 @@ import asyncio
 import datetime as dt
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-from sqlalchemy import Row, exists, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.clock import Clock
 from meterd.core import rating
 from meterd.core.plans import Plan
 from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
-from meterd.services.funding import FundingAuthority, lock_account
+from meterd.services.funding import FundingAuthority, locked_account
 from meterd.services.minute_posting import MinutePoster
-from meterd.services.outbox import OutboxKind, enqueue
+from meterd.services.outbox import OutboxKind
 from meterd.services.payments import PaymentService
 from meterd.services.rates import RateBook
 from meterd.services.settlement import SettlementService
-from meterd.store import calls_store, timeline_store
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
-from meterd.store.schema import (
-    calls,
-    outbox,
-)
+from meterd.store.repositories import Repositories, RepositoriesFactory
+from meterd.store.transaction import Record, Transaction
 
 log = get_logger("meterd.metering")
 
@@ -82,12 +75,17 @@ class MeteringService:
         rates: RateBook,
         payments: PaymentService,
         funding: FundingAuthority,
+        *,
+        repositories: RepositoriesFactory = Repositories,
     ) -> None:
         self._database = database
         self._settings = settings
         self._clock = clock
         self._funding = funding
-        self._poster = MinutePoster(clock, funding, increment_seconds=settings.increment_seconds)
+        self._repositories = repositories
+        self._poster = MinutePoster(
+            clock, funding, increment_seconds=settings.increment_seconds, repositories=repositories
+        )
         self._settlement = SettlementService(
             database,
             clock,
@@ -99,6 +97,7 @@ class MeteringService:
             research_max_minutes=settings.research_max_minutes,
             settle_delay_seconds=settings.settle_delay_seconds,
             batch_max=settings.tick_batch_max,
+            repositories=repositories,
         )
 
     async def tick(self) -> TickReport:
@@ -106,24 +105,17 @@ class MeteringService:
         report = TickReport()
         now = self._clock()
         async with self._database.read() as connection:
-            due = (
-                await connection.execute(
-                    select(calls.c.call_sid, calls.c.next_due_at)
-                    .where(calls.c.next_due_at <= now, calls.c.settled_at.is_(None))
-                    .order_by(calls.c.next_due_at)
-                    .limit(self._settings.tick_batch_max)
-                )
-            ).all()
+            due = await self._repositories(connection).calls.due(now, self._settings.tick_batch_max)
         if due:
-            report.lag_seconds = max(0.0, (now - due[0].next_due_at).total_seconds())
+            report.lag_seconds = max(0.0, (now - due[0][1]).total_seconds())
         backlogged = []
-        for row in due:
+        for call_sid, _ in due:
             await asyncio.sleep(0)  # a webhook waiting for the database goes first
-            posted, backlog = await self._meter_call(row.call_sid)
+            posted, backlog = await self._meter_call(call_sid)
             report.minutes_posted += posted
             report.calls_metered += 1
             if backlog:
-                backlogged.append(row.call_sid)
+                backlogged.append(call_sid)
         deadline = time.monotonic() + BACKLOG_SECONDS_PER_TICK
         while backlogged and time.monotonic() < deadline:
             still = []
@@ -151,30 +143,27 @@ class MeteringService:
         due than it could post."""
         now = self._clock()
         async with self._database.write() as connection:
-            call = await calls_store.lock_call(connection, call_sid)
+            repos = self._repositories(connection)
+            call = await repos.calls.lock(call_sid)
             if call is None or call.settled_at is not None:
                 return 0, False
             if call.account_id is None or call.status not in (
                 CallStatus.CONNECTED,
                 CallStatus.ENDED,
             ):
-                await calls_store.update_call(connection, call_sid, next_due_at=None)
+                await repos.calls.update(call_sid, next_due_at=None)
                 return 0, False
-            account = await lock_account(connection, call.account_id)
-            timeline = await timeline_store.load_timeline(
-                connection, call, now, self._research_max_seconds
-            )
+            account = await locked_account(repos, call.account_id)
+            timeline = await repos.calls.timeline(call, now, self._research_max_seconds)
             posted, backlog = await self._poster.post_due_minutes(
                 connection, call, account, timeline, now
             )
             next_due = (
                 now  # more minutes are due than one transaction posts: go on at the next tick
                 if backlog
-                else self._next_due(
-                    call, timeline, await calls_store.minutes_posted(connection, call_sid), now
-                )
+                else self._next_due(call, timeline, await repos.calls.minutes_posted(call_sid), now)
             )
-            await calls_store.update_call(connection, call_sid, next_due_at=next_due)
+            await repos.calls.update(call_sid, next_due_at=next_due)
             if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
                 await self._watch_funds(connection, call, account, timeline, now)
         return posted, backlog
@@ -188,7 +177,7 @@ class MeteringService:
         return self._settings.research_max_minutes * 60
 
     def _next_due(
-        self, call: Row[Any], timeline: Timeline, posted: dict[str, int], now: dt.datetime
+        self, call: Record, timeline: Timeline, posted: dict[str, int], now: dt.datetime
     ) -> dt.datetime | None:
         """The next time the tick must look at the call: when its next minute falls due if
         billable time keeps running; and, while it is connected or has research open, no later
@@ -215,9 +204,9 @@ class MeteringService:
 
     async def _watch_funds(
         self,
-        connection: AsyncConnection,
-        call: Row[Any],
-        account: Row[Any],
+        connection: Transaction,
+        call: Record,
+        account: Record,
         timeline: Timeline,
         now: dt.datetime,
     ) -> None:
@@ -243,10 +232,10 @@ class MeteringService:
             return  # a card payment is bought or on its way: nothing to announce
         if self._settings.on_exhausted == "allow_debt":
             return
+        repos = self._repositories(connection)
         left = funds.minutes_left
         if call.warned_at is None and 0 < left <= self._settings.warn_minutes_left:
-            await enqueue(
-                connection,
+            await repos.outbox.enqueue(
                 OutboxKind.ANNOUNCE,
                 f"call:{call.call_sid}:announce:warn",
                 call_sid=call.call_sid,
@@ -254,10 +243,9 @@ class MeteringService:
                 argument=self._announcement_url("warn"),
                 now=now,
             )
-            await calls_store.update_call(connection, call.call_sid, warned_at=now)
+            await repos.calls.update(call.call_sid, warned_at=now)
         if call.exhausted_at is None and left == 0:
-            await enqueue(
-                connection,
+            await repos.outbox.enqueue(
                 OutboxKind.ANNOUNCE,
                 f"call:{call.call_sid}:announce:exhausted",
                 call_sid=call.call_sid,
@@ -265,7 +253,7 @@ class MeteringService:
                 argument=self._announcement_url("exhausted"),
                 now=now,
             )
-            await calls_store.update_call(connection, call.call_sid, exhausted_at=now)
+            await repos.calls.update(call.call_sid, exhausted_at=now)
             log.info(
                 "funds exhausted; the call ends after the grace period",
                 call_sid=call.call_sid,
@@ -279,27 +267,17 @@ class MeteringService:
         """Calls whose grace period after exhaustion is over are ended (once)."""
         now = self._clock()
         cutoff = now - dt.timedelta(seconds=self._settings.grace_seconds)
-        already = exists().where(outbox.c.request_key == "call:" + calls.c.call_sid + ":hang_up")
         async with self._database.read() as connection:
-            due = (
-                await connection.scalars(
-                    select(calls.c.call_sid)
-                    .where(
-                        calls.c.exhausted_at <= cutoff,
-                        calls.c.status == CallStatus.CONNECTED,
-                        calls.c.waived_at.is_(None),
-                        ~already,
-                    )
-                    .limit(self._settings.tick_batch_max)
-                )
-            ).all()
+            due = await self._repositories(connection).calls.grace_over(
+                cutoff, self._settings.tick_batch_max
+            )
         if not due:
             return 0
         requested = 0
         async with self._database.write() as connection:
+            outbox = self._repositories(connection).outbox
             for call_sid in due:
-                if await enqueue(
-                    connection,
+                if await outbox.enqueue(
                     OutboxKind.HANG_UP,
                     f"call:{call_sid}:hang_up",
                     call_sid=call_sid,

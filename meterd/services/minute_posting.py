@@ -10,10 +10,6 @@ means that guarantee broke (`InvariantBroken`).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
-
-from sqlalchemy import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.clock import Clock
 from meterd.core import ledger, rating
@@ -21,7 +17,9 @@ from meterd.core.rating import Funding, Source
 from meterd.core.timeline import Timeline
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority
-from meterd.store import calls_store, ledger_store
+from meterd.store import ledger_store
+from meterd.store.repositories import Repositories, RepositoriesFactory
+from meterd.store.transaction import Record, Transaction
 
 # At most this many minutes are posted for one call in one transaction: a call whose backlog is
 # larger (a join a day old, a daemon stopped for hours) is caught up in several transactions,
@@ -31,23 +29,32 @@ MINUTES_PER_TRANSACTION_MAX = 15
 
 
 class MinutePoster:
-    def __init__(self, clock: Clock, funding: FundingAuthority, *, increment_seconds: int) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        funding: FundingAuthority,
+        *,
+        increment_seconds: int,
+        repositories: RepositoriesFactory = Repositories,
+    ) -> None:
+        self._repositories = repositories
         self._clock = clock
         self._funding = funding
         self._increment_seconds = increment_seconds
 
     async def post_due_minutes(
         self,
-        connection: AsyncConnection,
-        call: Row[Any],
-        account: Row[Any],
+        connection: Transaction,
+        call: Record,
+        account: Record,
         timeline: Timeline,
         now: dt.datetime,
     ) -> tuple[int, bool]:
         """Post the minutes now due, at most MINUTES_PER_TRANSACTION_MAX. Returns how many
         were posted and whether more are due."""
         now_seconds = int(now.timestamp())
-        posted_by_agent = await calls_store.minutes_posted(connection, call.call_sid)
+        repos = self._repositories(connection)
+        posted_by_agent = await repos.calls.minutes_posted(call.call_sid)
         count = 0
         increment = self._increment_seconds
         for agent_id, agent_time in sorted(timeline.agents.items()):
@@ -68,7 +75,7 @@ class MinutePoster:
                 await self._post_minute(connection, call, account, agent_id, n, funding)
                 count += 1
             if target > already:
-                await calls_store.set_minutes_posted(connection, call.call_sid, agent_id, target)
+                await repos.calls.set_minutes_posted(call.call_sid, agent_id, target)
             if target < due:
                 return count, True
         return count, False
@@ -87,14 +94,15 @@ class MinutePoster:
 
     async def _post_minute(
         self,
-        connection: AsyncConnection,
-        call: Row[Any],
-        account: Row[Any],
+        connection: Transaction,
+        call: Record,
+        account: Record,
         agent_id: str,
         n: int,
         funding: Funding,
     ) -> None:
-        await self._prepare_books(connection, account.account_id, account.currency, funding)
+        repos = self._repositories(connection)
+        await self._prepare_books(repos, account.account_id, account.currency, funding)
         transaction = ledger.minute(
             call.call_sid,
             agent_id,
@@ -105,7 +113,7 @@ class MinutePoster:
             amount_minor=funding.amount_minor,
         )
         try:
-            await ledger_store.post(connection, transaction, self._clock())
+            await repos.ledger.post(transaction, self._clock())
         except ledger_store.IdempotencyConflict as error:
             raise InvariantBroken(
                 f"minute {transaction.key} was posted before with other "
@@ -113,18 +121,11 @@ class MinutePoster:
             ) from error
 
     async def _prepare_books(
-        self, connection: AsyncConnection, account_id: str, currency: str, funding: Funding
+        self, repos: Repositories, account_id: str, currency: str, funding: Funding
     ) -> None:
         """An owed minute needs the account's receivable book; a debt minute lets the deposit
         go below zero and flags the account."""
         if funding.source is Source.RECEIVABLE:
-            await ledger_store.create_book(
-                connection,
-                ledger.receivable_book(account_id),
-                unit=currency,
-                kind=ledger.BookKind.RECEIVABLE,
-                account_id=account_id,
-                allow_negative=True,
-            )
+            await repos.ledger.open_receivable(account_id, currency)
         elif funding.source is Source.DEBT:
-            await ledger_store.allow_debt(connection, account_id)
+            await repos.ledger.allow_debt(account_id)

@@ -1,7 +1,8 @@
 """Requests to Twilio's REST API, recorded first and sent after (an outbox).
 
 Metering decides, in its database transaction, that the conference must hear an announcement or
-that a call must end, and records that request under a deterministic key; the dispatcher sends
+that a call must end, and records that request under a deterministic key
+(`Repositories.outbox.enqueue`, meterd/store/repositories.py); the dispatcher sends
 it afterwards through the one Twilio REST adapter. So a request is never lost to a crash, never
 recorded twice, and a slow or failing Twilio never holds up metering. A request the adapter could
 not deliver after its bounded retries is marked failed and logged; it is not retried forever.
@@ -11,7 +12,6 @@ hang-up twice is harmless; one lost is not).
 
 from __future__ import annotations
 
-import datetime as dt
 from enum import StrEnum
 from typing import Protocol
 
@@ -19,7 +19,6 @@ from meterd.clock import Clock
 from meterd.logs import get_logger
 from meterd.store import outbox_store
 from meterd.store.database import Database
-from meterd.store.transaction import Transaction
 
 log = get_logger("meterd.outbox")
 
@@ -35,28 +34,6 @@ class TwilioCalls(Protocol):
     async def announce_to_conference(self, conference_sid: str, announce_url: str) -> None: ...
 
     async def hang_up(self, call_sid: str) -> None: ...
-
-
-async def enqueue(
-    connection: Transaction,
-    kind: OutboxKind,
-    request_key: str,
-    *,
-    call_sid: str,
-    target_sid: str,
-    argument: str,
-    now: dt.datetime,
-) -> bool:
-    """Record a request once; True if it is new."""
-    return await outbox_store.record_request(
-        connection,
-        request_key=request_key,
-        kind=kind.value,
-        call_sid=call_sid,
-        target_sid=target_sid,
-        argument=argument,
-        now=now,
-    )
 
 
 class OutboxDispatcher:

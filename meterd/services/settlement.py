@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import Any
-
-from sqlalchemy import Row, and_, exists, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.clock import Clock
 from meterd.core import ledger, rating
@@ -26,9 +22,9 @@ from meterd.services.minute_posting import MINUTES_PER_TRANSACTION_MAX, MinutePo
 from meterd.services.payments import PaymentService, post_incident
 from meterd.services.rates import RateBook, RateKind
 from meterd.store import calls_store, ledger_store, timeline_store
-from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
-from meterd.store.schema import calls, research_marks
+from meterd.store.repositories import Repositories, RepositoriesFactory
+from meterd.store.transaction import Record, Transaction
 
 log = get_logger("meterd.settlement")
 
@@ -52,7 +48,9 @@ class SettlementService:
         research_max_minutes: int,
         settle_delay_seconds: int,
         batch_max: int,
+        repositories: RepositoriesFactory = Repositories,
     ) -> None:
+        self._repositories = repositories
         self._database = database
         self._clock = clock
         self._rates = rates
@@ -114,7 +112,7 @@ class SettlementService:
         return _SETTLED
 
     async def _reverse_unsupported_minutes(
-        self, connection: AsyncConnection, call: Row[Any], timeline: Timeline
+        self, connection: Transaction, call: Record, timeline: Timeline
     ) -> list[int]:
         """Give back minutes taken live that the final timeline does not support. Returns the
         transaction ids of the banked minutes among them (their minutes went back to the bank)."""
@@ -157,8 +155,8 @@ class SettlementService:
 
     async def _pay_from_bank_first(
         self,
-        connection: AsyncConnection,
-        call: Row[Any],
+        connection: Transaction,
+        call: Record,
         bank_returned: list[int],
         now: dt.datetime,
     ) -> None:
@@ -183,17 +181,34 @@ class SettlementService:
                 rebook.append(key)
         # minutes nothing could pay when they fell due (owed, or debt) are paid from the bank
         # once it holds minutes again, e.g. the block bought because they could not be paid
-        for key in await ledger_store.unreversed_keys(
-            connection, call.call_sid, frozenset({"minute_receivable", "minute_debt"})
-        ):
+        kinds = ledger.TransactionKind
+        unpaid = await ledger_store.unreversed_keys(
+            connection, call.call_sid, frozenset({kinds.MINUTE_RECEIVABLE, kinds.MINUTE_DEBT})
+        )
+        for key in unpaid:
             if key not in rebook and len(rebook) < bank:
                 rebook.append(key)
+        # In the funding order, the block such a minute needed was bought when it fell due, and
+        # the bank paid first from then on: a minute the deposit paid after it (live, the block
+        # was still on its way; a cheaper minute posted in the same tick) is the bank's too.
+        first_unpaid = [key for key in unpaid if key in rebook][:1]
+        if first_unpaid:
+            after_id = await ledger_store.transaction_id(connection, first_unpaid[0])
+            for key in await ledger_store.unreversed_keys(
+                connection, call.call_sid, frozenset({kinds.MINUTE_DEPOSIT})
+            ):
+                if (
+                    key not in rebook
+                    and len(rebook) < bank
+                    and await ledger_store.transaction_id(connection, key) > after_id
+                ):
+                    rebook.append(key)
         for key in rebook:
             original = await _load(connection, key)
             await _rebook(connection, call, original, source="bank", currency="", price=0, now=now)
 
     async def _pay_owed_from_the_deposit(
-        self, connection: AsyncConnection, call: Row[Any], account: Row[Any], now: dt.datetime
+        self, connection: Transaction, call: Record, account: Record, now: dt.datetime
     ) -> None:
         """A minute owed live (nothing could pay it then) is paid from the deposit if, once
         settlement has given back what the final timeline does not support, the deposit holds
@@ -221,23 +236,16 @@ class SettlementService:
             deposit -= price
 
     async def _charge_incidents(
-        self, connection: AsyncConnection, call: Row[Any], account: Row[Any], timeline: Timeline
+        self, connection: Transaction, call: Record, account: Record, timeline: Timeline
     ) -> None:
         """Per incident: one incident per started 2 hours of billable time, shared by an
         incident's linked follow-up calls (a waived call's time no longer counts), at the price
         in force when the call ended; from the deposit, else the card on file, else owed."""
         group = call.incident_group or call.call_sid
         group_seconds = timeline.billable_union_seconds
-        settled_members = (
-            await connection.execute(
-                select(calls).where(
-                    (calls.c.incident_group == group) | (calls.c.call_sid == group),
-                    calls.c.call_sid != call.call_sid,
-                    calls.c.settled_at.is_not(None),
-                    calls.c.waived_at.is_(None),
-                )
-            )
-        ).all()
+        settled_members = await self._repositories(connection).calls.settled_in_incident(
+            group, other_than=call.call_sid
+        )
         for member in settled_members:
             member_timeline = await timeline_store.load_timeline(
                 connection, member, member.settled_at, self._research_max_seconds
@@ -287,29 +295,13 @@ class SettlementService:
         now = self._clock()
         cutoff = now - dt.timedelta(seconds=self._settle_delay_seconds)
         research_cap = now - dt.timedelta(seconds=self._research_max_seconds)
-        open_research = exists().where(
-            and_(
-                research_marks.c.call_sid == calls.c.call_sid,
-                research_marks.c.end_at.is_(None),
-                research_marks.c.start_at > research_cap,
-            )
-        )
         async with self._database.read() as connection:
-            rows = await connection.scalars(
-                select(calls.c.call_sid)
-                .where(
-                    calls.c.settled_at.is_(None),
-                    calls.c.ended_at <= cutoff,
-                    calls.c.status.in_((CallStatus.ENDED, CallStatus.REJECTED)),
-                    ~open_research,
-                )
-                .order_by(calls.c.ended_at)
-                .limit(self._batch_max)
+            return await self._repositories(connection).calls.settleable(
+                ended_by=cutoff, research_opened_after=research_cap, limit=self._batch_max
             )
-            return list(rows.all())
 
 
-async def _load(connection: AsyncConnection, key: str) -> ledger.Transaction:
+async def _load(connection: Transaction, key: str) -> ledger.Transaction:
     original = await ledger_store.load_transaction(connection, key)
     if original is None:
         raise InvariantBroken(f"{key} is listed but not in the ledger")
@@ -317,8 +309,8 @@ async def _load(connection: AsyncConnection, key: str) -> ledger.Transaction:
 
 
 async def _rebook(
-    connection: AsyncConnection,
-    call: Row[Any],
+    connection: Transaction,
+    call: Record,
     original: ledger.Transaction,
     *,
     source: str,

@@ -38,9 +38,6 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import Row
 
 from meterd.clock import Clock
 from meterd.config import Settings
@@ -55,6 +52,7 @@ from meterd.services.usage_lease import LEASE_SECONDS, UsageLease
 from meterd.services.usage_publish import UsageFile, sha256_of
 from meterd.store import usage_store
 from meterd.store.database import Database
+from meterd.store.transaction import Record
 from meterd.store.usage_store import RunStatus
 
 __all__ = [
@@ -217,7 +215,7 @@ class UsageService:
 
     # --- runs -----------------------------------------------------------------------------------
 
-    async def _run(self, day: dt.date) -> Row[Any] | None:
+    async def _run(self, day: dt.date) -> Record | None:
         async with self._database.read() as connection:
             return await usage_store.run_of(connection, day)
 
@@ -291,9 +289,7 @@ class UsageService:
                 directory=str(self.directory),
             )
 
-    async def _ensure_files(
-        self, day: dt.date, run: Row[Any], only: UsageFile | None = None
-    ) -> None:
+    async def _ensure_files(self, day: dt.date, run: Record, only: UsageFile | None = None) -> None:
         kinds = [only] if only is not None else list(UsageFile)
         for kind in kinds:
             digest = await asyncio.to_thread(sha256_of, self.path(day, kind))
@@ -307,7 +303,7 @@ class UsageService:
                 await self._rebuild_published(day, run)
                 return
 
-    async def _rebuild_published(self, day: dt.date, run: Row[Any]) -> None:
+    async def _rebuild_published(self, day: dt.date, run: Record) -> None:
         """Build a published day again; its files must be the published bytes."""
         report = await check_ledger(self._database)
         if not report.ok:

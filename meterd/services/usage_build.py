@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from meterd.clock import Clock
 from meterd.core.usage.business_days import day_bounds
 from meterd.core.usage.movements import Movements, PostingGroup
@@ -58,6 +56,7 @@ from meterd.services.usage_publish import (
 )
 from meterd.store import timeline_store, usage_store
 from meterd.store.database import Database
+from meterd.store.transaction import Transaction
 from meterd.store.usage_store import STREAM_ROWS
 
 HEARTBEAT_SECONDS = 60  # how often a build renews its claim
@@ -325,7 +324,7 @@ class UsageBuilder:
         return usages
 
     async def time_facts(
-        self, connection: AsyncConnection, settled: list[_CallRows]
+        self, connection: Transaction, settled: list[_CallRows]
     ) -> dict[str, TimeFacts]:
         """Each settled call's time, from its timeline exactly as settlement built it: the events
         recorded up to settlement, open intervals counted to `settled_at`."""
@@ -346,7 +345,7 @@ class _CallsWriter:
     def __init__(
         self,
         builder: UsageBuilder,
-        connection: AsyncConnection,
+        connection: Transaction,
         day: dt.date,
         bounds: tuple[dt.datetime, dt.datetime],
         known: Accounts,

@@ -314,3 +314,29 @@ async def set_minutes_posted(
         .where(call_agent_minutes.c.call_sid == call_sid, call_agent_minutes.c.agent_id == agent_id)
         .values(minutes_posted=minutes)
     )
+
+
+async def connect_from_menu(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> bool:
+    """Connect a caller still at the menu (paying); False if the call has moved on (hung up)."""
+    result = await connection.execute(
+        update(calls)
+        .where(calls.c.call_sid == call_sid, calls.c.status == CallStatus.MENU)
+        .values(status=CallStatus.CONNECTED, last_event_at=now)
+    )
+    return result.rowcount == 1
+
+
+async def calls_refused_for_pin(
+    connection: AsyncConnection, from_number: str, since: dt.datetime
+) -> int:
+    """Calls from `from_number` started after `since` that ended with no PIN recognised."""
+    count = await connection.scalar(
+        select(func.count())
+        .select_from(calls)
+        .where(
+            calls.c.from_number == from_number,
+            calls.c.end_reason == "pin_not_recognised",
+            calls.c.started_at > since,
+        )
+    )
+    return int(count or 0)

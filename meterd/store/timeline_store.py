@@ -82,7 +82,7 @@ async def load_timelines(
     def built(sid: str, events: list[ConferenceEvent], leg_end: dt.datetime | None) -> Any:
         call = by_sid.pop(sid)
         at = now if now is not None else call.settled_at
-        return call, _timeline(
+        return call, call_timeline(
             call, events, research.get(sid, []), leg_end, at, research_max_seconds
         )
 
@@ -172,7 +172,7 @@ def _events_query(call_sids: Sequence[str], *, up_to_settlement: bool) -> Any:
     return query.order_by(w.c.call_sid)  # any order, as long as a call's events come together
 
 
-def _timeline(
+def call_timeline(
     call: Any,
     events: list[ConferenceEvent],
     research: list[ResearchMark],
@@ -180,6 +180,9 @@ def _timeline(
     now: dt.datetime,
     research_max_seconds: int,
 ) -> Timeline:
+    """The timeline of `call` (its `call_sid`, `ended_at` and `closed_by_sweeper`) from its
+    events, research marks and the end of the customer's leg, open intervals counted to `now`
+    (conference time to Twilio's latest stamp if that is later)."""
     if call.closed_by_sweeper and call.ended_at is not None:
         leg_end = call.ended_at if leg_end is None else min(leg_end, call.ended_at)
     now_seconds = int(now.timestamp())

@@ -989,6 +989,36 @@ PAST_FAILURES = [
         ),
         id="a-minute-owed-while-a-minute-given-back-held-the-deposit",
     ),
+    # A meterd defect (2,000 examples on SQLite). Bank 1, deposit 80, rate 100 until 184 then
+    # 50, a good card. The customer is held until 255, so minute 1 is taken live at 265 from the
+    # bank; at 267 a retroactive research interval (0..257) makes minutes 2-5 due at once.
+    # Minutes 2 and 3 fell due at rate 100: nothing can pay them, they are owed and the block
+    # is queued; minute 4 fell due at rate 50 and the deposit (80) paid it; minute 5 was owed.
+    # Settlement paid the owed minutes from the block (bank) but kept minute 4 on the deposit:
+    # bank 26, deposit 30. In the funding order the block was bought at minute 2 and the bank
+    # paid every minute after it: bank 25, deposit 80.
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=1,
+            deposit=80,
+            card="pm_card_visa",
+            on_exhausted="announce",
+            rates=((184, 50),),
+            deposits=(),
+            calls=(
+                Call(
+                    start=10,
+                    end=331,
+                    agents=(Agent("a0", join=0),),
+                    customer_hold=(0, 255),
+                    research=(Research("a0", start=0, stop=257, live=False),),
+                ),
+            ),
+            ticks=(),
+        ),
+        id="a-deposit-minute-after-an-owed-minute-is-paid-by-its-block",
+    ),
 ]
 
 

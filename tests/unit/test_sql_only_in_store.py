@@ -11,17 +11,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Not moved yet. The list only shrinks: a module that no longer imports sqlalchemy fails the test
-# until it is removed from here.
-PENDING = {
-    "meterd/services/answering.py",
-    "meterd/services/funding.py",
-    "meterd/services/metering.py",
-    "meterd/services/minute_posting.py",
-    "meterd/services/settlement.py",
-    "meterd/services/usage.py",
-    "meterd/services/usage_build.py",
-}
 
 
 def _imports_sqlalchemy(path: Path) -> bool:
@@ -44,8 +33,7 @@ def test_no_module_outside_store_imports_sqlalchemy():
         if not path.relative_to(ROOT / "meterd").as_posix().startswith("store/")
         and _imports_sqlalchemy(path)
     }
-    assert found - PENDING == set(), "move this SQL into meterd/store/"
-    assert PENDING - found == set(), "moved: remove from PENDING"
+    assert found == set(), "move this SQL into meterd/store/"
 
 
 def test_the_check_sees_every_form_of_import(tmp_path):
