@@ -150,3 +150,106 @@ def test_the_link_reader_skips_code_and_finds_links():
         "plans",
         "plans-1",
     }
+
+
+# A path into the package, as the docs name it: `meterd/services/funding.py`, `meterd/core/usage/`.
+# Not one inside another path (`/etc/meterd/secrets`, `/opt/meterd/bin/meterd`).
+PACKAGE_PATH = re.compile(r"(?<![\w/.~$-])meterd/[\w./*-]*")
+# A name in the README's layout tree: a module (`funding.py`) or a package (`usage/`).
+TREE_NAME = re.compile(r"(?<![\w/.-])[a-z_][a-z0-9_]*(?:\.py|/)(?![\w/])")
+LAYOUT_HEADING = "## Layout"
+
+
+def _package_paths(markdown: str) -> set[str]:
+    """Every `meterd/...` path the text names, code blocks and code spans included (that is
+    where the docs name modules), without a sentence's closing punctuation."""
+    return {match.rstrip(".") for match in PACKAGE_PATH.findall(markdown)}
+
+
+def _exists(path: str) -> bool:
+    if any(c in path for c in "*?["):
+        return any(ROOT.glob(path))
+    return (ROOT / path).exists()
+
+
+def _layout_tree(readme: str) -> list[str]:
+    """The lines of the first fenced block under the README's layout heading."""
+    lines = readme.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(LAYOUT_HEADING))
+    opening = next(n for n in range(start, len(lines)) if FENCE.match(lines[n]))
+    closing = next(n for n in range(opening + 1, len(lines)) if FENCE.match(lines[n]))
+    return lines[opening + 1 : closing]
+
+
+def _tree_paths(tree: list[str]) -> list[str]:
+    """The paths the layout tree names. Its first line is `meterd/`; a line indented two spaces
+    starting with `name/` opens that package, and it and the lines indented deeper under it
+    name that package's modules; a line indented two spaces starting with a module names
+    top-level modules."""
+    assert tree and tree[0] == "meterd/", "the layout tree starts with meterd/"
+    paths, directory = [], "meterd"
+    for line in tree[1:]:
+        stripped = line.lstrip()
+        names = TREE_NAME.findall(line)
+        if len(line) - len(stripped) == 2:
+            first = stripped.split()[0]
+            directory = "meterd"
+            if first.endswith("/"):
+                directory = f"meterd/{first.rstrip('/')}"
+                paths.append(f"{directory}/")
+                names = names[1:]
+        paths.extend(f"{directory}/{name}" for name in names)
+    return paths
+
+
+def test_every_package_path_in_readme_and_docs_exists():
+    """README.md and docs/*.md name modules by path (docs/architecture.md draws a webhook's path
+    through them): a module moved or renamed must take its docs with it."""
+    missing = [
+        f"{document.relative_to(ROOT).as_posix()}: {path}"
+        for document in _documents()
+        for path in sorted(_package_paths(document.read_text(encoding="utf-8")))
+        if not _exists(path)
+    ]
+    assert "meterd/services/funding.py" in _package_paths(
+        (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    )
+    assert not missing, "these paths name nothing in the repository:\n" + "\n".join(missing)
+
+
+def test_readme_layout_names_what_exists_and_every_top_level_module():
+    named = _tree_paths(_layout_tree((ROOT / "README.md").read_text(encoding="utf-8")))
+    missing = [path for path in named if not _exists(path)]
+    assert not missing, f"README.md's layout names what does not exist: {missing}"
+    top_level = {
+        f"meterd/{path.name}/" if path.is_dir() else f"meterd/{path.name}"
+        for path in (ROOT / "meterd").iterdir()
+        if (path.is_dir() and (path / "__init__.py").exists())
+        or (path.suffix == ".py" and path.name not in ("__init__.py", "__main__.py"))
+    }
+    unnamed = sorted(top_level - set(named))
+    assert not unnamed, f"README.md's layout does not name {unnamed}"
+
+
+def test_the_tree_reader_resolves_names_under_their_package():
+    tree = [
+        "meterd/",
+        "  core/      pure: money.py  usage/ (rows and files)",
+        "             timeline.py (see /etc/meterd/x and meterd run)",
+        "  web/       app.py; ops.py (healthz)",
+        "  cli.py  config.py",
+    ]
+    assert _tree_paths(tree) == [
+        "meterd/core/",
+        "meterd/core/money.py",
+        "meterd/core/usage/",
+        "meterd/core/timeline.py",
+        "meterd/web/",
+        "meterd/web/app.py",
+        "meterd/web/ops.py",
+        "meterd/cli.py",
+        "meterd/config.py",
+    ]
+    assert _package_paths("see `meterd/web/app.py`. Not /etc/meterd/secrets.") == {
+        "meterd/web/app.py"
+    }
