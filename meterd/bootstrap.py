@@ -36,10 +36,12 @@ from meterd.services.incidents import IncidentService
 from meterd.services.ingest import IngestService
 from meterd.services.intake import WebhookIntake
 from meterd.services.metering import MeteringService, MeteringSettings
+from meterd.services.minute_posting import MinutePoster
 from meterd.services.outbox import OutboxDispatcher, TwilioCalls
 from meterd.services.payments import PaymentService, PaymentSettings
 from meterd.services.rates import RateBook, RateKind
 from meterd.services.research import ResearchService
+from meterd.services.settlement import SettlementService
 from meterd.services.usage import UsageService
 from meterd.services.waivers import WaiverService
 from meterd.store.database import Database
@@ -297,24 +299,31 @@ def metering_service(
     payments: PaymentService,
     funding: FundingAuthority,
 ) -> MeteringService:
-    """The live tick and settlement."""
-    return MeteringService(
+    """The live tick, the minute poster it shares with settlement, and settlement."""
+    poster = MinutePoster(clock, funding, increment_seconds=settings.increment_seconds)
+    settlement = SettlementService(
         database,
-        MeteringSettings(
-            increment_seconds=settings.increment_seconds,
-            research_max_minutes=settings.research_max_minutes,
-            on_exhausted=settings.on_exhausted,
-            warn_minutes_left=settings.warn_minutes_left,
-            grace_seconds=settings.grace_seconds,
-            settle_delay_seconds=settings.settle_delay_seconds,
-            tick_batch_max=settings.tick_batch_max,
-            public_base_url=settings.public_base_url,
-        ),
         clock,
         rates,
         payments,
         funding,
+        poster,
+        increment_seconds=settings.increment_seconds,
+        research_max_minutes=settings.research_max_minutes,
+        settle_delay_seconds=settings.settle_delay_seconds,
+        batch_max=settings.tick_batch_max,
     )
+    metering_settings = MeteringSettings(
+        increment_seconds=settings.increment_seconds,
+        research_max_minutes=settings.research_max_minutes,
+        on_exhausted=settings.on_exhausted,
+        warn_minutes_left=settings.warn_minutes_left,
+        grace_seconds=settings.grace_seconds,
+        settle_delay_seconds=settings.settle_delay_seconds,
+        tick_batch_max=settings.tick_batch_max,
+        public_base_url=settings.public_base_url,
+    )
+    return MeteringService(database, metering_settings, clock, funding, poster, settlement)
 
 
 def ingest_service(settings: Settings, database: Database, clock: Clock) -> IngestService:

@@ -28,7 +28,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Protocol
 
+from meterd.config import CardMode
 from meterd.core import ledger, rating
+from meterd.core.plans import Plan
 from meterd.core.rating import Funding, Source
 from meterd.services.errors import InvariantBroken
 from meterd.services.rates import RateBook, RateKind
@@ -117,14 +119,14 @@ class FundingAuthority:
         rates: RateBook,
         payments: CardPayments,
         *,
-        card_mode: str,
+        card_mode: CardMode,
         allow_debt: bool,
         repositories: RepositoriesFactory = Repositories,
     ) -> None:
         self._repositories = repositories
         self._rates = rates
         self._payments = payments
-        self._block_mode = card_mode == "block"
+        self._block_mode = CardMode(card_mode) is CardMode.BLOCK
         self._allow_debt = allow_debt
 
     async def funds(
@@ -165,7 +167,7 @@ class FundingAuthority:
     ) -> Funding:
         """How one agent-minute of the call, due at `due_at`, is paid. A waived call's minutes
         are still metered, at no charge (the waiver gives back every charge of the call)."""
-        if call.plan != "per_minute" or call.waived_at is not None:
+        if call.plan != Plan.PER_MINUTE or call.waived_at is not None:
             return Funding(Source.COVERED)
         funds = await self.funds(connection, account, call.call_sid, due_at)
         return rating.fund_minute(

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from meterd.clock import Clock
+from meterd.config import OnExhausted
 from meterd.core import rating
 from meterd.core.plans import Plan
 from meterd.core.timeline import Timeline
@@ -29,8 +30,6 @@ from meterd.logs import get_logger
 from meterd.services.funding import FundingAuthority, locked_account
 from meterd.services.minute_posting import MinutePoster
 from meterd.services.outbox import OutboxKind
-from meterd.services.payments import PaymentService
-from meterd.services.rates import RateBook
 from meterd.services.settlement import SettlementService
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
@@ -48,7 +47,7 @@ BACKLOG_SECONDS_PER_TICK = 0.8
 class MeteringSettings:
     increment_seconds: int
     research_max_minutes: int
-    on_exhausted: str  # card, announce or allow_debt
+    on_exhausted: OnExhausted
     warn_minutes_left: int
     grace_seconds: int
     settle_delay_seconds: int
@@ -67,14 +66,17 @@ class TickReport:
 
 
 class MeteringService:
+    """The live tick: posts each call's minutes as they fall due (`poster`), watches funds,
+    ends calls out of funds after the grace period, and settles ended calls (`settlement`)."""
+
     def __init__(
         self,
         database: Database,
         settings: MeteringSettings,
         clock: Clock,
-        rates: RateBook,
-        payments: PaymentService,
         funding: FundingAuthority,
+        poster: MinutePoster,
+        settlement: SettlementService,
         *,
         repositories: RepositoriesFactory = Repositories,
     ) -> None:
@@ -82,23 +84,9 @@ class MeteringService:
         self._settings = settings
         self._clock = clock
         self._funding = funding
+        self._poster = poster
+        self._settlement = settlement
         self._repositories = repositories
-        self._poster = MinutePoster(
-            clock, funding, increment_seconds=settings.increment_seconds, repositories=repositories
-        )
-        self._settlement = SettlementService(
-            database,
-            clock,
-            rates,
-            payments,
-            funding,
-            self._poster,
-            increment_seconds=settings.increment_seconds,
-            research_max_minutes=settings.research_max_minutes,
-            settle_delay_seconds=settings.settle_delay_seconds,
-            batch_max=settings.tick_batch_max,
-            repositories=repositories,
-        )
 
     async def tick(self) -> TickReport:
         """Meter every due call (bounded), request hang-ups after exhaustion, settle calls."""
@@ -230,7 +218,7 @@ class MeteringService:
         )
         if card_behind:
             return  # a card payment is bought or on its way: nothing to announce
-        if self._settings.on_exhausted == "allow_debt":
+        if self._settings.on_exhausted == OnExhausted.ALLOW_DEBT:
             return
         repos = self._repositories(connection)
         left = funds.minutes_left

@@ -35,6 +35,7 @@ from meterd.adapters.stripe_gateway import (
     PaymentGateway,
 )
 from meterd.clock import Clock
+from meterd.config import CardMode
 from meterd.core import ledger
 from meterd.core.ledger import BookKind
 from meterd.logs import get_logger
@@ -58,7 +59,7 @@ CARD_CHARGES = (PaymentKind.CHARGE, PaymentKind.AUTHORIZE, PaymentKind.INCIDENT)
 
 @dataclass(frozen=True)
 class PaymentSettings:
-    card_mode: str  # block or authorize
+    card_mode: CardMode
     block_minutes: int
     authorize_minutes: int
     resolve_after_seconds: int = 60  # longer than any request can still be in flight
@@ -211,7 +212,7 @@ class PaymentService:
     async def _record(
         self, connection: Transaction, account: Record, call_sid: str, *, status: PaymentStatus
     ) -> str:
-        block = self._settings.card_mode == "block"
+        block = self._settings.card_mode == CardMode.BLOCK
         kind, word = (PaymentKind.CHARGE, "block") if block else (PaymentKind.AUTHORIZE, "auth")
         now = self._clock()
         count = await payments_store.count_operations(connection, call_sid, kind)

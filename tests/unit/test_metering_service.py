@@ -10,10 +10,13 @@ import datetime as dt
 
 import pytest
 
+from meterd.config import OnExhausted
 from meterd.core import ledger
 from meterd.core.timeline import ConferenceEvent
 from meterd.services.funding import FundingAuthority
 from meterd.services.metering import MeteringService, MeteringSettings
+from meterd.services.minute_posting import MinutePoster
+from meterd.services.settlement import SettlementService
 from meterd.store import ledger_store
 from tests.fakes.repositories import (
     FakeCardPayments,
@@ -30,7 +33,7 @@ AGENT_LEG = "CA" + "a" * 32
 SETTINGS = MeteringSettings(
     increment_seconds=60,
     research_max_minutes=120,
-    on_exhausted="announce",
+    on_exhausted=OnExhausted.ANNOUNCE,
     warn_minutes_left=1,
     grace_seconds=30,
     settle_delay_seconds=60,
@@ -56,13 +59,28 @@ def _scene(*, bank_minutes: int = 10, deposit_minor: int = 0, card: bool = False
         allow_debt=False,
         repositories=Repositories,  # type: ignore[arg-type]
     )
-    metering = MeteringService(
-        FakeDatabase(store),  # type: ignore[arg-type]
-        SETTINGS,
+    database = FakeDatabase(store)
+    poster = MinutePoster(clock, funding, increment_seconds=60, repositories=Repositories)
+    settlement = SettlementService(
+        database,  # type: ignore[arg-type]
         clock,
         FakeRates(100),  # type: ignore[arg-type]
         payments,  # type: ignore[arg-type]
         funding,
+        poster,
+        increment_seconds=60,
+        research_max_minutes=120,
+        settle_delay_seconds=60,
+        batch_max=100,
+        repositories=Repositories,  # type: ignore[arg-type]
+    )
+    metering = MeteringService(
+        database,  # type: ignore[arg-type]
+        SETTINGS,
+        clock,
+        funding,
+        poster,
+        settlement,
         repositories=Repositories,  # type: ignore[arg-type]
     )
     return store, clock, metering
