@@ -35,8 +35,11 @@ What is predicted EXACTLY (to the minute and the cent):
   first take it (the moment it fell due, or, for time only a retroactive research interval told
   meterd of, the moment that interval was posted): bank, then deposit at the minute's rate, then
   a block bought on a good card (credited to the bank), then debt (allow_debt) or owed
-  (announce). A waived call leaves the account exactly as if its charges had never been made,
-  so the model simply leaves its charges out;
+  (announce); and at each call's settlement (docs/billing.md, Settlement 3), from its first
+  minute nothing could pay, the bank pays first again while it holds minutes (those minutes,
+  then the deposit's minutes after the first of them), and a minute still owed is paid from
+  the deposit if it holds its price. A waived call leaves the account exactly as if its
+  charges had never been made, so the model simply leaves its charges out;
 - per call, the bank minutes, deposit money and owed money it was charged (a waived call: 0).
 
 What is a BOUND, and why:
@@ -392,9 +395,11 @@ def _fund(
     true_axis: bool,
     reverse_ties: bool,
     price_when_taken: bool = False,
+    settled_by: int | None = None,
 ) -> Outcome:
     """Fund every minute, one by one, in the order meterd could first take it (on one axis,
-    same-moment ties broken one way), with the deposits and connect gates in between."""
+    same-moment ties broken one way), with the deposits, connect gates and settlements (those
+    before `settled_by`, if given) in between."""
     allow_debt = scenario.on_exhausted == "allow_debt"
     state = _State(scenario.bank, scenario.deposit, scenario.card)
     ranks = sorted({(m.call, m.agent) for m in minutes})
@@ -410,7 +415,12 @@ def _fund(
         moment = minute.funded_true if true_axis else minute.funded
         moment = max(moment, scenario.calls[minute.call].start)  # never before its own gate
         happenings.append((moment, 2, rank[(minute.call, minute.agent)] * 1000 + minute.n, minute))
+    for index, call in enumerate(scenario.calls):
+        settles_at = call.settles_at(scenario.skew)
+        if index in charged_calls and (settled_by is None or settles_at < settled_by):
+            happenings.append((settles_at, 3, index, ("settle", index)))
     happenings.sort(key=lambda h: h[:3])
+    paid: list[list[_Paid]] = [[] for _ in scenario.calls]  # each call's minutes, as funded
     remaining = sum(1 for h in happenings if isinstance(h[3], Minute))
     splits = [Split() for _ in scenario.calls]
     spans = _agent_spans(scenario, minutes)
@@ -426,17 +436,23 @@ def _fund(
             if state.bank >= 1:
                 state.bank -= 1
                 split = dataclasses.replace(split, bank_minutes=split.bank_minutes + 1)
+                source = "bank"
             elif state.deposit >= rate or allow_debt:
+                source = "deposit" if state.deposit >= rate else "debt"
                 if state.deposit >= rate:
                     state.deposit_minutes += 1
                 state.deposit -= rate
                 split = dataclasses.replace(split, deposit_minor=split.deposit_minor + rate)
             else:
+                source = "owed"
                 state.owed += rate
                 split = dataclasses.replace(split, owed_minor=split.owed_minor + rate)
             splits[what.call] = split
+            paid[what.call].append(_Paid(source, rate))
         elif what[0] == "deposit":
             state.deposit += what[1]
+        elif what[0] == "settle":
+            splits[what[1]] = _settle(state, paid[what[1]], splits[what[1]])
         else:
             index = what[1]
             _apply_gate(state, scenario.calls[index], gates[index], index in charged_calls)
@@ -468,6 +484,46 @@ def _fund(
         block_ahead_minutes=max(ahead, default=0),
         early_block_minutes=early_minutes,
     )
+
+
+@dataclass
+class _Paid:
+    source: str  # bank, deposit, debt or owed
+    price: int
+
+
+def _settle(state: _State, paid: list[_Paid], split: Split) -> Split:
+    """A call's settlement (docs/billing.md, Settlement 3): from the first of its minutes that
+    nothing could pay (owed or debt), the bank pays first again while it holds minutes: those
+    minutes (in the order funded), then the minutes the deposit paid after the first of them.
+    Then a minute still owed is paid from the deposit if it holds its price."""
+    unpaid = [i for i, p in enumerate(paid) if p.source in ("owed", "debt")]
+    rebook = [i for i in unpaid][: max(state.bank, 0)]
+    if rebook:
+        after = [i for i, p in enumerate(paid) if p.source == "deposit" and i > rebook[0]]
+        rebook += after[: max(state.bank - len(rebook), 0)]
+    for i in rebook:
+        minute = paid[i]
+        state.bank -= 1
+        split = dataclasses.replace(split, bank_minutes=split.bank_minutes + 1)
+        if minute.source == "owed":
+            state.owed -= minute.price
+            split = dataclasses.replace(split, owed_minor=split.owed_minor - minute.price)
+        else:
+            state.deposit += minute.price
+            split = dataclasses.replace(split, deposit_minor=split.deposit_minor - minute.price)
+        minute.source = "bank"
+    for minute in paid:
+        if minute.source == "owed" and 0 < minute.price <= state.deposit:
+            state.owed -= minute.price
+            state.deposit -= minute.price
+            split = dataclasses.replace(
+                split,
+                owed_minor=split.owed_minor - minute.price,
+                deposit_minor=split.deposit_minor + minute.price,
+            )
+            minute.source = "deposit"
+    return split
 
 
 def _agent_spans(scenario: Scenario, minutes: list[Minute]) -> list[tuple[int, int]]:
@@ -691,6 +747,7 @@ def _state_at(
         charged & set(range(len(scenario.calls))),
         true_axis=False,
         reverse_ties=False,
+        settled_by=moment,
     )
     card = scenario.card
     for index, call in enumerate(scenario.calls):
