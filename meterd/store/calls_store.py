@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Row, and_, case, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -141,8 +141,11 @@ async def end_call(
 
 async def first_event_at(connection: AsyncConnection, call_sid: str) -> dt.datetime | None:
     """The earliest Twilio timestamp recorded for the call."""
-    return await connection.scalar(
-        select(func.min(webhook_events.c.event_at)).where(webhook_events.c.call_sid == call_sid)
+    return cast(
+        dt.datetime | None,
+        await connection.scalar(
+            select(func.min(webhook_events.c.event_at)).where(webhook_events.c.call_sid == call_sid)
+        ),
     )
 
 
@@ -179,14 +182,14 @@ async def research_open(
 ) -> bool:
     """Research on the call is open and below its limit (it still counts)."""
     return (
-        await connection.scalar(
+        await connection.execute(
             select(func.count()).where(
                 research_marks.c.call_sid == call_sid,
                 research_marks.c.end_at.is_(None),
                 research_marks.c.start_at > now - research_max,
             )
         )
-    ) > 0
+    ).scalar_one() > 0
 
 
 async def add_mark(

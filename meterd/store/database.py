@@ -154,10 +154,12 @@ def _discard_broken_connections(engine: AsyncEngine) -> None:
     def on_error(context: ExceptionContext) -> None:
         if context.is_disconnect or not is_unavailable(context.original_exception):
             return
-        context.is_disconnect = True
+        # SQLAlchemy 2.0 types ExceptionContext with empty __slots__, so mypy calls these
+        # documented-writable attributes read-only (2.1 fixed it: hence unused-ignore)
+        context.is_disconnect = True  # type: ignore[misc,unused-ignore]
         text = str(context.original_exception)
         if "another operation is in progress" in text or "cannot switch to state" in text:
-            context.invalidate_pool_on_disconnect = False
+            context.invalidate_pool_on_disconnect = False  # type: ignore[misc,unused-ignore]
 
 
 def _sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int, *, begin: str) -> None:

@@ -8,9 +8,8 @@ A system book (`system:...`) keeps no stored balance: its balance is the sum of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Select, Subquery, func, literal, select
+from sqlalchemy import Executable, Subquery, func, literal, select
 
 from meterd.store.ledger_store import system_book_clause
 from meterd.store.schema import ledger_books, ledger_postings, ledger_transactions
@@ -26,7 +25,7 @@ class LedgerSize:
     books: int
 
 
-async def _rows(connection: Transaction, query: Select[*tuple[Any, ...]]) -> list[Record]:
+async def _rows(connection: Transaction, query: Executable) -> list[Record]:
     return list((await connection.execute(query)).all())
 
 

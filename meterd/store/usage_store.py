@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Row,
@@ -65,11 +65,16 @@ async def run_of(connection: AsyncConnection, day: dt.date) -> Row[Any] | None:
 
 
 async def earliest_run_day(connection: AsyncConnection) -> dt.date | None:
-    return await connection.scalar(select(func.min(usage_runs.c.business_day)))
+    return cast(
+        dt.date | None, await connection.scalar(select(func.min(usage_runs.c.business_day)))
+    )
 
 
 async def earliest_posting_at(connection: AsyncConnection) -> dt.datetime | None:
-    return await connection.scalar(select(func.min(ledger_transactions.c.posted_at)))
+    return cast(
+        dt.datetime | None,
+        await connection.scalar(select(func.min(ledger_transactions.c.posted_at))),
+    )
 
 
 async def published_days(
