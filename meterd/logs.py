@@ -28,6 +28,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import BaseRequest, StreamResponse
 from aiohttp.web_protocol import RequestPayloadError
+from structlog.typing import EventDict
 
 from meterd.store.outage import OUTAGE_LOG_INTERVAL_SECONDS, describe, is_unavailable
 
@@ -83,7 +84,7 @@ def configure_logging(level: str = "info", *, stream: TextIO | None = None) -> N
     logging.captureWarnings(True)  # Python's warnings too, as JSON (logger "py.warnings")
 
 
-def _add_record_fields(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_record_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     record = event_dict.get("_record")
     event_dict.update(getattr(record, _FIELDS, None) or {})
     return event_dict

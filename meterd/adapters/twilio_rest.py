@@ -86,7 +86,7 @@ class TwilioRestError(Exception):
         self.attempts = attempts
 
 
-class _BasicAuthHeader(AuthStrategy):
+class _BasicAuthHeader(AuthStrategy):  # type: ignore[misc]  # twilio ships no types: Any
     def __init__(self, username: str, password: str) -> None:
         super().__init__(AuthType.BASIC)
         token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
@@ -102,7 +102,7 @@ class _BasicAuthHeader(AuthStrategy):
         return "<_BasicAuthHeader>"
 
 
-class _BasicCredentials(CredentialProvider):
+class _BasicCredentials(CredentialProvider):  # type: ignore[misc]  # as _BasicAuthHeader
     """HTTP basic auth (account SID, auth token) as an Authorization header; see the module doc."""
 
     def __init__(self, username: str, password: str) -> None:

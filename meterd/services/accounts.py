@@ -14,7 +14,8 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from meterd.clock import Clock
@@ -108,12 +109,23 @@ def pin_hash(pin_secret: str, pin: str) -> str:
     return hmac.new(pin_secret.encode(), pin.encode(), hashlib.sha256).hexdigest()
 
 
+_Choice = TypeVar("_Choice", bound=StrEnum)
+
+
+def _member(choices: type[_Choice], value: object) -> _Choice:
+    """The member of `choices` whose value is `value`; ValueError for anything else (a missing
+    field's None, a number, ...), as the enum itself raises."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a valid {choices.__name__}")
+    return choices(value)
+
+
 def _plan(body: Mapping[str, Any], field: str, default: Plan | None = None) -> Plan:
     value = body.get(field)
     if value is None and default is not None:
         return default
     try:
-        return Plan(value)
+        return _member(Plan, value)
     except ValueError:
         raise InvalidRequest(f"{field} must be one of {', '.join(p.value for p in Plan)}") from None
 
@@ -140,7 +152,7 @@ def _products(body: Mapping[str, Any]) -> tuple[Product, ...]:
         v.only_fields(item, {"product", "kind", "active_until", "ump_until"})
         name = v.required_text(item, "product", pattern=PRODUCT_NAME, max_chars=40)
         try:
-            kind = ProductKind(item.get("kind"))
+            kind = _member(ProductKind, item.get("kind"))
         except ValueError:
             raise InvalidRequest("products: kind must be license or subscription") from None
         products.append(

@@ -261,5 +261,8 @@ def create_app(
         gateway=gateway,
         on_invariant_broken=on_invariant_broken,
     )
-    app.on_cleanup.append(install_services(app, services).close)
+    # aiohttp 3.12.0 annotates its signals for aiosignal < 1.4, which 1.4 no longer matches
+    # (later aiohttp does: hence unused-ignore)
+    cleanup = install_services(app, services).close
+    app.on_cleanup.append(cleanup)  # type: ignore[arg-type,unused-ignore]
     return app
