@@ -34,6 +34,7 @@ from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority
 from meterd.services.incidents import IncidentService
 from meterd.services.ingest import IngestService
+from meterd.services.ingest_writer import IngestWriter
 from meterd.services.intake import WebhookIntake
 from meterd.services.metering import MeteringService, MeteringSettings
 from meterd.services.minute_posting import MinutePoster
@@ -342,9 +343,17 @@ def webhook_intake(
     ingest: IngestService,
     metrics: Metrics,
 ) -> WebhookIntake:
-    """Conference and call-status callbacks: into the database, else the local journal."""
+    """Conference and call-status callbacks: into the database through the writer that
+    group-commits them, else the local journal."""
+    writer = IngestWriter(
+        ingest,
+        queue_max=settings.webhook_queue_max,
+        batch_max=settings.webhook_batch_max,
+        registry=metrics.registry,
+    )
     return WebhookIntake(
         ingest,
+        writer,
         WebhookJournal(settings.state_dir, bytes_max=settings.webhook_journal_bytes_max),
         clock,
         database.outage,

@@ -299,6 +299,26 @@ class Settings:
             maximum=16 * 1024 * 1024 * 1024,
         )
     )
+    webhook_queue_max: int = field(
+        metadata=_setting(
+            "storage",
+            4096,
+            "most conference and call-status callbacks waiting for the database at once (about "
+            "2 s of work); when full, a callback gets 503 with Retry-After and Twilio retries it",
+            minimum=1,
+            maximum=1_000_000,
+        )
+    )
+    webhook_batch_max: int = field(
+        metadata=_setting(
+            "storage",
+            256,
+            "most callbacks recorded in one write transaction (group commit: one commit, then "
+            "each is answered)",
+            minimum=1,
+            maximum=4096,
+        )
+    )
     # [billing]
     currency: str = field(
         metadata=_setting(

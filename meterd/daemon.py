@@ -6,8 +6,9 @@ cleans up, so a failure at any step stops exactly what had started before it:
 
 1. the database (meterd.bootstrap), closed last;
 2. the adapters: the Twilio REST client the outbox sends with, the Stripe gateway;
-3. the services (meterd.bootstrap.build_services), given to the app with its health check;
-   stopping applies the webhook journal to the database, if it answers;
+3. the services (meterd.bootstrap.build_services), given to the app with its health check, and
+   the writer that group-commits Twilio's callbacks; stopping ends the writer, then applies the
+   webhook journal to the database, if it answers;
 4. the scheduler and its jobs; stopping pauses it and lets a running job finish;
 5. the systemd notifier and its watchdog.
 
@@ -92,12 +93,15 @@ class Lifecycle:
             gateway=self._adapters.gateway,
             on_invariant_broken=self.on_invariant_broken,
         )
+        services.intake.start()  # the writer that group-commits the callbacks
         health = install_services(app, services)
         try:
             yield
         finally:
-            # Requests and scheduled jobs have finished: what they journaled goes to the
-            # database now, if it answers; then no health probe may still be waiting on it.
+            # Requests and scheduled jobs have finished: the writer ends, then what they
+            # journaled goes to the database now, if it answers; then no health probe may
+            # still be waiting on it.
+            await services.intake.stop(self.settings.shutdown_timeout_seconds)
             await _apply_journal_before_stopping(
                 services.intake, self.settings.shutdown_timeout_seconds
             )

@@ -2,12 +2,16 @@
 
 A callback answered 2xx must never be lost: Twilio does not retry a status callback that got an
 answer, and a lost join, hold or hang-up is a wrong bill. So each callback is first offered to the
-database (`IngestService`); if the database fails with an outage, or does not answer within
-`webhook_journal_wait_ms`, the callback goes to the local webhook journal (fsync'd) and is answered
-2xx all the same. The journal is applied in order as soon as the database is back, by the
-metering job before it meters anything, so no minute is posted from a timeline that misses a
-journaled event. While the journal holds entries, newer callbacks join its end rather than
-overtake it.
+database, through the writer that group-commits every callback waiting (`IngestWriter`,
+`meterd/services/ingest_writer.py`), and answered once the commit that holds it is done; if the
+database fails with an outage, or does not answer within `webhook_journal_wait_ms`, the callback
+goes to the local webhook journal (fsync'd) and is answered 2xx all the same. When the writer's
+queue is full the callback is refused with a 503 (Twilio retries it), not journaled: the journal
+is for a database that cannot take callbacks, not for one that is merely behind.
+
+The journal is applied in order as soon as the database is back, by the metering job before it
+meters anything, so no minute is posted from a timeline that misses a journaled event. While the
+journal holds entries, newer callbacks join its end rather than overtake it.
 
 A callback that the database refuses on replay (its call unknown, a time outside the call) is
 logged and dropped, as its 4xx would have been: Twilio would not have retried a 4xx either.
@@ -25,7 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from meterd.clock import Clock
 from meterd.logs import get_logger
 from meterd.services.errors import ServiceError
-from meterd.services.ingest import IngestService
+from meterd.services.ingest import Callback, IngestService, Recorded
+from meterd.services.ingest_writer import IngestWriter
 from meterd.store.journal import JournalEntry, WebhookJournal
 from meterd.store.outage import OutageLog, describe, is_unavailable
 
@@ -39,6 +44,7 @@ class WebhookIntake:
     def __init__(
         self,
         ingest: IngestService,
+        writer: IngestWriter,
         journal: WebhookJournal,
         clock: Clock,
         outage: OutageLog,
@@ -47,12 +53,13 @@ class WebhookIntake:
         registry: CollectorRegistry,
     ) -> None:
         self._ingest = ingest
+        self._writer = writer
         self._journal = journal
         self._clock = clock
         self._outage = outage
         self._wait_seconds = wait_seconds
         self._replaying = asyncio.Lock()
-        self._late: set[asyncio.Task[None]] = set()  # offers still running after the bound
+        self._late: set[asyncio.Future[Recorded]] = set()  # offers written after the bound
         self.depth_gauge = Gauge(
             "meterd_webhook_journal_entries",
             "callbacks in the webhook journal not yet applied to the database",
@@ -101,23 +108,26 @@ class WebhookIntake:
 
     async def take(self, route: str, form: Mapping[str, str], params: list[tuple[str, str]]) -> str:
         """Record a signed, well-formed callback of `route` ("conference" or "call-status"):
-        in the database ("applied") or in the journal ("journaled"). Raises what the database
-        refused it for (ServiceError, a 4xx) and JournalFull (a 503)."""
+        in the database ("applied", after the writer's commit that holds it) or in the journal
+        ("journaled"). Raises what the database refused it for (ServiceError, a 4xx),
+        QueueFull (a 503: the writer has too many waiting) and JournalFull (a 503)."""
         received_at = self._clock()
         if self.journaling:  # older callbacks wait there: this one must not overtake them
             await self._append(route, params, received_at, "behind")
             return "journaled"
-        offer = asyncio.ensure_future(self._apply(route, form, params, received_at))
-        done, _ = await asyncio.wait({offer}, timeout=self._wait_seconds)
+        ticket = self._writer.submit(Callback(route, form, params, received_at))
+        done, _ = await asyncio.wait({ticket.future}, timeout=self._wait_seconds)
         if not done:
-            # Still waiting on the database. Let it finish on its own (a dedup key makes the
-            # replay of the journaled copy a no-op if it does); answer from the journal.
-            self._late.add(offer)
-            offer.add_done_callback(self._late_offer_done)
+            # Still waiting on the database. A callback the writer has not taken yet is
+            # withdrawn; one being written finishes on its own (a dedup key makes the replay of
+            # the journaled copy a no-op if it does). Answer from the journal.
+            if not ticket.withdraw():
+                self._late.add(ticket.future)
+                ticket.future.add_done_callback(self._late_offer_done)
             await self._append(route, params, received_at, "slow")
             return "journaled"
         try:
-            offer.result()
+            ticket.future.result()
         except ServiceError:
             raise
         except Exception as error:
@@ -128,6 +138,14 @@ class WebhookIntake:
             return "journaled"
         return "applied"
 
+    def start(self) -> None:
+        """Start the writer (the daemon's lifecycle, as it starts the services)."""
+        self._writer.start()
+
+    async def stop(self, timeout_seconds: float) -> None:
+        """Once no request is left: the writer records what it holds, then ends."""
+        await self._writer.stop(timeout_seconds)
+
     async def _apply(
         self,
         route: str,
@@ -135,6 +153,7 @@ class WebhookIntake:
         params: list[tuple[str, str]],
         received_at: dt.datetime,
     ) -> None:
+        """One journaled callback, in its own transaction."""
         if route == "conference":
             await self._ingest.conference_event(form, params, received_at=received_at)
         elif route == "call-status":
@@ -142,7 +161,7 @@ class WebhookIntake:
         else:
             raise ValueError(f"not a journaled route: {route!r}")
 
-    def _late_offer_done(self, offer: asyncio.Task[None]) -> None:
+    def _late_offer_done(self, offer: asyncio.Future[Recorded]) -> None:
         self._late.discard(offer)
         error = None if offer.cancelled() else offer.exception()
         if error is not None:

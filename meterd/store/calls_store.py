@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Row, and_, case, func, literal, select, update
+from sqlalchemy import Row, and_, bindparam, case, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.core.timeline import ResearchMark
@@ -55,24 +56,25 @@ class EventRecord:
 async def record_event(connection: AsyncConnection, event: EventRecord) -> bool:
     """Store the webhook once. True if it is new; False if it was recorded before."""
     statement = insert_ignoring_conflict(
-        connection,
-        webhook_events,
-        {
-            "dedup_key": event.dedup_key,
-            "route": event.route,
-            "call_sid": event.call_sid,
-            "kind": event.kind,
-            "sequence_number": event.sequence_number,
-            "event_at": event.event_at,
-            "participant_sid": event.participant_sid,
-            "label": event.label,
-            "hold": event.hold,
-            "params_json": json.dumps(list(event.params)),
-            "received_at": event.received_at,
-        },
-        ["dedup_key"],
+        connection, webhook_events, _event_row(event), ["dedup_key"]
     ).returning(webhook_events.c.event_id)
     return (await connection.execute(statement)).scalar_one_or_none() is not None
+
+
+def _event_row(event: EventRecord) -> dict[str, Any]:
+    return {
+        "dedup_key": event.dedup_key,
+        "route": event.route,
+        "call_sid": event.call_sid,
+        "kind": event.kind,
+        "sequence_number": event.sequence_number,
+        "event_at": event.event_at,
+        "participant_sid": event.participant_sid,
+        "label": event.label,
+        "hold": event.hold,
+        "params_json": json.dumps(list(event.params)),
+        "received_at": event.received_at,
+    }
 
 
 async def get_call(
@@ -343,3 +345,76 @@ async def calls_refused_for_pin(
         )
     )
     return int(count or 0)
+
+
+async def started_at_of(
+    connection: AsyncConnection, call_sids: Sequence[str]
+) -> dict[str, dt.datetime]:
+    """When each of `call_sids` began (by meterd's clock), in one statement; a call meterd does
+    not know is missing from the answer. For a batch of callbacks: `started_at` never changes."""
+    if not call_sids:
+        return {}
+    rows = await connection.execute(
+        select(calls.c.call_sid, calls.c.started_at).where(calls.c.call_sid.in_(call_sids))
+    )
+    return {row.call_sid: row.started_at for row in rows}
+
+
+@dataclass(frozen=True)
+class EventNote:
+    """What `note_event` does to one call, for `note_events`: the latest Twilio time heard,
+    when meterd heard it (the wake-up), the conference's sid if a callback named one."""
+
+    call_sid: str
+    event_at: dt.datetime
+    now: dt.datetime
+    conference_sid: str | None = None
+
+
+async def note_events(connection: AsyncConnection, notes: Sequence[EventNote]) -> None:
+    """`note_event` for several calls in one statement (executemany), in the order given: sort
+    them by call so that two writers lock the calls' rows in one order. Calls that do not exist
+    are not changed; the caller checked they do."""
+    if not notes:
+        return
+    event_at = bindparam("b_event_at", type_=UtcDateTime())
+    now = bindparam("b_now", type_=UtcDateTime())
+    conference_sid = bindparam("b_conference_sid", type_=calls.c.conference_sid.type)
+    statement = (
+        update(calls)
+        .where(calls.c.call_sid == bindparam("b_call_sid"))
+        .values(
+            last_event_at=case(
+                (calls.c.last_event_at < event_at, event_at), else_=calls.c.last_event_at
+            ),
+            next_due_at=case((calls.c.settled_at.is_(None), now), else_=calls.c.next_due_at),
+            conference_sid=func.coalesce(calls.c.conference_sid, conference_sid),
+        )
+    )
+    await connection.execute(
+        statement,
+        [
+            {
+                "b_call_sid": note.call_sid,
+                "b_event_at": note.event_at,
+                "b_now": note.now,
+                "b_conference_sid": note.conference_sid,
+            }
+            for note in notes
+        ],
+    )
+
+
+async def record_events(connection: AsyncConnection, events: Sequence[EventRecord]) -> set[str]:
+    """`record_event` for several webhooks in one statement (multi-row `INSERT ... ON CONFLICT
+    DO NOTHING`): the dedup keys that were new. Give each key once."""
+    if not events:
+        return set()
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(webhook_events)
+        .on_conflict_do_nothing(index_elements=["dedup_key"])
+        .returning(webhook_events.c.dedup_key)
+    )
+    rows = [_event_row(event) for event in events]
+    return set((await connection.execute(statement, rows)).scalars())

@@ -16,6 +16,7 @@ from multidict import MultiDict
 from meterd.logs import get_logger
 from meterd.services.answering import Answer
 from meterd.services.errors import InvalidRequest
+from meterd.services.ingest_writer import QueueFull
 from meterd.services.twilio_fields import check_webhook
 from meterd.store.journal import JournalFull
 from meterd.store.outage import is_unavailable
@@ -28,6 +29,7 @@ log = get_logger("meterd.twilio")
 
 PREFIX = "/twilio"
 TWIML = "application/xml"
+QUEUE_FULL_RETRY_AFTER_SECONDS = "1"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -165,10 +167,18 @@ async def pay_status(request: web.Request, form: MultiDict[str]) -> web.Response
 
 
 async def _take_callback(request: web.Request, route: str, form: MultiDict[str]) -> web.Response:
-    """Conference and call-status callbacks: 204 once recorded, in the database or, while it
-    cannot take them, in the local journal; 503 only when the journal cannot take it either."""
+    """Conference and call-status callbacks: 204 once recorded, in the database (after the
+    commit that holds it) or, while it cannot take them, in the local journal; 503 when too
+    many wait for the database already, or when the journal cannot take it either."""
     try:
         await request.config_dict[SERVICES].intake.take(route, form, list(form.items()))
+    except QueueFull as full:  # counted in meterd_webhook_queue_full_total; not logged each time
+        return json_error(
+            503,
+            "overloaded",
+            f"{full}; retry",
+            headers={"Retry-After": QUEUE_FULL_RETRY_AFTER_SECONDS},
+        )
     except (JournalFull, OSError) as error:
         log.error("webhook journal cannot take a callback", route=route, error=str(error))
         return json_error(
