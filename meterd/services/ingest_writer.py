@@ -98,7 +98,7 @@ class IngestWriter:
             "callbacks waiting for the writer",
             registry=registry,
         )
-        depth.set_function(lambda: 0 if self._queue is None else self._queue.qsize())
+        depth.set_function(lambda: self.depth)
 
     def start(self) -> None:
         """Start the writer task (once) on the running loop."""
@@ -121,6 +121,16 @@ class IngestWriter:
             raise QueueFull(f"{self._queue_max} callbacks are waiting for the database") from None
         return ticket
 
+    @property
+    def depth(self) -> int:
+        """Callbacks waiting for the writer now."""
+        return 0 if self._queue is None else self._queue.qsize()
+
+    async def drained(self) -> None:
+        """Until every callback queued so far has its outcome (or was withdrawn)."""
+        if self._queue is not None:
+            await self._queue.join()
+
     async def stop(self, timeout_seconds: float) -> None:
         """Take no more callbacks; let the writer record those it holds (at most
         `timeout_seconds`), then end it. What it could not take fails with WriterStopped."""
@@ -130,7 +140,7 @@ class IngestWriter:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_seconds):
-                await queue.join()
+                await self.drained()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -87,6 +87,11 @@ class WebhookIntake:
         self.oldest_age_gauge.set_function(self.oldest_age_seconds)
 
     @property
+    def writer(self) -> IngestWriter:
+        """The writer that group-commits the callbacks offered to the database."""
+        return self._writer
+
+    @property
     def journaling(self) -> bool:
         """True while the journal holds callbacks the database has not taken yet."""
         return self._journal.depth > 0

@@ -2,15 +2,18 @@
 and the commit that would hold it; the callback was not acknowledged, and Twilio's retry after
 the restart records it once.
 
-The writer is stopped inside its transaction by a row lock another PostgreSQL session holds on
-the call's row: the batch has begun (BEGIN, its first statements), its UPDATE of the call waits,
-the commit has not happened."""
+On PostgreSQL the writer is stopped inside its transaction by a row lock another session holds
+on the call's row: the batch has begun (BEGIN, its first statements), its UPDATE of the call
+waits, the commit has not happened. On SQLite another process holds the write lock, so the
+writer waits to begin."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
+import sqlite3
 import threading
 import time
 from collections.abc import Coroutine
@@ -108,3 +111,42 @@ def test_kill_9_before_the_commit_acknowledges_nothing_and_the_retry_records_onc
             assert daemon.stop() == 0
     finally:
         observer.close()
+
+
+def test_kill_9_while_sqlite_is_locked_acknowledges_nothing_and_the_retry_records_once(tmp_path):
+    """SQLite: another process holds the write lock, so the writer waits to begin the batch's
+    transaction; the callback is received, not committed, not answered."""
+    env = daemon_env(METERD_SQLITE_BUSY_TIMEOUT_MS="30000", METERD_WEBHOOK_JOURNAL_WAIT_MS="10000")
+    daemon = Daemon(tmp_path, env=env).start()
+    make_account(daemon, "acme", ["+14155550000"], deposit_minor=10**6, licence=False)
+    base = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=60)
+    ((script, _),) = _calls(1, base)
+    assert "<Conference" in post_twilio(daemon, "/twilio/voice", script.voice())[1]
+    joined = script.events[1]
+    path = tmp_path / "var" / "meterd.sqlite3"
+    key = f"conference:{joined['ConferenceSid']}:{joined['SequenceNumber']}"
+    count = "SELECT count(*) FROM webhook_events WHERE dedup_key = ?"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        holder = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            answer = pool.submit(_post, daemon, joined)
+            time.sleep(1.5)
+            assert not answer.done()  # received, waiting for the write lock: not answered
+            daemon.kill()
+            assert answer.result(10) != 204
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute(count, (key,)).fetchone() == (0,)
+    journal = tmp_path / "var" / "webhook-journal.log"
+    assert not journal.exists() or journal.stat().st_size == 0
+    daemon = Daemon(tmp_path, env=env).start()
+    try:
+        assert _post(daemon, joined) == 204  # Twilio's retry
+        assert _post(daemon, joined) == 204
+    finally:
+        assert daemon.stop() == 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute(count, (key,)).fetchone() == (1,)

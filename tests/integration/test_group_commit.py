@@ -113,7 +113,7 @@ async def test_concurrent_callbacks_are_recorded_once_and_a_refused_one_refuses_
 ):
     client = await _client(aiohttp_client, database, tmp_path, clock)
     scripts = await _scripts(client)
-    writer = client.app[SERVICES].intake._writer
+    writer = client.app[SERVICES].intake.writer
     held = HeldWrites(database)
     first = asyncio.ensure_future(post_twilio(client, "/twilio/conference", scripts[0].events[0]))
     await held.entered.wait()  # the writer holds a batch of one: the rest queue behind it
@@ -123,7 +123,7 @@ async def test_concurrent_callbacks_are_recorded_once_and_a_refused_one_refuses_
     answers = [
         asyncio.ensure_future(post_twilio(client, "/twilio/conference", params)) for params in sent
     ]
-    await _until(lambda: writer._queue.qsize() == len(sent))
+    await _until(lambda: writer.depth == len(sent))
     held.release.set()
     assert (await first).status == 204
     statuses = [(await answer).status for answer in answers]
@@ -295,8 +295,8 @@ async def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing_ackno
         asyncio.ensure_future(post_twilio(client, "/twilio/conference", params))
         for params in rest[:3]
     ]
-    writer = client.app[SERVICES].intake._writer
-    await _until(lambda: writer._queue.qsize() == 3)
+    writer = client.app[SERVICES].intake.writer
+    await _until(lambda: writer.depth == 3)
     refused = [await post_twilio(client, "/twilio/conference", params) for params in rest[3:]]
     assert [response.status for response in refused] == [503] * len(rest[3:])
     assert {response.headers["Retry-After"] for response in refused} == {"1"}
@@ -333,3 +333,30 @@ async def test_the_writer_records_what_it_holds_before_it_stops(
     assert await _stored(database) == sorted(_key(p) for p in script.events)
     late = await post_twilio(client, "/twilio/conference", script.events[0])
     assert late.status == 503  # stopped: Twilio retries at the next daemon
+
+
+async def test_a_callback_the_database_is_slow_to_take_is_journaled_and_recorded_once(
+    aiohttp_client, database, tmp_path, clock
+):
+    """Past webhook_journal_wait_ms the callback is answered from the journal: one the writer
+    holds finishes on its own, one still queued is withdrawn; applying the journal records each
+    once."""
+    client = await _client(
+        aiohttp_client, database, tmp_path, clock, METERD_WEBHOOK_JOURNAL_WAIT_MS="50"
+    )
+    (script,) = await _scripts(client, 1)
+    intake = client.app[SERVICES].intake
+    held = HeldWrites(database)
+    taken = asyncio.ensure_future(post_twilio(client, "/twilio/conference", script.events[0]))
+    await held.entered.wait()
+    queued = await post_twilio(client, "/twilio/conference", script.events[1])
+    assert queued.status == 204 and (await taken).status == 204  # both from the journal
+    assert intake.journal_entries == 2
+    assert await _stored(database) == []
+    held.release.set()  # the one the writer held commits; the withdrawn one is never written
+    await intake.wait_for_late_offers()
+    await intake.writer.drained()
+    assert await _stored(database) == [_key(script.events[0])]
+    assert await intake.replay() == 2
+    assert await _stored(database) == sorted(_key(p) for p in script.events[:2])
+    assert intake.journal_entries == 0
