@@ -44,6 +44,7 @@ __all__ = [
     "AGENT_LABEL_PREFIX",
     "AgentTime",
     "ConferenceEvent",
+    "ConferenceReplay",
     "Interval",
     "ResearchMark",
     "Timeline",
@@ -52,7 +53,9 @@ __all__ = [
     "build_timeline",
     "ceil_div",
     "difference",
+    "event_order_key",
     "intersection",
+    "timeline_of_replay",
     "union",
 ]
 
@@ -184,8 +187,16 @@ class _Leg:
     def available_now(self) -> bool:
         return self.in_conference and not self.held
 
+    def closed(self, at_seconds: int) -> tuple[list[Interval], list[Interval]]:
+        """Its present and available time, a stay still open closed at `at_seconds` (never
+        before it began); the leg itself is left as it is."""
+        if not self.in_conference:
+            return self.present, self.available
+        tail = Interval(self.since_seconds, max(at_seconds, self.since_seconds))
+        return [*self.present, tail], self.available if self.held else [*self.available, tail]
 
-def _event_key(event: ConferenceEvent) -> tuple[int, int, str, str, str, int]:
+
+def event_order_key(event: ConferenceEvent) -> tuple[int, int, str, str, str, int]:
     hold_rank = -1 if event.hold is None else int(event.hold)
     return (
         event.sequence_number,
@@ -232,9 +243,10 @@ def _is_read(event: ConferenceEvent) -> bool:
 
 
 @dataclass
-class _Conference:
+class ConferenceReplay:
     """The conference while its events are replayed in order: every participant's leg, who each
-    one is (the customer, or which agent), and the lines of the call view."""
+    one is (the customer, or which agent), and the lines of the call view. `apply` only appends
+    to the legs' intervals and to `entries` (meterd/core/timeline_incremental.py rewinds it)."""
 
     labels: Mapping[str, str]  # call_sid -> the participant's label
     customer_label: str
@@ -243,24 +255,28 @@ class _Conference:
     leg_agent: dict[str, str] = field(default_factory=dict)  # call_sid -> agent id (not customer)
     unlabelled: set[str] = field(default_factory=set)
     entries: list[TimelineEntry] = field(default_factory=list)
+    clock_seconds: int | None = None  # the time of the last event read
 
     def replay(self, ordered: Iterable[ConferenceEvent]) -> None:
-        """Apply the events in order; time never runs backwards (see the module's docstring)."""
-        clock_seconds: int | None = None
         for event in ordered:
-            if not _is_read(event):
-                continue
-            at = event.at_seconds if clock_seconds is None else max(clock_seconds, event.at_seconds)
-            clock_seconds = at
-            if event.kind == CONFERENCE_START:
-                self.entries.append(TimelineEntry(at, "conference started"))
-            elif event.kind == CONFERENCE_END:
-                for leg in self.legs.values():
-                    if leg.in_conference:
-                        leg.move(at, in_conference=False, held=False)
-                self.entries.append(TimelineEntry(at, "conference ended"))
-            else:
-                self._participant_event(event, at)
+            self.apply(event)
+
+    def apply(self, event: ConferenceEvent) -> None:
+        """Apply the next event in order; time never runs backwards (see the module's docstring)."""
+        if not _is_read(event):
+            return
+        clock_seconds = self.clock_seconds
+        at = event.at_seconds if clock_seconds is None else max(clock_seconds, event.at_seconds)
+        self.clock_seconds = at
+        if event.kind == CONFERENCE_START:
+            self.entries.append(TimelineEntry(at, "conference started"))
+        elif event.kind == CONFERENCE_END:
+            for leg in self.legs.values():
+                if leg.in_conference:
+                    leg.move(at, in_conference=False, held=False)
+            self.entries.append(TimelineEntry(at, "conference ended"))
+        else:
+            self._participant_event(event, at)
 
     def _participant_event(self, event: ConferenceEvent, at: int) -> None:
         leg = self._leg(event.call_sid)
@@ -319,16 +335,13 @@ class _Conference:
             agent_id for sid, agent_id in self.leg_agent.items() if self.legs[sid].available_now
         }
 
-    def close_open_legs(self, at_seconds: int) -> None:
-        for leg in self.legs.values():
-            if leg.in_conference:
-                leg.move(max(at_seconds, leg.since_seconds), in_conference=False, held=False)
-
-    def agent_available(self) -> dict[str, list[Interval]]:
-        """Per agent, the time any of its legs was in and not on hold."""
+    def agent_available(self, open_until_seconds: int) -> dict[str, list[Interval]]:
+        """Per agent, the time any of its legs was in and not on hold, open legs closed at
+        `open_until_seconds`."""
         available: dict[str, list[Interval]] = {}
         for call_sid, agent_id in self.leg_agent.items():
-            available.setdefault(agent_id, []).extend(self.legs[call_sid].available)
+            _, leg_available = self.legs[call_sid].closed(open_until_seconds)
+            available.setdefault(agent_id, []).extend(leg_available)
         return available
 
 
@@ -414,14 +427,34 @@ def build_timeline(
     `research_now_seconds` closes open research marks when their clock (meterd's: agents flag
     research through meterd) differs from the events' (Twilio's); default `now_seconds`.
     """
-    if research_max_seconds < 0:
-        raise ValueError(f"research_max_seconds must be >= 0, not {research_max_seconds}")
     if not customer_label:
         raise ValueError("customer_label must not be empty")
-
-    ordered = sorted(set(events), key=_event_key)
-    conference = _Conference(_labels(ordered), customer_label, customer_call_sid)
+    ordered = sorted(set(events), key=event_order_key)
+    conference = ConferenceReplay(_labels(ordered), customer_label, customer_call_sid)
     conference.replay(ordered)
+    return timeline_of_replay(
+        conference,
+        research,
+        now_seconds=now_seconds,
+        research_max_seconds=research_max_seconds,
+        call_ended_at_seconds=call_ended_at_seconds,
+        research_now_seconds=research_now_seconds,
+    )
+
+
+def timeline_of_replay(
+    conference: ConferenceReplay,
+    research: Iterable[ResearchMark],
+    *,
+    now_seconds: int,
+    research_max_seconds: int,
+    call_ended_at_seconds: int | None,
+    research_now_seconds: int | None,
+) -> Timeline:
+    """The timeline of a conference whose events are all replayed, as `build_timeline` (same
+    arguments) gives it; `conference` is left as it is, so more events can still be applied."""
+    if research_max_seconds < 0:
+        raise ValueError(f"research_max_seconds must be >= 0, not {research_max_seconds}")
 
     # Who is active with the customer right now, before the open legs are closed.
     customer_available_now = call_ended_at_seconds is None and any(
@@ -429,12 +462,11 @@ def build_timeline(
     )
     active_now = conference.agents_available_now() if customer_available_now else set()
     open_until = now_seconds if call_ended_at_seconds is None else call_ended_at_seconds
-    conference.close_open_legs(open_until)
 
-    customer_legs = conference.customer_legs()
-    customer_present = union(i for leg in customer_legs for i in leg.present)
-    customer_available = union(i for leg in customer_legs for i in leg.available)
-    entries = conference.entries
+    customer_closed = [leg.closed(open_until) for leg in conference.customer_legs()]
+    customer_present = union(i for present, _ in customer_closed for i in present)
+    customer_available = union(i for _, available in customer_closed for i in available)
+    entries = list(conference.entries)
     if call_ended_at_seconds is not None:
         customer_present = _clip_end(customer_present, call_ended_at_seconds)
         customer_available = _clip_end(customer_available, call_ended_at_seconds)
@@ -447,7 +479,7 @@ def build_timeline(
         entries=entries,
     )
     agents = _agent_times(
-        customer_available, conference.agent_available(), research_time, active_now
+        customer_available, conference.agent_available(open_until), research_time, active_now
     )
     all_active = union(i for agent in agents.values() for i in agent.active)
 
