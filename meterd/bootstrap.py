@@ -359,6 +359,7 @@ def webhook_intake(
         database.outage,
         wait_seconds=settings.webhook_journal_wait_ms / 1000,
         registry=metrics.registry,
+        batch_max=settings.webhook_batch_max,
     )
 
 

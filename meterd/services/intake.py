@@ -51,6 +51,7 @@ class WebhookIntake:
         *,
         wait_seconds: float,
         registry: CollectorRegistry,
+        batch_max: int = 256,
     ) -> None:
         self._ingest = ingest
         self._writer = writer
@@ -58,6 +59,7 @@ class WebhookIntake:
         self._clock = clock
         self._outage = outage
         self._wait_seconds = wait_seconds
+        self._batch_max = batch_max  # journal entries applied in one transaction
         self._replaying = asyncio.Lock()
         self._late: set[asyncio.Future[Recorded]] = set()  # offers written after the bound
         self.depth_gauge = Gauge(
@@ -151,21 +153,6 @@ class WebhookIntake:
         """Once no request is left: the writer records what it holds, then ends."""
         await self._writer.stop(timeout_seconds)
 
-    async def _apply(
-        self,
-        route: str,
-        form: Mapping[str, str],
-        params: list[tuple[str, str]],
-        received_at: dt.datetime,
-    ) -> None:
-        """One journaled callback, in its own transaction."""
-        if route == "conference":
-            await self._ingest.conference_event(form, params, received_at=received_at)
-        elif route == "call-status":
-            await self._ingest.call_status(form, params, received_at=received_at)
-        else:
-            raise ValueError(f"not a journaled route: {route!r}")
-
     def _late_offer_done(self, offer: asyncio.Future[Recorded]) -> None:
         self._late.discard(offer)
         error = None if offer.cancelled() else offer.exception()
@@ -188,46 +175,58 @@ class WebhookIntake:
             )
 
     async def replay(self) -> int:
-        """Apply the journal to the database, oldest first; stop at an outage (the next run
-        resumes). Returns how many entries were applied or refused."""
+        """Apply the journal to the database, oldest first, up to `batch_max` entries a
+        transaction; stop at an outage (the next run resumes). Returns how many entries were
+        applied or refused."""
         done = 0
         async with self._replaying:
             while pending := self._journal.pending:
-                for entry in pending:
-                    if not await self._replay_one(entry):
-                        return done
-                    done += 1
+                applied, whole = await self._replay_batch(pending[: self._batch_max])
+                done += applied
+                if not whole:
+                    return done
             if done:
                 log.info("webhook journal applied; taking webhooks directly again", entries=done)
         return done
 
-    async def _replay_one(self, entry: JournalEntry) -> bool:
-        form = dict(entry.params)
+    async def _replay_batch(self, entries: list[JournalEntry]) -> tuple[int, bool]:
+        """Apply `entries` in one transaction, then mark each applied, in order. Returns how
+        many were, and whether all were (False: the database failed; the rest wait)."""
+        callbacks = [Callback(e.route, dict(e.params), e.params, e.received_at) for e in entries]
         try:
-            await self._apply(entry.route, form, entry.params, entry.received_at)
-        except ServiceError as refused:
-            log.warning(
-                "journaled webhook refused by the database; dropped as its 4xx would have been",
-                route=entry.route,
-                entry_id=entry.entry_id,
-                error=refused.code,
-                detail=refused.detail,
-            )
-            self.replays.labels("refused").inc()
+            outcomes = await self._ingest.record_batch(callbacks)
         except Exception as error:
             if is_unavailable(error):
                 self._outage.failure("webhook-journal-replay", error)
-            else:
-                log.exception(
-                    "applying a journaled webhook failed; retrying",
+                return 0, False
+            if len(entries) > 1:  # one entry's fault must not hold the others: one at a time
+                done = 0
+                for entry in entries:
+                    applied, whole = await self._replay_batch([entry])
+                    done += applied
+                    if not whole:
+                        return done, False
+                return done, True
+            log.exception(
+                "applying a journaled webhook failed; retrying",
+                route=entries[0].route,
+                entry_id=entries[0].entry_id,
+            )
+            return 0, False
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            if isinstance(outcome, ServiceError):
+                log.warning(
+                    "journaled webhook refused by the database; dropped as its 4xx would have been",
                     route=entry.route,
                     entry_id=entry.entry_id,
+                    error=outcome.code,
+                    detail=outcome.detail,
                 )
-            return False
-        else:
-            self.replays.labels("applied").inc()
-        await self._journal.mark_applied(entry)
-        return True
+                self.replays.labels("refused").inc()
+            else:
+                self.replays.labels("applied").inc()
+            await self._journal.mark_applied(entry)
+        return len(entries), True
 
     async def wait_for_late_offers(self) -> None:
         """For a clean stop: let offers still talking to the database finish."""

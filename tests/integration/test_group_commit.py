@@ -39,10 +39,12 @@ class HeldWrites:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
         self.failure: Exception | None = None
+        self.transactions = 0
         database.write = self.write
 
     @asynccontextmanager
     async def write(self):
+        self.transactions += 1
         async with self._real() as connection:
             yield connection
             self.entered.set()
@@ -262,24 +264,29 @@ async def test_a_failed_commit_answers_no_callback_of_its_batch_2xx(
 async def test_a_commit_failed_by_an_outage_sends_its_batch_to_the_journal(
     aiohttp_client, database, tmp_path, clock
 ):
+    """...which is then applied in one transaction, a refused entry dropped alone."""
     client = await _client(aiohttp_client, database, tmp_path, clock)
     (script,) = await _scripts(client, 1)
     held = HeldWrites(database)
     held.failure = sa_exc.DisconnectionError("the database went away at the commit")
+    sent = [*script.events[:3], _unknown_call(), *script.events[3:]]
     answers = [
-        asyncio.ensure_future(post_twilio(client, "/twilio/conference", params))
-        for params in script.events
+        asyncio.ensure_future(post_twilio(client, "/twilio/conference", params)) for params in sent
     ]
     await held.entered.wait()
     assert not any(answer.done() for answer in answers)
     held.release.set()
-    assert [(await answer).status for answer in answers] == [204] * len(answers)
+    assert [(await answer).status for answer in answers] == [204] * len(sent)
     intake = client.app[SERVICES].intake
-    assert intake.journal_entries == len(script.events)  # journaled, then answered
+    assert intake.journal_entries == len(sent)  # journaled, then answered
     assert await _stored(database) == []
-    held.failure = None
-    assert await intake.replay() == len(script.events)
+    held.failure, before = None, held.transactions
+    assert await intake.replay() == len(sent)
+    assert held.transactions - before == 1
     assert await _stored(database) == sorted(_key(p) for p in script.events)
+    metrics = await (await client.get("/metrics")).text()
+    assert 'meterd_webhook_journal_replays_total{outcome="refused"} 1.0' in metrics
+    assert f'meterd_webhook_journal_replays_total{{outcome="applied"}} {len(sent) - 1}.0' in metrics
 
 
 async def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing_acknowledged(
