@@ -43,6 +43,11 @@ class JournalFull(Exception):
     """The journal holds `bytes_max` already: the callback must be refused (503, retried)."""
 
 
+class JournalMisused(Exception):
+    """A caller broke the journal's contract (an entry applied out of order, an unknown route):
+    a programming error, raised whether or not Python runs with -O."""
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     entry_id: int
@@ -84,7 +89,8 @@ class JournalEntry:
 
 class WebhookJournal:
     def __init__(self, directory: Path, *, bytes_max: int) -> None:
-        assert bytes_max > 0
+        if bytes_max <= 0:
+            raise ValueError(f"the journal's size bound must be positive, got {bytes_max}")
         self.path = directory / JOURNAL_FILE
         self._applied_path = directory / APPLIED_FILE
         self.bytes_max = bytes_max
@@ -149,7 +155,8 @@ class WebhookJournal:
     ) -> JournalEntry:
         """Write the callback and fsync it; once this returns it survives a crash. Raises
         JournalFull when the journal is at its size bound."""
-        assert route in ROUTES
+        if route not in ROUTES:
+            raise JournalMisused(f"{route!r} callbacks are not journaled")
         # shielded: a cancelled caller must not leave a written entry out of the bookkeeping
         return await asyncio.shield(self._append(route, params, received_at))
 
@@ -185,7 +192,8 @@ class WebhookJournal:
 
     async def _mark_applied(self, entry: JournalEntry) -> None:
         async with self._lock:
-            assert self._pending and self._pending[0] == entry, "entries apply in order"
+            if not self._pending or self._pending[0] != entry:
+                raise JournalMisused("journal entries are applied in the order they were written")
             await asyncio.to_thread(self._write_applied, entry.entry_id)
             self._applied_id = entry.entry_id
             self._pending.pop(0)

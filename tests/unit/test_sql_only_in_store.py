@@ -12,7 +12,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def _imports_sqlalchemy(path: Path) -> bool:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -49,3 +48,15 @@ def test_the_check_sees_every_form_of_import(tmp_path):
         assert _imports_sqlalchemy(path), source
     path.write_text("from meterd.store.transaction import Transaction\nimport sqlalchemyish\n")
     assert not _imports_sqlalchemy(path)
+
+
+def test_no_assert_guards_a_runtime_check_in_services_or_store():
+    """`python -O` strips asserts: a check the money path relies on raises a named error."""
+    found = [
+        f"{path.relative_to(ROOT).as_posix()}:{node.lineno}"
+        for folder in ("services", "store")
+        for path in (ROOT / "meterd" / folder).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Assert)
+    ]
+    assert found == []
