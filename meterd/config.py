@@ -302,9 +302,10 @@ class Settings:
     webhook_queue_max: int = field(
         metadata=_setting(
             "storage",
-            4096,
+            800,
             "most conference and call-status callbacks waiting for the database at once (about "
-            "2 s of work); when full, a callback gets 503 with Retry-After and Twilio retries it",
+            "2 s of work on SQLite); when full, a callback gets 503 with Retry-After and Twilio "
+            "retries it. Keep it below what meterd records in webhook_journal_wait_ms",
             minimum=1,
             maximum=1_000_000,
         )
