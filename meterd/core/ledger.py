@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from meterd.core.money import MONEY_MINOR_MAX, check_currency
+from meterd.core.rating import Source
 
 MINUTES = "agent_minute"  # the unit of the minute bank
 IDEMPOTENCY_KEY_CHARS_MAX = 255  # Stripe's limit too, so a key can be passed through unchanged
@@ -264,12 +265,23 @@ def minute_key(call_sid: str, agent_id: str, n: int) -> str:
 
 REBOOKED_SUFFIX = ":from-bank"  # settlement moved a money-paid minute onto the bank
 REBOOKED_FROM_DEPOSIT_SUFFIX = ":from-deposit"  # settlement moved an owed minute onto the deposit
+REPRICED_SUFFIX = ":repriced"  # settlement priced a minute taken early at its final due moment
+_SETTLEMENT_SUFFIXES = (REBOOKED_SUFFIX, REBOOKED_FROM_DEPOSIT_SUFFIX, REPRICED_SUFFIX)
+
+
+def live_minute_key(key: str) -> str:
+    """The key a minute was first posted under (live, or at settlement if it was missing),
+    from that key or one settlement rebooked or repriced it under. Suffixes never stack: a
+    rebooking is keyed from the minute's first key, whichever key it replaces."""
+    for suffix in _SETTLEMENT_SUFFIXES:
+        if key.endswith(suffix):
+            return key.removesuffix(suffix)
+    return key
 
 
 def parse_minute_key(key: str) -> tuple[str, int]:
     """(agent_id, n) of a minute's key (agent ids may themselves hold colons)."""
-    base = key.removesuffix(REBOOKED_SUFFIX).removesuffix(REBOOKED_FROM_DEPOSIT_SUFFIX)
-    head, _, number = base.rpartition(":minute:")
+    head, _, number = live_minute_key(key).rpartition(":minute:")
     _, _, agent_id = head.partition(":agent:")
     return agent_id, int(number)
 
@@ -304,6 +316,16 @@ _MINUTE_KIND_BY_SOURCE = {
     "card": TransactionKind.MINUTE_CARD,
     "covered": TransactionKind.MINUTE_COVERED,
 }
+
+
+def minute_source(kind: str) -> Source:
+    """The funding source a minute transaction of this kind was paid from."""
+    for source, minute_kind in _MINUTE_KIND_BY_SOURCE.items():
+        if minute_kind == kind:
+            return Source(source)
+    raise LedgerError(f"{kind!r} is not a minute's kind")
+
+
 _INCIDENT_KIND_BY_PAYER = {
     "deposit": TransactionKind.INCIDENT_DEPOSIT,
     "card": TransactionKind.INCIDENT_CARD,
@@ -321,15 +343,21 @@ def minute(
     source: str,
     amount_minor: int,
     rebooked: bool = False,
+    repriced: bool = False,
 ) -> Transaction:
     """Agent `agent_id`'s minute `n` on a call. Every minute moves one agent-minute into
     `minutes:used`: from the bank if banked, else from `minutes:unbanked`; a priced minute also
     moves its money from the deposit (or, owed, from the receivable) to usage revenue.
     `rebooked`: settlement moving a minute onto the bank or (an owed one) onto the deposit,
-    under its own key."""
+    under its own key; `repriced`: settlement pricing a minute taken before its final due
+    moment at that moment's rate, under its own key."""
+    if rebooked and repriced:
+        raise LedgerError("a minute is rebooked or repriced, not both at once")
     suffix = ""
     if rebooked:
         suffix = REBOOKED_SUFFIX if source == "bank" else REBOOKED_FROM_DEPOSIT_SUFFIX
+    elif repriced:
+        suffix = REPRICED_SUFFIX
     key = minute_key(call_sid, agent_id, n) + suffix
     legs: list[Posting] = [Posting(MINUTES_USED, MINUTES, 1)]
     if source == "bank":

@@ -128,6 +128,29 @@ def fund_minute(
     return Funding(Source.RECEIVABLE, amount_minor=rate_minor)
 
 
+def repriced_source(
+    source: Source,
+    *,
+    old_price_minor: int,
+    new_price_minor: int,
+    deposit_minor: int,
+    card_hold_minor: int,
+    allow_debt: bool,
+) -> Source:
+    """Who pays a money-paid minute that settlement re-prices (taken before its final due
+    moment, at another rate): the payer it had, if that payer can pay the new price (the
+    deposit or the card's authorisation, each with the old price given back first; debt and
+    owed always can); else, as for any minute nothing can pay, debt under allow_debt or owed."""
+    if source not in (Source.DEPOSIT, Source.CARD, Source.DEBT, Source.RECEIVABLE):
+        raise ValueError(f"only a money-paid minute has a price to change, not {source}")
+    if min(old_price_minor, new_price_minor, deposit_minor, card_hold_minor) < 0:
+        raise ValueError("prices and funds held are never negative here")
+    held = {Source.DEPOSIT: deposit_minor, Source.CARD: card_hold_minor}.get(source)
+    if held is None or held + old_price_minor >= new_price_minor:
+        return source
+    return Source.DEBT if allow_debt else Source.RECEIVABLE
+
+
 def minutes_left(bank_minutes: int, deposit_minor: int, rate_minor: int) -> int:
     """Agent-minutes the bank and deposit can still pay for."""
     from_deposit = deposit_minor // rate_minor if rate_minor > 0 and deposit_minor > 0 else 0

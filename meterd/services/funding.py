@@ -179,6 +179,28 @@ class FundingAuthority:
             card_hold_minor=funds.card_hold_minor,
         )
 
+    async def fund_repriced_minute(
+        self,
+        connection: Transaction,
+        account: Record,
+        call_sid: str,
+        source: Source,
+        *,
+        old_price_minor: int,
+        new_price_minor: int,
+        now: dt.datetime,
+    ) -> Source:
+        """Who pays a minute settlement re-prices (`rating.repriced_source`)."""
+        funds = await self.funds(connection, account, call_sid, now)
+        return rating.repriced_source(
+            source,
+            old_price_minor=old_price_minor,
+            new_price_minor=new_price_minor,
+            deposit_minor=max(funds.deposit_minor, 0),
+            card_hold_minor=max(funds.card_hold_minor, 0),
+            allow_debt=self._allow_debt,
+        )
+
     # --- before funds run out -----------------------------------------------------------------
 
     async def keep_funded(

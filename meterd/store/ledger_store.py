@@ -298,6 +298,16 @@ async def transaction_id(connection: AsyncConnection, key: str) -> int:
     return int(value)
 
 
+async def posted_at(connection: AsyncConnection, key: str) -> dt.datetime:
+    """When a posted transaction was written (meterd's clock)."""
+    value = await connection.scalar(
+        select(ledger_transactions.c.posted_at).where(ledger_transactions.c.idempotency_key == key)
+    )
+    if not isinstance(value, dt.datetime):
+        raise LedgerError(f"no transaction {key!r}")
+    return value
+
+
 async def is_reversed(connection: AsyncConnection, key: str) -> bool:
     value = await connection.scalar(
         select(ledger_transactions.c.transaction_id).where(

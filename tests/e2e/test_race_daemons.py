@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from meterd.core.ledger import live_minute_key
 from tests.call_scripts import CallScript
 
 from .daemon import Daemon, run_cli
@@ -200,7 +201,7 @@ def _check_minutes(race: Race, views: dict[str, dict], ledger: dict) -> list[str
     posted: set[tuple[str, str, int]] = set()
     for row in ledger["keys"]:
         key = row["idempotency_key"]
-        match = MINUTE_KEY.match(key.removesuffix(":from-bank").removesuffix(":from-deposit"))
+        match = MINUTE_KEY.match(live_minute_key(key))
         if match is None or row["reverses_key"]:
             continue
         minute = (match["sid"], match["agent"], int(match["n"]))

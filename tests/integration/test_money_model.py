@@ -75,7 +75,7 @@ START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
 MINUTE_KEY = re.compile(
-    r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank|:from-deposit)?$"
+    r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank|:from-deposit|:repriced)?$"
 )
 MONEY_MINUTES = {"minute_deposit", "minute_debt", "minute_receivable", "minute_card"}
 
@@ -1042,15 +1042,14 @@ PAST_FAILURES = [
         ),
         id="settlement-pays-an-owed-minute-from-a-block-bought-later",
     ),
-    # A meterd defect, not fixed yet (2,000 examples on PostgreSQL). Twilio's clock 30 s behind
-    # ours; the rate drops from 100 to 50 at 314. meterd counts a2's open conference time to its
-    # own clock, 30 s more than Twilio will stamp, so it takes a2's minute 5 live at 312 (owed,
-    # at 100). Twilio's leave then gives a2 235 s (4 minutes), but a retroactive research
-    # interval (504..512) brings a2 to 243 s: minute 5 is supported again, and falls due at 519,
-    # when the rate is 50. Settlement keeps the live posting and its price ("a correction never
-    # re-prices"), so the account owes 750 where the rules (the rate in force when the minute
-    # fell due) give 700. A minute taken before it fell due by the final timeline should be
-    # priced at its final due moment; that needs a re-price rebooking at settlement (own key).
+    # Found at 2,000 examples on PostgreSQL. Twilio's clock 30 s behind ours; the rate drops
+    # from 100 to 50 at 314. meterd counts a2's open conference time to its own clock, 30 s more
+    # than Twilio will stamp, so it takes a2's minute 5 live at 312 (owed, at 100). Twilio's
+    # leave then gives a2 235 s (4 minutes), but a retroactive research interval (504..512)
+    # brings a2 to 243 s: minute 5 is supported again, and falls due at 519, when the rate is
+    # 50. Settlement kept the live posting and its price: owed 750 where the rules (the rate in
+    # force when the minute fell due) give 700. Settlement now prices a minute taken before its
+    # final due moment at that moment (the `:repriced` rebooking).
     pytest.param(
         Scenario(
             skew=-30,
@@ -1074,10 +1073,7 @@ PAST_FAILURES = [
             ),
             ticks=(),
         ),
-        id="a-minute-taken-early-on-skewed-time-keeps-its-early-price",
-        marks=pytest.mark.xfail(
-            strict=True, reason="meterd defect: a minute taken before its final due moment"
-        ),
+        id="a-minute-taken-early-on-skewed-time-is-priced-at-its-final-due-moment",
     ),
 ]
 
