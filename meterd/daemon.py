@@ -119,7 +119,8 @@ class Lifecycle:
             metrics.observe_tick(await services.metering.tick())
 
         tick_seconds = self.settings.tick_interval_seconds
-        scheduler.every(tick_seconds, "metering-tick", metering_tick)
+        # on the second: a minute is due at a whole second, and is posted just after it
+        scheduler.every(tick_seconds, "metering-tick", metering_tick, on_the_second=True)
         scheduler.every(tick_seconds, "twilio-outbox", services.outbox.dispatch)
         scheduler.every(tick_seconds, "payments", services.payments.run)
         scheduler.every(

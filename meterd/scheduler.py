@@ -32,6 +32,8 @@ STALE_SWEEP_INTERVAL_SECONDS = 600
 # A nightly run delayed by up to an hour (a stall, a busy loop) still runs; later than that, the
 # next run or the next start catches the day up.
 CRON_MISFIRE_GRACE_SECONDS = 3600
+# Jobs run `on_the_second` start this long after it: past the second, not a hair before it.
+WHOLE_SECOND_OFFSET = dt.timedelta(milliseconds=20)
 
 
 class Scheduler:
@@ -49,11 +51,25 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def every(self, seconds: int, job_id: str, work: Callable[[], Awaitable[object]]) -> None:
-        """Run `work` every `seconds`; never two at once; a missed run is run once, late."""
+    def every(
+        self,
+        seconds: int,
+        job_id: str,
+        work: Callable[[], Awaitable[object]],
+        *,
+        on_the_second: bool = False,
+    ) -> None:
+        """Run `work` every `seconds`; never two at once; a missed run is run once, late.
+        `on_the_second`: runs start just after a whole second of the wall clock, the moment
+        minutes fall due (call times are whole seconds), not at whatever fraction of a second
+        the daemon happened to start."""
+        start = None
+        if on_the_second:
+            now = dt.datetime.now(dt.UTC)
+            start = now.replace(microsecond=0) + dt.timedelta(seconds=1) + WHOLE_SECOND_OFFSET
         self.apscheduler.add_job(
             self._guarded(job_id, work),
-            IntervalTrigger(seconds=seconds),
+            IntervalTrigger(seconds=seconds, start_date=start),
             id=job_id,
             replace_existing=True,
             max_instances=1,

@@ -1,7 +1,8 @@
 """Live metering: each call's timeline, turned into ledger postings as it goes.
 
-The tick (an APScheduler job, every `tick_interval_seconds`) picks the calls whose next minute
-is due (`calls.next_due_at`), rebuilds each one's timeline from its recorded events, and posts
+The tick (an APScheduler job, every `tick_interval_seconds`, run just after each whole second:
+minutes fall due at whole seconds, so one is posted milliseconds after it is due, not up to a
+second later) picks the calls whose next minute is due (`calls.next_due_at`), rebuilds each one's timeline from its recorded events, and posts
 every minute now due, funded in the plan's order, in one database transaction per call together
 with the "minutes posted" marker (`call_agent_minutes`), so the marker never runs ahead of the
 ledger and a restart, a second daemon or a `kill -9` neither loses nor repeats a minute. Each
