@@ -7,7 +7,7 @@ they can never disagree about a call's time.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -47,10 +47,11 @@ async def load_timeline(
 ) -> Timeline:
     """The call's timeline from everything recorded for it, open intervals counted to `now`.
 
-    Conference time is Twilio's: its clock has reached at least the latest timestamp it sent,
-    so what is open in the conference is counted to that stamp when it is ahead of our `now`
-    (Twilio's clock running ahead of ours); research runs on our clock and is counted to `now`.
-    So time Twilio has already told us of is never cut short by our clock lagging behind."""
+    Conference time is Twilio's: what is open in the conference is counted to what Twilio's
+    clock reads now, as far as the call's callbacks show it (`call_timeline`): at least the
+    latest stamp it sent, and our `now` plus the lead its callbacks showed; research runs on our
+    clock and is counted to `now`. So time Twilio has already told us of is never cut short by
+    our clock lagging behind, and later minutes are not written late by Twilio's lead."""
     ((_, timeline),) = await load_timelines(connection, [call], research_max_seconds, now=now)
     return timeline
 
@@ -79,43 +80,63 @@ async def load_timelines(
     research = await _marks_of(connection, sids)
     rows = await connection.execute(_events_query(sids, up_to_settlement=now is None))
 
-    def built(sid: str, events: list[ConferenceEvent], leg_end: dt.datetime | None) -> Any:
+    def built(
+        sid: str, events: list[ConferenceEvent], leg_end: dt.datetime | None, lead_seconds: int
+    ) -> Any:
         call = by_sid.pop(sid)
         at = now if now is not None else call.settled_at
         return call, call_timeline(
-            call, events, research.get(sid, []), leg_end, at, research_max_seconds
+            call,
+            events,
+            research.get(sid, []),
+            leg_end,
+            at,
+            research_max_seconds,
+            twilio_lead_seconds=lead_seconds,
         )
 
     def timelines() -> Iterator[tuple[Any, Timeline]]:
-        current: str | None = None
-        events: list[ConferenceEvent] = []
-        leg_end: dt.datetime | None = None  # the customer's leg ended (terminal call-status)
-        for sid, route, kind, sequence_number, event_at, participant, label, hold in rows:
-            if sid != current:
-                if current is not None:
-                    yield built(current, events, leg_end)
-                current, events, leg_end = sid, [], None
-            if event_at is None:
-                continue
-            if route == "conference":
-                events.append(
-                    ConferenceEvent(
-                        sequence_number,
-                        int(event_at.timestamp()),
-                        kind,
-                        participant or "",
-                        label or "",
-                        hold,
-                    )
-                )
-            elif leg_end is None or event_at < leg_end:
-                leg_end = event_at
-        if current is not None:
-            yield built(current, events, leg_end)
+        for sid, (events, leg_end, lead) in _by_call(rows):
+            yield built(sid, events, leg_end, lead)
         for sid in list(by_sid):  # no event recorded
-            yield built(sid, [], None)
+            yield built(sid, [], None, 0)
 
     return timelines()
+
+
+def _by_call(
+    rows: Iterable[Any],
+) -> Iterator[tuple[str, tuple[list[ConferenceEvent], dt.datetime | None, int]]]:
+    """Each call's conference events, the end of its customer's leg (the earliest terminal
+    call-status) and how far ahead of our clock Twilio's was at least (a conference stamp
+    minus when we received it, never below 0), from rows ordered with a call's together."""
+    current: str | None = None
+    events: list[ConferenceEvent] = []
+    leg_end: dt.datetime | None = None
+    lead = 0
+    for sid, route, kind, sequence_number, event_at, participant, label, hold, received in rows:
+        if sid != current:
+            if current is not None:
+                yield current, (events, leg_end, lead)
+            current, events, leg_end, lead = sid, [], None, 0
+        if event_at is None:
+            continue
+        if route == "conference":
+            lead = max(lead, int((event_at - received).total_seconds()))
+            events.append(
+                ConferenceEvent(
+                    sequence_number,
+                    int(event_at.timestamp()),
+                    kind,
+                    participant or "",
+                    label or "",
+                    hold,
+                )
+            )
+        elif leg_end is None or event_at < leg_end:
+            leg_end = event_at
+    if current is not None:
+        yield current, (events, leg_end, lead)
 
 
 async def _marks_of(
@@ -155,6 +176,7 @@ def _events_query(call_sids: Sequence[str], *, up_to_settlement: bool) -> Any:
         w.c.participant_sid,
         w.c.label,
         w.c.hold,
+        w.c.received_at,
     )
     recorded = or_(
         w.c.route == "conference",
@@ -179,14 +201,24 @@ def call_timeline(
     leg_end: dt.datetime | None,
     now: dt.datetime,
     research_max_seconds: int,
+    *,
+    twilio_lead_seconds: int = 0,
 ) -> Timeline:
     """The timeline of `call` (its `call_sid`, `ended_at` and `closed_by_sweeper`) from its
-    events, research marks and the end of the customer's leg, open intervals counted to `now`
-    (conference time to Twilio's latest stamp if that is later)."""
+    events, research marks and the end of the customer's leg, open intervals counted to `now`.
+
+    Conference time runs on Twilio's clock, so its open intervals are counted to what Twilio's
+    clock reads now, as far as the call's callbacks show it: at least their latest stamp, and
+    at least `now` plus `twilio_lead_seconds`, the most a callback's stamp was ahead of our
+    clock when we received it (never more than Twilio's lead, since a callback is received
+    after its stamp; 0 when Twilio's clock is behind ours, whose time is then counted to our
+    `now` and corrected at settlement). Research runs on our clock."""
     if call.closed_by_sweeper and call.ended_at is not None:
         leg_end = call.ended_at if leg_end is None else min(leg_end, call.ended_at)
     now_seconds = int(now.timestamp())
-    twilio_now_seconds = max([now_seconds, *(event.at_seconds for event in events)])
+    twilio_now_seconds = max(
+        [now_seconds + max(twilio_lead_seconds, 0), *(event.at_seconds for event in events)]
+    )
     return build_timeline(
         events,
         research,

@@ -197,6 +197,25 @@ async def test_minute_one_is_posted_within_2_s_whatever_twilios_clock_skew(clien
     assert (await check_ledger(client.app[SERVICES].database)).ok
 
 
+@pytest.mark.parametrize("skew", [s for s in SKEWS if s > 0])
+async def test_a_later_minute_is_posted_within_2_s_of_its_moment_when_twilio_is_ahead(client, skew):
+    """Twilio's clock ahead of ours: its callbacks show the lead (a stamp minus when meterd
+    received it), so minute n is posted within 2 s of its moment on Twilio's clock, not up to
+    `skew` seconds later (the first model-based run found two calls' splits swapped by it)."""
+    await account(client)
+    script = CallScript(1, START + dt.timedelta(seconds=skew))  # Twilio's idea of "now"
+    twiml = await (await post_twilio(client, "/twilio/voice", script.voice())).text()
+    assert "<Conference" in twiml
+    script.join("customer", 0).join("agent:alice", 0)
+    await deliver(client, script.events)  # arrives at meterd's START, stamped START + skew
+    for minute in (2, 3):
+        # minute n falls due (n - 1) * 60 s after the join on Twilio's clock, which is the
+        # same moment on ours: the join was stamped `skew` ahead and received at START
+        await tick_to(client, script, (minute - 1) * 60 + 2, must_be_scheduled=True)
+        assert await balances(client) == (45 - minute, 0), f"minute {minute} late ({skew=})"
+    assert_never_unscheduled(client)
+
+
 async def test_two_banked_minutes_and_twilio_2_s_ahead_warns_and_hangs_up(
     announcing, twilio, database
 ):

@@ -288,9 +288,13 @@ async def test_duplicate_and_reordered_events_give_the_same_view(
 async def test_the_view_is_live_while_the_call_is_up(client, clock):
     await _account(client)
     script = await _connected_call(client)
-    script.join("customer", 0).join("agent:alice", 20)
-    for params in script.events:
-        await post_twilio(client, "/twilio/conference", params)
+    # each callback arrives when it happens (one stamped ahead of our clock would say Twilio's
+    # clock runs that far ahead, and open time would be counted that far ahead too)
+    script.join("customer", 0)
+    await post_twilio(client, "/twilio/conference", script.events[-1])
+    clock.now = START + dt.timedelta(seconds=20)
+    script.join("agent:alice", 20)
+    await post_twilio(client, "/twilio/conference", script.events[-1])
     clock.now = START + dt.timedelta(seconds=200)
     view = await (await admin(client, "GET", f"/admin/calls/{script.call_sid}")).json()
     # alice active from 20 s to now (200 s): 180 s -> 3 minutes; hold 0..20
@@ -348,10 +352,12 @@ async def test_a_call_with_no_end_event_is_closed_by_the_sweeper(client, clock):
 async def test_research_start_and_stop_is_billable_even_on_hold(client, clock):
     await _account(client)
     script = await _connected_call(client)
-    script.join("customer", 0).join("agent:alice", 0).hold("customer", 60)
+    script.join("customer", 0).join("agent:alice", 0)
     for params in script.events:
         await post_twilio(client, "/twilio/conference", params)
-    clock.now = START + dt.timedelta(seconds=60)
+    clock.now = START + dt.timedelta(seconds=60)  # each callback arrives when it happens
+    script.hold("customer", 60)
+    await post_twilio(client, "/twilio/conference", script.events[-1])
     body = {"call_sid": script.call_sid, "agent_id": "alice"}
     assert (await (await agents(client, "/agents/research", {**body, "action": "start"})).json())[
         "outcome"
