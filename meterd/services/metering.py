@@ -2,11 +2,11 @@
 
 The tick (an APScheduler job, every `tick_interval_seconds`, run just after each whole second:
 minutes fall due at whole seconds, so one is posted milliseconds after it is due, not up to a
-second later) picks the calls whose next minute is due (`calls.next_due_at`), rebuilds each one's timeline from its recorded events, and posts
-every minute now due, funded in the plan's order, in one database transaction per call together
-with the "minutes posted" marker (`call_agent_minutes`), so the marker never runs ahead of the
-ledger and a restart, a second daemon or a `kill -9` neither loses nor repeats a minute. Each
-minute's idempotency key is `call:<sid>:agent:<id>:minute:<n>`.
+second later) picks the calls whose next minute is due (`calls.next_due_at`), rebuilds each one's
+timeline from its recorded events, and posts every minute now due, funded in the plan's order, in
+one database transaction per call together with the "minutes posted" marker (`call_agent_minutes`),
+so the marker never runs ahead of the ledger and a restart, a second daemon or a `kill -9` neither
+loses nor repeats a minute. Each minute's idempotency key is `call:<sid>:agent:<id>:minute:<n>`.
 
 A call's row is locked while it is metered (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so a second
 daemon moves on to other calls; SQLite's write transaction is exclusive).
