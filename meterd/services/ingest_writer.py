@@ -121,6 +121,13 @@ class IngestWriter:
             raise QueueFull(f"{self._queue_max} callbacks are waiting for the database") from None
         return ticket
 
+    def refuse_if_full(self, route: str) -> None:
+        """Raise QueueFull, counted as `submit` counts it, if a callback of `route` would be
+        refused now: the web layer sheds load with it before it reads and checks a body."""
+        if self._queue is not None and self._queue.full():
+            self.refused.labels(route).inc()
+            raise QueueFull(f"{self._queue_max} callbacks are waiting for the database")
+
     @property
     def depth(self) -> int:
         """Callbacks waiting for the writer now."""

@@ -98,6 +98,13 @@ class WebhookIntake:
         """True while the journal holds callbacks the database has not taken yet."""
         return self._journal.depth > 0
 
+    def refuse_if_full(self, route: str) -> None:
+        """Raise QueueFull if a callback of `route` offered now would be refused because too
+        many wait for the database already. While the journal holds callbacks, new ones go
+        behind them there, not to the writer: nothing is refused for the writer's sake."""
+        if not self.journaling:
+            self._writer.refuse_if_full(route)
+
     @property
     def journal_entries(self) -> int:
         return self._journal.depth

@@ -6,10 +6,17 @@ connects and sends nothing, or trickles its headers, is closed too) and refuses 
 too many header lines (400). What it does not bound is the number of connections, and a body
 sent a byte a second. `ConnectionLimits` adds both:
 
-- at most `http_connections_max` connections: when one more arrives, the oldest connection whose
-  request is not being handled (idle, or still sending its request) is closed to make room, so a
-  flood of idle or slow clients can never lock out a real one (Twilio, a health probe); only if
-  every connection is busy in a handler is the new one refused;
+- at most `http_connections_max` connections: when one more arrives, the oldest connection that
+  has been silent for a second (connected and sent nothing, or idle keep-alive), else the oldest
+  that has sent only part of a request for a second (a slow or trickling client), is closed to
+  make room (`meterd/web/arrivals.py`), so a flood of idle or slow clients can never lock out a
+  real one (Twilio, a health probe) for longer than that. A connection whose whole request has
+  arrived is never closed to make room: under overload that is a real request waiting its turn
+  (closing the oldest of those would close each just before its turn and answer none). If no
+  connection can be closed, the new one is answered 503 with Retry-After as soon as its request
+  line arrives, its request unread, and closed; a health probe or metrics scrape (`GET /healthz`,
+  `GET /metrics`) is let in over the limit instead, a few at once, so monitoring sees meterd
+  answer while it sheds load;
 - a request's body must arrive within `http_request_read_timeout_seconds` of its headers, else
   408 and the connection closes.
 
@@ -28,6 +35,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meterd.logs import get_logger
+from meterd.web.arrivals import Arrivals
 
 log = get_logger("meterd.connections")
 
@@ -55,6 +63,101 @@ class _EveryMinute:
         log.warning(event, suppressed=self._suppressed.pop(kind, 0), **fields)
 
 
+class _Listening(asyncio.Protocol):
+    """Stands in front of aiohttp's protocol for one connection: tells `arrivals` what the
+    client sent, and passes every call on unchanged."""
+
+    def __init__(self, handler: RequestHandler, arrivals: Arrivals) -> None:
+        self._handler = handler
+        self._arrivals = arrivals
+
+    def data_received(self, data: bytes) -> None:
+        self._arrivals.heard(self._handler, data)
+        self._handler.data_received(data)
+
+    def eof_received(self) -> None:  # aiohttp's returns nothing: the transport closes
+        self._handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+
+# What a connection past the limit hears, whatever it asked.
+_REFUSED_BODY = (
+    b'{"error": "overloaded", "detail": "meterd has as many connections as it takes; retry"}'
+)
+REFUSED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json; charset=utf-8\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY
+)
+REFUSED_LINGER_SECONDS = 2.0  # reads and drops what the client still sends, then closes
+
+
+# Past the limit, these requests are still let in, this many at once: the operators' health
+# probe and metrics scrape see meterd answer while it sheds load.
+PROBE_REQUEST_LINES = (b"GET /healthz ", b"GET /healthz?", b"GET /metrics ", b"GET /metrics?")
+PROBES_OVER_LIMIT = 8
+_REQUEST_LINE_BYTES_MAX = 64  # enough to tell a probe's request line
+
+
+class _Refusing(asyncio.Protocol):
+    """A connection past the limit. Its request line decides: a probe (`PROBE_REQUEST_LINES`)
+    may be let in (`admit` hands the connection back to aiohttp); anything else is answered 503
+    with Retry-After, its request unread, and what it still sends is read and dropped (closing
+    at once would reset the connection and could lose the answer) until it closes, as
+    `Connection: close` asks, or REFUSED_LINGER_SECONDS pass."""
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        transport: asyncio.Transport,
+        admit: Callable[[RequestHandler, bytes], bool],
+        refused: Callable[[], None],
+    ) -> None:
+        self._handler = handler
+        self._transport = transport
+        self._admit = admit
+        self._refused = refused
+        self._head: bytes | None = b""  # None once decided
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_SECONDS, self._give_up)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:
+            return  # refused: not read
+        head = self._head + data
+        if b"\n" not in head and len(head) < _REQUEST_LINE_BYTES_MAX:
+            self._head = head
+            return
+        self._head = None
+        if head.startswith(PROBE_REQUEST_LINES) and self._admit(self._handler, head):
+            self._timer.cancel()
+            return
+        self._transport.write(REFUSED_RESPONSE)
+        self._refused()
+
+    def _give_up(self) -> None:
+        if self._head is not None:  # not even a request line: closed without an answer
+            self._head = None
+            self._refused()
+        self._transport.abort()
+
+    def eof_received(self) -> None:
+        return None  # the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._handler.connection_lost(exc)
+
+
 class ConnectionLimits:
     def __init__(
         self,
@@ -75,6 +178,8 @@ class ConnectionLimits:
         # open connections, oldest first (dicts keep insertion order), with their transports
         self._open: dict[RequestHandler, asyncio.Transport] = {}
         self._busy: set[RequestHandler] = set()  # a handler is running for its request
+        self._arrivals = Arrivals()  # what each connection has sent of its request
+        self._probes: set[RequestHandler] = set()  # let in over the limit (`_admit_probe`)
         self._closing: set[RequestHandler] = set()  # closed by us, connection_lost not yet seen
         self._log = _EveryMinute()
         self.open_gauge = Gauge(
@@ -83,7 +188,8 @@ class ConnectionLimits:
         self.closed = Counter(
             "meterd_http_connections_closed",
             "connections meterd closed to stay within its limits, by reason "
-            "(evicted: the oldest idle or slow one, to make room; refused: every one was busy; "
+            "(evicted: the oldest silent or idle one, to make room; refused: every one had a "
+            "request on its way or under way; "
             "idle: no request within the idle timeout; "
             "slow_body: a body not sent within the read timeout)",
             ["reason"],
@@ -112,23 +218,48 @@ class ConnectionLimits:
 
     def _connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         self._open[handler] = transport
+        self._arrivals.silent(handler)
+        transport.set_protocol(_Listening(handler, self._arrivals))
         self._arm_idle_timer(handler)
         if len(self._open) - len(self._closing) > self.connections_max:
-            victim = next(
-                (
-                    candidate
-                    for candidate in self._open
-                    if candidate is not handler
-                    and candidate not in self._busy
-                    and candidate not in self._closing
-                ),
-                None,
+            victim = self._arrivals.victim(
+                self._open,
+                spared=lambda c: c is handler or c in self._busy or c in self._closing,
             )
             if victim is not None:
                 self._close(victim, "evicted")
             else:
-                self._close(handler, "refused")
+                self._refuse(handler, transport)
         self.open_gauge.set(len(self._open))
+
+    def _refuse(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        """Every connection has a request on its way or under way: the new one is answered
+        503 with Retry-After, its request unread (the cheapest answer there is; Twilio
+        retries), and closed; unless it is a probe let in over the limit (`_Refusing`)."""
+        self._closing.add(handler)
+
+        def refused() -> None:
+            self.closed.labels("refused").inc()
+            self._log.warning(
+                "connection refused: 503",
+                kind="refused",
+                open=len(self._open),
+                connections_max=self.connections_max,
+            )
+
+        transport.set_protocol(_Refusing(handler, transport, self._admit_probe, refused))
+
+    def _admit_probe(self, handler: RequestHandler, head: bytes) -> bool:
+        """Let a probe in over the limit, PROBES_OVER_LIMIT at once: back to aiohttp, with what
+        it has sent so far."""
+        if len(self._probes) >= PROBES_OVER_LIMIT or handler not in self._open:
+            return False
+        self._probes.add(handler)
+        self._closing.discard(handler)
+        listening = _Listening(handler, self._arrivals)
+        self._open[handler].set_protocol(listening)
+        listening.data_received(head)
+        return True
 
     def _close(self, handler: RequestHandler, reason: str) -> None:
         self._closing.add(handler)
@@ -170,6 +301,8 @@ class ConnectionLimits:
         self._disarm_idle_timer(handler)
         self._open.pop(handler, None)
         self._busy.discard(handler)
+        self._arrivals.gone(handler)
+        self._probes.discard(handler)
         self._closing.discard(handler)
         self.open_gauge.set(len(self._open))
 
@@ -183,6 +316,7 @@ class ConnectionLimits:
             return await self._handle(request, handler)
         finally:
             if protocol in self._open:
+                self._arrivals.silent(protocol)  # answered: idle keep-alive
                 self._arm_idle_timer(protocol)
 
     async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:

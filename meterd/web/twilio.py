@@ -45,7 +45,16 @@ async def twilio_signature(request: web.Request, handler: Handler) -> web.Stream
     no route answers goes on to its 404 or 405 unread."""
     if request.match_info.http_exception is not None:
         return await handler(request)
-    settings = request.config_dict[SERVICES].settings
+    services = request.config_dict[SERVICES]
+    route = _QUEUED_ROUTES.get(
+        request.match_info.route.resource.canonical if request.match_info.route.resource else ""
+    )
+    if route is not None:
+        try:  # shed load before reading and checking the body: the cheapest answer there is
+            services.intake.refuse_if_full(route)
+        except QueueFull as full:
+            return _overloaded(full)
+    settings = services.settings
     try:
         form = await read_signed_form(
             request,
@@ -71,6 +80,18 @@ async def twilio_signature(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     finally:
         _signed.reset(token)
+
+
+# The callbacks that go through the group-commit writer, by path (relative to PREFIX): route.
+_QUEUED_ROUTES = {"/conference": "conference", "/call-status": "call-status"}
+
+
+def _overloaded(full: QueueFull) -> web.Response:
+    """503 with Retry-After: Twilio retries. Counted in meterd_webhook_queue_full_total; not
+    logged each time (an overload would become a flood of log lines)."""
+    return json_error(
+        503, "overloaded", f"{full}; retry", headers={"Retry-After": QUEUE_FULL_RETRY_AFTER_SECONDS}
+    )
 
 
 def _twilio_route(
@@ -172,13 +193,8 @@ async def _take_callback(request: web.Request, route: str, form: MultiDict[str])
     many wait for the database already, or when the journal cannot take it either."""
     try:
         await request.config_dict[SERVICES].intake.take(route, form, list(form.items()))
-    except QueueFull as full:  # counted in meterd_webhook_queue_full_total; not logged each time
-        return json_error(
-            503,
-            "overloaded",
-            f"{full}; retry",
-            headers={"Retry-After": QUEUE_FULL_RETRY_AFTER_SECONDS},
-        )
+    except QueueFull as full:
+        return _overloaded(full)
     except (JournalFull, OSError) as error:
         log.error("webhook journal cannot take a callback", route=route, error=str(error))
         return json_error(

@@ -31,7 +31,10 @@ def test_idle_and_slow_clients_are_closed_and_healthz_keeps_answering(tmp_path):
         assert daemon.stop() == 0
     print("\n".join(report.lines()))
     assert report.open_reported == 1  # the /metrics request itself: every flood client is gone
-    assert report.flood_answers == {"400": 20}  # 127 headers of 8 KB: refused before any work
+    # 127 headers of 8 KB: refused before any work, by aiohttp's header limits (400) or, when
+    # every slot is held by a client still within its grace period, at the connection (503)
+    assert sum(report.flood_answers.values()) == 20, report.flood_answers
+    assert set(report.flood_answers) <= {"400", "503"}, report.flood_answers
     answered = len(report.probe_latencies)
     assert answered >= 10 and report.probe_failures <= answered // 10, report.lines()
     assert report.rss_peak_kib < RSS_BOUND_MIB * 1024, report.lines()
