@@ -71,6 +71,8 @@ from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 
 EXAMPLES = int(os.environ.get("METERD_MODEL_EXAMPLES", "15"))
 SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
+LEDGER_SHOWN = bool(os.environ.get("METERD_MODEL_LEDGER"))
+EARLY_BLOCK_DEFECT = "meterd defect: deposit money an early block left unused (issue 11)"
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
@@ -709,6 +711,10 @@ class Run:
         problems = {k: v for k, v in self.problems.items() if k not in SKIP}
         for line in self.notes:
             report(line)
+        if LEDGER_SHOWN:  # METERD_MODEL_LEDGER=1: the account's ledger, as replayed
+            for t in self.transactions:
+                moves = {p["book"].rsplit(":", 1)[-1]: p["amount"] for p in t["postings"]}
+                report(f"  {t['posted_at'][11:19]} {t['kind']:<18} {t['key']} {moves}")
         for kind, found in problems.items():
             report(f"{kind}: {found}")
         assert not problems.get("requests"), problems["requests"]
@@ -1112,6 +1118,68 @@ PAST_FAILURES = [
             ticks=(),
         ),
         id="a-later-minute-is-not-written-late-by-twilios-lead",
+    ),
+    # meterd defects, not fixed yet (2,000 examples on PostgreSQL; they fail the same way at
+    # 8205e57, before this session's changes). Deposit 500 (5 minutes at 100), a card on file,
+    # the rate drops to 50 at 797. Call 0's third agent-minute at 132 leaves the deposit one
+    # minute for two accruing agents, so meterd buys a block early (as docs/billing.md says);
+    # the bank then pays first and the deposit keeps its last 100 through call 0. In call 1,
+    # when the bank is empty again, that 100 pays a minute at 50. The rules (bank, then
+    # deposit, then card, the block bought only when nothing can pay) have call 0 pay 500 from
+    # the deposit: (a) the account ends with 50 more in the deposit; (b) the same minutes paid
+    # by the other call (splits swapped). The fix: at settlement, bank minutes an early block
+    # paid while the deposit held their price go back to the bank, paid from the deposit.
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=0,
+            deposit=500,
+            card="pm_card_visa",
+            on_exhausted="announce",
+            rates=((797, 50),),
+            deposits=(),
+            calls=(
+                Call(
+                    start=10,
+                    end=599,
+                    agents=(Agent("a0", join=171), Agent("a1", join=68), Agent("a2", join=0)),
+                ),
+                Call(
+                    start=664,
+                    end=599,
+                    agents=(Agent("a0", join=0), Agent("a1", join=0), Agent("a2", join=574)),
+                ),
+            ),
+            ticks=(),
+        ),
+        id="an-early-block-leaves-deposit-money-a-cheaper-minute-uses-later",
+        marks=pytest.mark.xfail(strict=True, reason=EARLY_BLOCK_DEFECT),
+    ),
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=0,
+            deposit=500,
+            card="pm_card_visa",
+            on_exhausted="announce",
+            rates=((797, 50),),
+            deposits=(),
+            calls=(
+                Call(
+                    start=10,
+                    end=599,
+                    agents=(Agent("a0", join=0), Agent("a1", join=68), Agent("a2", join=0)),
+                ),
+                Call(
+                    start=664,
+                    end=599,
+                    agents=(Agent("a0", join=0), Agent("a1", join=0), Agent("a2", join=574)),
+                ),
+            ),
+            ticks=(),
+        ),
+        id="an-early-block-moves-a-deposit-minute-to-the-next-call",
+        marks=pytest.mark.xfail(strict=True, reason=EARLY_BLOCK_DEFECT),
     ),
 ]
 
