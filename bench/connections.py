@@ -195,16 +195,17 @@ async def flood(
     await asyncio.sleep(max(idle_timeout_seconds, read_timeout_seconds) + SETTLE_SECONDS)
     report.closed_by_server = len(closed)
     report.still_open = idle + slow - len(closed)
+    # the health probe stops first: a probe in flight would be counted with the /metrics request
+    stop.set()
+    await asyncio.gather(*background, return_exceptions=True)
     with contextlib.suppress(Exception):
         metrics = await asyncio.to_thread(_get, daemon.base_url + "/metrics")
         line = next(x for x in metrics.splitlines() if x.startswith("meterd_http_connections "))
         report.open_reported = int(float(line.split()[1]))
-    stop.set()
     for writer in writers:
         if writer is not None:
             writer.close()
     await asyncio.gather(*slow_tasks, return_exceptions=True)
-    await asyncio.gather(*background, return_exceptions=True)
     await asyncio.sleep(1)
     report.rss_after_kib = rss_kib(pid)
     return report
