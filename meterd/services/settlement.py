@@ -18,6 +18,7 @@ from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority, lock_account
+from meterd.services.funding_order import FundingOrder
 from meterd.services.minute_posting import MINUTES_PER_TRANSACTION_MAX, MinutePoster
 from meterd.services.payments import PaymentService, post_incident
 from meterd.services.rates import RateBook, RateKind
@@ -56,6 +57,7 @@ class SettlementService:
         self._rates = rates
         self._payments = payments
         self._funding = funding
+        self._funding_order = FundingOrder(rates, funding, increment_seconds=increment_seconds)
         self._poster = poster
         self._increment_seconds = increment_seconds
         self._research_max_seconds = research_max_minutes * 60
@@ -100,9 +102,9 @@ class SettlementService:
                 bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
                 await self._poster.post_due_minutes(connection, call, account, timeline, now)
                 if call.plan == Plan.PER_MINUTE.value:
-                    await self._price_at_final_due(connection, call, account, timeline, now)
-                    await self._pay_from_bank_first(connection, call, bank_returned, now)
-                    await self._pay_owed_from_the_deposit(connection, call, account, now)
+                    await self._funding_order.apply(
+                        connection, call, account, timeline, bank_returned, now
+                    )
                 if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
                     await self._charge_incidents(connection, call, account, timeline)
                 # card: capture what was used, release the rest; a waived call (or one that
@@ -153,150 +155,6 @@ class SettlementService:
                 )
                 await calls_store.set_minutes_posted(connection, call.call_sid, agent_id, final)
         return bank_returned
-
-    async def _price_at_final_due(
-        self,
-        connection: Transaction,
-        call: Record,
-        account: Record,
-        timeline: Timeline,
-        now: dt.datetime,
-    ) -> None:
-        """A minute's price is the rate in force when it fell due. Live, meterd may take a
-        minute before the moment its final timeline says it fell due: it counted open
-        conference time to its own clock, Twilio's leave event took that time back, and a
-        retroactive research interval made the minute up again, later. Such a minute (posted
-        before its final due moment) is rebooked at the rate in force at that moment, from the
-        payer it had if that payer can pay the new price (`rating.repriced_source`). A minute
-        posted at or after its final due moment keeps its price: a correction that moves its
-        moment earlier does not re-price it."""
-        revenue_book = ledger.usage_revenue_book(account.currency)
-        for key in await ledger_store.unreversed_keys(
-            connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
-        ):
-            agent_id, n = ledger.parse_minute_key(key)
-            time = timeline.agents.get(agent_id)
-            if time is None:
-                continue  # not reached: settlement gave back the minutes nothing supports
-            due_seconds = rating.minute_due_at_seconds(time.billable, n, self._increment_seconds)
-            taken_at = await ledger_store.posted_at(connection, key)
-            if due_seconds is None or due_seconds <= taken_at.timestamp():
-                continue
-            due_at = dt.datetime.fromtimestamp(due_seconds, dt.UTC)
-            price = await self._rates.rate_at(
-                connection, RateKind.PER_AGENT_MINUTE, account.currency, due_at
-            )
-            original = await _load(connection, key)
-            old_price = sum(p.amount for p in original.postings if p.book == revenue_book)
-            if price == old_price:
-                continue
-            source = await self._funding.fund_repriced_minute(
-                connection,
-                account,
-                call.call_sid,
-                ledger.minute_source(original.kind),
-                old_price_minor=old_price,
-                new_price_minor=price,
-                now=now,
-            )
-            log.info(
-                "settlement priced a minute taken early at its final due moment",
-                call_sid=call.call_sid,
-                agent_id=agent_id,
-                minute=n,
-                price_minor=price,
-                live_price_minor=old_price,
-            )
-            await _rebook(
-                connection,
-                call,
-                original,
-                source=source.value,
-                currency=account.currency,
-                price=price,
-                now=now,
-                repriced=True,
-            )
-
-    async def _pay_from_bank_first(
-        self,
-        connection: Transaction,
-        call: Record,
-        bank_returned: list[int],
-        now: dt.datetime,
-    ) -> None:
-        """Live, a minute may have been paid with money while the bank was empty only because
-        an earlier minute, taken on a late leave event, held a banked minute that settlement
-        has just given back. The final word follows the funding order: each such money-paid
-        minute (posted after a given-back banked minute, matched one to one) is rebooked onto
-        the bank, while the bank holds minutes. A money-paid minute posted before any of them
-        rightly paid from the deposit and stays."""
-        bank_book = ledger.bank_book(call.account_id)
-        bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
-        if bank <= 0:
-            return
-        held_back = sorted(bank_returned)
-        rebook: list[str] = []
-        for paid_id, key in await _in_live_order(
-            connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
-        ):
-            if held_back and held_back[0] < paid_id and len(rebook) < bank:
-                held_back.pop(0)
-                rebook.append(key)
-        # minutes nothing could pay when they fell due (owed, or debt) are paid from the bank
-        # once it holds minutes again, e.g. the block bought because they could not be paid
-        kinds = ledger.TransactionKind
-        unpaid = [
-            key
-            for _, key in await _in_live_order(
-                connection, call.call_sid, frozenset({kinds.MINUTE_RECEIVABLE, kinds.MINUTE_DEBT})
-            )
-        ]
-        for key in unpaid:
-            if key not in rebook and len(rebook) < bank:
-                rebook.append(key)
-        # In the funding order, the block such a minute needed was bought when it fell due, and
-        # the bank paid first from then on: a minute the deposit paid after it (live, the block
-        # was still on its way; a cheaper minute posted in the same tick) is the bank's too.
-        first_unpaid = [key for key in unpaid if key in rebook][:1]
-        if first_unpaid:
-            after_id = await _live_order(connection, first_unpaid[0])
-            for paid_id, key in await _in_live_order(
-                connection, call.call_sid, frozenset({kinds.MINUTE_DEPOSIT})
-            ):
-                if key not in rebook and len(rebook) < bank and paid_id > after_id:
-                    rebook.append(key)
-        for key in rebook:
-            original = await _load(connection, key)
-            await _rebook(connection, call, original, source="bank", currency="", price=0, now=now)
-
-    async def _pay_owed_from_the_deposit(
-        self, connection: Transaction, call: Record, account: Record, now: dt.datetime
-    ) -> None:
-        """A minute owed live (nothing could pay it then) is paid from the deposit if, once
-        settlement has given back what the final timeline does not support, the deposit holds
-        its price: the funding order is bank, deposit, then owed. Each is rebooked at the price
-        it was owed at, in the order it was posted."""
-        deposit_book = ledger.deposit_book(call.account_id)
-        receivable_book = ledger.receivable_book(call.account_id)
-        deposit = (await ledger_store.balances(connection, [deposit_book])).get(deposit_book, 0)
-        for _, key in await _in_live_order(
-            connection, call.call_sid, frozenset({ledger.TransactionKind.MINUTE_RECEIVABLE})
-        ):
-            original = await _load(connection, key)
-            price = -sum(p.amount for p in original.postings if p.book == receivable_book)
-            if not 0 < price <= deposit:
-                continue
-            await _rebook(
-                connection,
-                call,
-                original,
-                source="deposit",
-                currency=account.currency,
-                price=price,
-                now=now,
-            )
-            deposit -= price
 
     async def _charge_incidents(
         self, connection: Transaction, call: Record, account: Record, timeline: Timeline
@@ -362,61 +220,3 @@ class SettlementService:
             return await self._repositories(connection).calls.settleable(
                 ended_by=cutoff, research_opened_after=research_cap, limit=self._batch_max
             )
-
-
-async def _live_order(connection: Transaction, key: str) -> int:
-    """Where a minute stands in posting order: the id of its first posting, so a minute
-    settlement repriced keeps its place among the call's minutes."""
-    return await ledger_store.transaction_id(connection, ledger.live_minute_key(key))
-
-
-async def _in_live_order(
-    connection: Transaction, call_sid: str, kinds: frozenset[str]
-) -> list[tuple[int, str]]:
-    """The call's unreversed minutes of these kinds, as (live order, key), in that order."""
-    keys = await ledger_store.unreversed_keys(connection, call_sid, kinds)
-    return sorted([(await _live_order(connection, key), key) for key in keys])
-
-
-async def _load(connection: Transaction, key: str) -> ledger.Transaction:
-    original = await ledger_store.load_transaction(connection, key)
-    if original is None:
-        raise InvariantBroken(f"{key} is listed but not in the ledger")
-    return original
-
-
-async def _rebook(
-    connection: Transaction,
-    call: Record,
-    original: ledger.Transaction,
-    *,
-    source: str,
-    currency: str,
-    price: int,
-    now: dt.datetime,
-    repriced: bool = False,
-) -> None:
-    """Settlement's word on how a minute is paid: the posting reversed, the minute posted
-    again from `source` under its rebooked (or `repriced`) key."""
-    memo = (
-        "settlement: priced at its final due moment"
-        if repriced
-        else f"settlement: paid from the {source} instead"
-    )
-    await ledger_store.post(connection, ledger.reversal_of(original, memo=memo), now)
-    agent_id, n = ledger.parse_minute_key(original.key)
-    await ledger_store.post(
-        connection,
-        ledger.minute(
-            call.call_sid,
-            agent_id,
-            n,
-            account_id=call.account_id,
-            currency=currency,
-            source=source,
-            amount_minor=price,
-            rebooked=not repriced,
-            repriced=repriced,
-        ),
-        now,
-    )

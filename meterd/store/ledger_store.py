@@ -244,6 +244,17 @@ async def posted_sum(connection: AsyncConnection, book: str) -> int:
     return int(value)
 
 
+async def balance_before(connection: AsyncConnection, book: str, transaction_id: int) -> int:
+    """A book's balance just before a transaction was posted: the sum of its postings in
+    transactions posted earlier (ids grow in posting order)."""
+    value = await connection.scalar(
+        select(func.coalesce(func.sum(ledger_postings.c.amount), 0)).where(
+            ledger_postings.c.book == book, ledger_postings.c.transaction_id < transaction_id
+        )
+    )
+    return int(value or 0)
+
+
 async def balances_for_update(connection: AsyncConnection, books: list[str]) -> dict[str, int]:
     """Balances, locked until the transaction ends (PostgreSQL; SQLite's write transaction is
     exclusive already), so a funding decision cannot be overtaken by another transaction.

@@ -346,6 +346,38 @@ async def test_the_deposit_is_used_before_a_card_block_is_bought(client, localst
     assert (await check_ledger(database)).ok
 
 
+async def test_a_block_bought_ahead_for_two_agents_leaves_no_deposit_money_unused(
+    client, localstripe, database
+):
+    """Bank 0, deposit 500, card, two agents for 5 minutes. After minute 2 of each the deposit
+    holds one minute for two agents on the line, so meterd buys the block then (a whole
+    increment before it is needed) and the bank pays minute 3 of both. The funding order pays
+    one of them from the deposit: settlement moves it there. 5 + 5 minutes: bank 25 / deposit
+    0, one block (live it was 24 / 100)."""
+    await account(client)
+    deposit = {"amount_minor": 500, "reference": "d1"}
+    assert (await admin(client, "POST", "/admin/accounts/acme/deposits", deposit)).status == 201
+    assert (await client.app[SERVICES].payments.save_card("acme", "pm_card_visa")).ok
+    script, _ = await ring(client)
+    services = client.app[SERVICES]
+    script.join("customer", 0).join("agent:alice", 0).join("agent:bob", 0)
+    await deliver(client, script.events)
+    while client.clock.now < at(300):
+        client.clock.advance(20)
+        await services.metering.tick()
+        await services.payments.run()
+    assert (await account_state(client))[1] == 100  # live: the block paid bank first
+    script.leave("agent:alice", 300).leave("agent:bob", 300).end(300)
+    await deliver(client, script.events[4:] + script.status_events)
+    client.clock.now = at(361)
+    await services.metering.tick()
+    assert (await call_view(client, script))["settled_at"] is not None
+    await settle_payments(client)
+    assert await account_state(client) == (25, 0, 0)
+    assert (await card_summary(localstripe))[:2] == (BLOCK, 1)
+    assert (await check_ledger(database)).ok
+
+
 async def test_two_concurrent_calls_needing_a_top_up_in_one_tick_buy_one_block(
     client, localstripe, database
 ):

@@ -72,7 +72,6 @@ from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 EXAMPLES = int(os.environ.get("METERD_MODEL_EXAMPLES", "15"))
 SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
 LEDGER_SHOWN = bool(os.environ.get("METERD_MODEL_LEDGER"))
-EARLY_BLOCK_DEFECT = "meterd defect: deposit money an early block left unused (issue 11)"
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
@@ -1150,25 +1149,21 @@ PAST_FAILURES = [
         ),
         id="a-later-minute-is-not-written-late-by-twilios-lead",
     ),
-    # meterd defects, not fixed yet (2,000 examples on PostgreSQL; they fail the same way at
-    # 8205e57, before this session's changes). Deposit 500 (5 minutes at 100), a card on file,
-    # the rate drops to 50 at 797. Call 0's third agent-minute at 132 leaves the deposit one
-    # minute for two accruing agents, so meterd buys a block early (as docs/billing.md says);
-    # the bank then pays first and the deposit keeps its last 100 through call 0. In call 1,
-    # when the bank is empty again, that 100 pays a minute at 50. The rules (bank, then
-    # deposit, then card, the block bought only when nothing can pay) have call 0 pay 500 from
-    # the deposit: (a) the account ends with 50 more in the deposit; (b) the same minutes paid
-    # by the other call (splits swapped). The fix: at settlement, bank minutes an early block
-    # paid while the deposit held their price go back to the bank, paid from the deposit.
+    # Deposit 500 (5 minutes at 100), a card on file, the rate drops to 50 at 797 (2,000
+    # examples on PostgreSQL). Call 0's third agent-minute at 132 leaves the deposit one minute
+    # for two accruing agents, so meterd buys a block early (as docs/billing.md says); the bank
+    # then paid first and the deposit kept its last 100 through call 0, and in call 1, when the
+    # bank was empty again, that 100 paid a minute at 50: (a) the account ended with 50 more in
+    # the deposit; (b) the same minutes paid by the other call (splits swapped). The rules
+    # (bank, then deposit, then card) have call 0 pay 500 from the deposit: settlement now moves
+    # the banked minutes an early block paid while the deposit held their price onto it.
     pytest.param(
         _early_block(first_call_a0_joins=171),
         id="an-early-block-leaves-deposit-money-a-cheaper-minute-uses-later",
-        marks=pytest.mark.xfail(strict=True, reason=EARLY_BLOCK_DEFECT),
     ),
     pytest.param(
         _early_block(first_call_a0_joins=0),
         id="an-early-block-moves-a-deposit-minute-to-the-next-call",
-        marks=pytest.mark.xfail(strict=True, reason=EARLY_BLOCK_DEFECT),
     ),
 ]
 

@@ -1,0 +1,327 @@
+"""How settlement pays a per-minute call's minutes in the funding order (docs/billing.md,
+Settlement step 3). Live, each minute was paid from what the account held when meterd took it;
+the final timeline can move a minute's due moment, give back a banked minute that held the bank,
+and a block bought ahead of need pays bank first. Settlement rebooks (reverses, then posts again
+under a suffixed key, `ledger.minute(..., rebooked=|repriced=)`) the minutes whose payer or price
+the funding order decides otherwise, in this order:
+
+1. a money minute taken before its final due moment is priced at the rate then;
+2. money minutes the bank should have paid (a banked minute given back held it; a minute
+   nothing could pay and those the deposit paid after it) are moved onto the bank;
+3. banked minutes a block bought ahead of need paid while the deposit held their price are
+   moved onto the deposit;
+4. a minute still owed is paid from the deposit if it holds its price.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from meterd.core import ledger, rating
+from meterd.core.timeline import Timeline
+from meterd.logs import get_logger
+from meterd.services.errors import InvariantBroken
+from meterd.services.funding import FundingAuthority
+from meterd.services.rates import RateBook, RateKind
+from meterd.store import ledger_store
+from meterd.store.transaction import Record, Transaction
+
+log = get_logger("meterd.settlement")
+
+
+class FundingOrder:
+    """Settlement's rebookings of a per-minute call's minutes, inside its transaction, under
+    the call's and the account's locks."""
+
+    def __init__(
+        self, rates: RateBook, funding: FundingAuthority, *, increment_seconds: int
+    ) -> None:
+        self._rates = rates
+        self._funding = funding
+        self._increment_seconds = increment_seconds
+
+    async def apply(
+        self,
+        connection: Transaction,
+        call: Record,
+        account: Record,
+        timeline: Timeline,
+        bank_returned: list[int],
+        now: dt.datetime,
+    ) -> None:
+        """Steps 1 to 4 of the module's docstring. `bank_returned`: the transaction ids of the
+        banked minutes settlement gave back (the final timeline does not support them)."""
+        await self._price_at_final_due(connection, call, account, timeline, now)
+        await self._pay_from_bank_first(connection, call, bank_returned, now)
+        await self._pay_from_the_deposit_before_early_blocks(
+            connection, call, account, timeline, now
+        )
+        await self._pay_owed_from_the_deposit(connection, call, account, now)
+
+    async def _price_at_final_due(
+        self,
+        connection: Transaction,
+        call: Record,
+        account: Record,
+        timeline: Timeline,
+        now: dt.datetime,
+    ) -> None:
+        """A minute's price is the rate in force when it fell due. Live, meterd may take a
+        minute before the moment its final timeline says it fell due: it counted open
+        conference time to its own clock, Twilio's leave event took that time back, and a
+        retroactive research interval made the minute up again, later. Such a minute (posted
+        before its final due moment) is rebooked at the rate in force at that moment, from the
+        payer it had if that payer can pay the new price (`rating.repriced_source`). A minute
+        posted at or after its final due moment keeps its price: a correction that moves its
+        moment earlier does not re-price it."""
+        revenue_book = ledger.usage_revenue_book(account.currency)
+        for key in await ledger_store.unreversed_keys(
+            connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
+        ):
+            # None is not reached: settlement gave back the minutes nothing supports
+            due_at = self._final_due_at(timeline, key)
+            if due_at is None or due_at <= await ledger_store.posted_at(connection, key):
+                continue
+            price = await self._rate_at(connection, account, due_at)
+            original = await _load(connection, key)
+            old_price = sum(p.amount for p in original.postings if p.book == revenue_book)
+            if price == old_price:
+                continue
+            source = await self._funding.fund_repriced_minute(
+                connection,
+                account,
+                call.call_sid,
+                ledger.minute_source(original.kind),
+                old_price_minor=old_price,
+                new_price_minor=price,
+                now=now,
+            )
+            log.info(
+                "settlement priced a minute taken early at its final due moment",
+                call_sid=call.call_sid,
+                minute_key=key,
+                price_minor=price,
+                live_price_minor=old_price,
+            )
+            await _rebook(
+                connection,
+                call,
+                original,
+                source=source.value,
+                currency=account.currency,
+                price=price,
+                now=now,
+                repriced=True,
+            )
+
+    async def _pay_from_bank_first(
+        self,
+        connection: Transaction,
+        call: Record,
+        bank_returned: list[int],
+        now: dt.datetime,
+    ) -> None:
+        """Live, a minute may have been paid with money while the bank was empty only because
+        an earlier minute, taken on a late leave event, held a banked minute that settlement
+        has just given back. The final word follows the funding order: each such money-paid
+        minute (posted after a given-back banked minute, matched one to one) is rebooked onto
+        the bank, while the bank holds minutes. A money-paid minute posted before any of them
+        rightly paid from the deposit and stays."""
+        bank_book = ledger.bank_book(call.account_id)
+        bank = (await ledger_store.balances(connection, [bank_book])).get(bank_book, 0)
+        if bank <= 0:
+            return
+        held_back = sorted(bank_returned)
+        rebook: list[str] = []
+        for paid_id, key in await _in_live_order(
+            connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
+        ):
+            if held_back and held_back[0] < paid_id and len(rebook) < bank:
+                held_back.pop(0)
+                rebook.append(key)
+        # minutes nothing could pay when they fell due (owed, or debt) are paid from the bank
+        # once it holds minutes again, e.g. the block bought because they could not be paid
+        kinds = ledger.TransactionKind
+        unpaid = [
+            key
+            for _, key in await _in_live_order(
+                connection, call.call_sid, frozenset({kinds.MINUTE_RECEIVABLE, kinds.MINUTE_DEBT})
+            )
+        ]
+        for key in unpaid:
+            if key not in rebook and len(rebook) < bank:
+                rebook.append(key)
+        # In the funding order, the block such a minute needed was bought when it fell due, and
+        # the bank paid first from then on: a minute the deposit paid after it (live, the block
+        # was still on its way; a cheaper minute posted in the same tick) is the bank's too.
+        first_unpaid = [key for key in unpaid if key in rebook][:1]
+        if first_unpaid:
+            after_id = await _live_order(connection, first_unpaid[0])
+            for paid_id, key in await _in_live_order(
+                connection, call.call_sid, frozenset({kinds.MINUTE_DEPOSIT})
+            ):
+                if key not in rebook and len(rebook) < bank and paid_id > after_id:
+                    rebook.append(key)
+        for key in rebook:
+            original = await _load(connection, key)
+            await _rebook(connection, call, original, source="bank", currency="", price=0, now=now)
+
+    async def _pay_from_the_deposit_before_early_blocks(
+        self,
+        connection: Transaction,
+        call: Record,
+        account: Record,
+        timeline: Timeline,
+        now: dt.datetime,
+    ) -> None:
+        """meterd buys a block once bank and deposit cannot pay the next minute of every
+        accruing agent: with two agents on the line, while the deposit still holds a minute.
+        The block lands in the bank, the bank pays first, and the deposit's money is left over,
+        where the funding order (bank, deposit, then card) would have spent it first. So for
+        each block bought for the call while the deposit held a minute at the rate then, the
+        call's minutes the bank paid after it are walked in posting order as the funding order
+        pays them: first from the minutes the bank held without the block, then from the
+        deposit money there was when the block came (no more than the deposit holds now) while
+        it holds a minute's price at its final due moment. The first minute it cannot pay is
+        where the block was needed; the minutes before it that the deposit pays are rebooked
+        onto the deposit, their banked minutes back to the bank."""
+        if call.waived_at is not None:
+            return
+        bank_book = ledger.bank_book(call.account_id)
+        deposit_book = ledger.deposit_book(call.account_id)
+        block_kind = frozenset({ledger.TransactionKind.CARD_BLOCK})
+        for block_key in await ledger_store.unreversed_keys(connection, call.call_sid, block_kind):
+            block_id = await ledger_store.transaction_id(connection, block_key)
+            deposit_then = await ledger_store.balance_before(connection, deposit_book, block_id)
+            bought_at = await ledger_store.posted_at(connection, block_key)
+            rate_then = await self._rate_at(connection, account, bought_at)
+            if deposit_then < rate_then:
+                continue  # bought because nothing else could pay: not early
+            held = await ledger_store.balances(connection, [deposit_book])
+            deposit = min(deposit_then, held.get(deposit_book, 0))
+            bank = await ledger_store.balance_before(connection, bank_book, block_id)
+            for paid_id, key in await _in_live_order(
+                connection, call.call_sid, frozenset({ledger.TransactionKind.MINUTE_BANK})
+            ):
+                if paid_id < block_id or key != ledger.live_minute_key(key):
+                    continue  # before the block, or settlement's own rebooking onto the bank
+                if bank > 0:
+                    bank -= 1
+                    continue
+                due_at = self._final_due_at(timeline, key)
+                if due_at is None:
+                    break
+                price = await self._rate_at(connection, account, due_at)
+                if price > deposit:
+                    break
+                original = await _load(connection, key)
+                await _rebook(
+                    connection,
+                    call,
+                    original,
+                    source="deposit",
+                    currency=account.currency,
+                    price=price,
+                    now=now,
+                )
+                deposit -= price
+
+    def _final_due_at(self, timeline: Timeline, key: str) -> dt.datetime | None:
+        """When the minute fell due by the final timeline (None: it did not)."""
+        agent_id, n = ledger.parse_minute_key(key)
+        time = timeline.agents.get(agent_id)
+        if time is None:
+            return None
+        due_seconds = rating.minute_due_at_seconds(time.billable, n, self._increment_seconds)
+        return None if due_seconds is None else dt.datetime.fromtimestamp(due_seconds, dt.UTC)
+
+    async def _rate_at(self, connection: Transaction, account: Record, at: dt.datetime) -> int:
+        return await self._rates.rate_at(
+            connection, RateKind.PER_AGENT_MINUTE, account.currency, at
+        )
+
+    async def _pay_owed_from_the_deposit(
+        self, connection: Transaction, call: Record, account: Record, now: dt.datetime
+    ) -> None:
+        """A minute owed live (nothing could pay it then) is paid from the deposit if, once
+        settlement has given back what the final timeline does not support, the deposit holds
+        its price: the funding order is bank, deposit, then owed. Each is rebooked at the price
+        it was owed at, in the order it was posted."""
+        deposit_book = ledger.deposit_book(call.account_id)
+        receivable_book = ledger.receivable_book(call.account_id)
+        deposit = (await ledger_store.balances(connection, [deposit_book])).get(deposit_book, 0)
+        for _, key in await _in_live_order(
+            connection, call.call_sid, frozenset({ledger.TransactionKind.MINUTE_RECEIVABLE})
+        ):
+            original = await _load(connection, key)
+            price = -sum(p.amount for p in original.postings if p.book == receivable_book)
+            if not 0 < price <= deposit:
+                continue
+            await _rebook(
+                connection,
+                call,
+                original,
+                source="deposit",
+                currency=account.currency,
+                price=price,
+                now=now,
+            )
+            deposit -= price
+
+
+async def _live_order(connection: Transaction, key: str) -> int:
+    """Where a minute stands in posting order: the id of its first posting, so a minute
+    settlement repriced keeps its place among the call's minutes."""
+    return await ledger_store.transaction_id(connection, ledger.live_minute_key(key))
+
+
+async def _in_live_order(
+    connection: Transaction, call_sid: str, kinds: frozenset[str]
+) -> list[tuple[int, str]]:
+    """The call's unreversed minutes of these kinds, as (live order, key), in that order."""
+    keys = await ledger_store.unreversed_keys(connection, call_sid, kinds)
+    return sorted([(await _live_order(connection, key), key) for key in keys])
+
+
+async def _load(connection: Transaction, key: str) -> ledger.Transaction:
+    original = await ledger_store.load_transaction(connection, key)
+    if original is None:
+        raise InvariantBroken(f"{key} is listed but not in the ledger")
+    return original
+
+
+async def _rebook(
+    connection: Transaction,
+    call: Record,
+    original: ledger.Transaction,
+    *,
+    source: str,
+    currency: str,
+    price: int,
+    now: dt.datetime,
+    repriced: bool = False,
+) -> None:
+    """Settlement's word on how a minute is paid: the posting reversed, the minute posted
+    again from `source` under its rebooked (or `repriced`) key."""
+    memo = (
+        "settlement: priced at its final due moment"
+        if repriced
+        else f"settlement: paid from the {source} instead"
+    )
+    await ledger_store.post(connection, ledger.reversal_of(original, memo=memo), now)
+    agent_id, n = ledger.parse_minute_key(original.key)
+    await ledger_store.post(
+        connection,
+        ledger.minute(
+            call.call_sid,
+            agent_id,
+            n,
+            account_id=call.account_id,
+            currency=currency,
+            source=source,
+            amount_minor=price,
+            rebooked=not repriced,
+            repriced=repriced,
+        ),
+        now,
+    )
