@@ -197,8 +197,8 @@ class WebhookIntake:
         return done
 
     async def _replay_batch(self, entries: list[JournalEntry]) -> tuple[int, bool]:
-        """Apply `entries` in one transaction, then mark each applied, in order. Returns how
-        many were, and whether all were (False: the database failed; the rest wait)."""
+        """Apply `entries` in one transaction, then mark them applied with one write. Returns
+        how many were, and whether all were (False: the database failed; the rest wait)."""
         callbacks = [Callback(e.route, dict(e.params), e.params, e.received_at) for e in entries]
         try:
             outcomes = await self._ingest.record_batch(callbacks)
@@ -232,7 +232,7 @@ class WebhookIntake:
                 self.replays.labels("refused").inc()
             else:
                 self.replays.labels("applied").inc()
-            await self._journal.mark_applied(entry)
+        await self._journal.mark_applied(entries)  # one write for the batch
         return len(entries), True
 
     async def wait_for_late_offers(self) -> None:

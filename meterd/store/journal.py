@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,18 +186,21 @@ class WebhookJournal:
         finally:
             os.close(fd)
 
-    async def mark_applied(self, entry: JournalEntry) -> None:
-        """`entry` (the oldest pending one) is in the database now; when none is left, the log
+    async def mark_applied(self, entries: Sequence[JournalEntry]) -> None:
+        """`entries` (the oldest pending ones, in order: a replayed batch) are in the database
+        now. One atomic write of the last one's id records them all; when none is left, the log
         is emptied."""
-        await asyncio.shield(self._mark_applied(entry))
+        await asyncio.shield(self._mark_applied(list(entries)))
 
-    async def _mark_applied(self, entry: JournalEntry) -> None:
+    async def _mark_applied(self, entries: list[JournalEntry]) -> None:
         async with self._lock:
-            if not self._pending or self._pending[0] != entry:
+            if not entries:
+                return
+            if self._pending[: len(entries)] != entries:
                 raise JournalMisused("journal entries are applied in the order they were written")
-            await asyncio.to_thread(self._write_applied, entry.entry_id)
-            self._applied_id = entry.entry_id
-            self._pending.pop(0)
+            await asyncio.to_thread(self._write_applied, entries[-1].entry_id)
+            self._applied_id = entries[-1].entry_id
+            del self._pending[: len(entries)]
             if not self._pending:
                 await asyncio.to_thread(self._truncate)
                 self._size_bytes = 0

@@ -13,11 +13,12 @@ import contextlib
 import datetime as dt
 import sqlite3
 
+import pytest
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from meterd.store.database import open_database
-from meterd.store.journal import WebhookJournal
+from meterd.store.journal import JournalMisused, WebhookJournal
 from meterd.store.schema import calls, webhook_events
 from meterd.web.app import SERVICES
 from tests.call_scripts import CUSTOMER_NUMBER, CallScript
@@ -236,7 +237,7 @@ def test_the_journal_drops_a_torn_tail_and_keeps_ids_growing(tmp_path):
     async def fill() -> None:
         for n in range(3):
             await journal.append("conference", [("SequenceNumber", str(n))], START)
-        await journal.mark_applied(journal.pending[0])
+        await journal.mark_applied(journal.pending[:1])
 
     asyncio.run(fill())
     with (tmp_path / "webhook-journal.log").open("ab") as handle:
@@ -246,8 +247,9 @@ def test_the_journal_drops_a_torn_tail_and_keeps_ids_growing(tmp_path):
     assert not (tmp_path / "webhook-journal.log").read_bytes().endswith(b"rou")
 
     async def drain_and_add() -> int:
-        for entry in reopened.pending:
-            await reopened.mark_applied(entry)
+        with pytest.raises(JournalMisused):  # only the oldest, in order
+            await reopened.mark_applied(reopened.pending[1:])
+        await reopened.mark_applied(reopened.pending)  # the two at once
         assert (tmp_path / "webhook-journal.log").stat().st_size == 0
         return (await reopened.append("call-status", [], START)).entry_id
 
