@@ -3,10 +3,11 @@
 The tick (an APScheduler job, every `tick_interval_seconds`, run just after each whole second:
 minutes fall due at whole seconds, so one is posted milliseconds after it is due, not up to a
 second later) picks the calls whose next minute is due (`calls.next_due_at`), rebuilds each one's
-timeline from its recorded events, and posts every minute now due, funded in the plan's order, in
-one database transaction per call together with the "minutes posted" marker (`call_agent_minutes`),
+timeline from its recorded events, and posts every minute now due, funded in the plan's order,
+together with the "minutes posted" marker (`call_agent_minutes`) in the same database transaction,
 so the marker never runs ahead of the ledger and a restart, a second daemon or a `kill -9` neither
-loses nor repeats a minute. Each minute's idempotency key is `call:<sid>:agent:<id>:minute:<n>`.
+loses nor repeats a minute. The due calls share transactions, a batch each (`_meter_batch`): one
+commit for many calls. Each minute's idempotency key is `call:<sid>:agent:<id>:minute:<n>`.
 
 A call's row is locked while it is metered (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so a second
 daemon moves on to other calls; SQLite's write transaction is exclusive).
@@ -25,15 +26,18 @@ from dataclasses import dataclass, field
 from meterd.clock import Clock
 from meterd.config import OnExhausted
 from meterd.core import rating
+from meterd.core.ledger import LedgerError
 from meterd.core.plans import Plan
 from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
+from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority, locked_account
 from meterd.services.minute_posting import MinutePoster
 from meterd.services.outbox import OutboxKind
 from meterd.services.settlement import SettlementService
 from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
+from meterd.store.outage import is_unavailable
 from meterd.store.repositories import Repositories, RepositoriesFactory
 from meterd.store.transaction import Record, Transaction
 
@@ -42,6 +46,10 @@ log = get_logger("meterd.metering")
 # A tick goes on catching up backlogged calls, one transaction per call in turn, for at most this
 # long; the next tick carries on (a day of backlog, 1,440 minutes, takes a few seconds).
 BACKLOG_SECONDS_PER_TICK = 0.8
+# The due calls of a tick are metered in batches, one transaction each: at most this many calls,
+# and no more once the transaction has run this long (webhooks wait for the database meanwhile).
+BATCH_CALLS_MAX = 64
+BATCH_SECONDS_MAX = 0.05
 
 
 @dataclass(frozen=True)
@@ -97,14 +105,16 @@ class MeteringService:
             due = await self._repositories(connection).calls.due(now, self._settings.tick_batch_max)
         if due:
             report.lag_seconds = max(0.0, (now - due[0][1]).total_seconds())
-        backlogged = []
-        for call_sid, _ in due:
+        backlogged: list[str] = []
+        waiting = [call_sid for call_sid, _ in due]
+        while waiting:
             await asyncio.sleep(0)  # a webhook waiting for the database goes first
-            posted, backlog = await self._meter_call(call_sid)
-            report.minutes_posted += posted
-            report.calls_metered += 1
-            if backlog:
-                backlogged.append(call_sid)
+            outcomes, waiting = await self._meter_batch(waiting, now, report.errors)
+            for call_sid, (posted, backlog) in outcomes.items():
+                report.minutes_posted += posted
+                report.calls_metered += 1
+                if backlog:
+                    backlogged.append(call_sid)
         deadline = time.monotonic() + BACKLOG_SECONDS_PER_TICK
         while backlogged and time.monotonic() < deadline:
             still = []
@@ -136,25 +146,99 @@ class MeteringService:
             call = await repos.calls.lock(call_sid)
             if call is None or call.settled_at is not None:
                 return 0, False
-            if call.account_id is None or call.status not in (
-                CallStatus.CONNECTED,
-                CallStatus.ENDED,
-            ):
-                await repos.calls.update(call_sid, next_due_at=None)
-                return 0, False
-            account = await locked_account(repos, call.account_id)
-            timeline = await repos.calls.timeline(call, now, self._research_max_seconds)
-            posted, backlog = await self._poster.post_due_minutes(
-                connection, call, account, timeline, now
-            )
-            next_due = (
-                now  # more minutes are due than one transaction posts: go on at the next tick
-                if backlog
-                else self._next_due(call, timeline, await repos.calls.minutes_posted(call_sid), now)
-            )
-            await repos.calls.update(call_sid, next_due_at=next_due)
-            if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
-                await self._watch_funds(connection, call, account, timeline, now)
+            account = None
+            if call.account_id is not None:
+                account = await locked_account(repos, call.account_id)
+            return await self._meter_locked(connection, call, account, now)
+
+    async def _meter_batch(
+        self, call_sids: list[str], due_by: dt.datetime, errors: list[str]
+    ) -> tuple[dict[str, tuple[int, bool]], list[str]]:
+        """Meter the first of `call_sids` in one transaction: at most BATCH_CALLS_MAX calls,
+        and no more once it has run BATCH_SECONDS_MAX (webhooks wait for the database while it
+        runs). Each call is metered as `_meter_call` would, in the same order, so the batch
+        posts what one transaction per call would. Returns {call: (posted, backlog)} for the
+        calls metered and the calls left for the next batch.
+
+        Locks: every call's row first (in sid order; `SKIP LOCKED` on PostgreSQL, so a call
+        another daemon holds is skipped, never waited for), then every account's row (in id
+        order), so two batches never wait on each other in a circle. A call whose next minute
+        is no longer due (another daemon metered it since it was listed) is left alone.
+
+        If the batch fails, each of its calls is metered in its own transaction instead, so
+        one call's fault holds back no other: that call's error is logged and added to `errors`
+        (it is tried again at the next tick). A database outage and a broken money invariant
+        are raised as they are (the scheduler's business: wait, or stop the daemon)."""
+        batch, rest = sorted(call_sids[:BATCH_CALLS_MAX]), call_sids[BATCH_CALLS_MAX:]
+        try:
+            return await self._meter_in_one_transaction(batch, rest, due_by)
+        except Exception as error:
+            if _fatal(error):
+                raise
+            log.warning("a metering batch failed; metering its calls one by one", error=str(error))
+        outcomes = {}
+        for call_sid in batch:
+            try:
+                outcomes[call_sid] = await self._meter_call(call_sid)
+            except Exception as error:
+                if _fatal(error):
+                    raise
+                log.exception("metering a call failed; trying again next tick", call_sid=call_sid)
+                errors.append(f"{call_sid}: {error}")
+        return outcomes, rest
+
+    async def _meter_in_one_transaction(
+        self, batch: list[str], rest: list[str], due_by: dt.datetime
+    ) -> tuple[dict[str, tuple[int, bool]], list[str]]:
+        outcomes: dict[str, tuple[int, bool]] = {}
+        started = time.monotonic()
+        now = self._clock()
+        async with self._database.write() as connection:
+            repos = self._repositories(connection)
+            locked = []
+            for call_sid in batch:
+                call = await repos.calls.lock(call_sid)
+                if call is None or call.settled_at is not None:
+                    continue
+                if call.next_due_at is None or call.next_due_at > due_by:
+                    continue  # metered elsewhere since the tick listed it
+                locked.append(call)
+            accounts = {}
+            for account_id in sorted({c.account_id for c in locked if c.account_id is not None}):
+                accounts[account_id] = await locked_account(repos, account_id)
+            for index, call in enumerate(locked):
+                if index and time.monotonic() - started > BATCH_SECONDS_MAX:
+                    # the rest of the batch goes first in the next transaction
+                    return outcomes, [c.call_sid for c in locked[index:]] + rest
+                account = accounts.get(call.account_id) if call.account_id else None
+                outcomes[call.call_sid] = await self._meter_locked(connection, call, account, now)
+        return outcomes, rest
+
+    async def _meter_locked(
+        self,
+        connection: Transaction,
+        call: Record,
+        account: Record | None,
+        now: dt.datetime,
+    ) -> tuple[int, bool]:
+        """Meter a call whose row (and account's row) this transaction holds."""
+        repos = self._repositories(connection)
+        call_sid = call.call_sid
+        if account is None or call.status not in (CallStatus.CONNECTED, CallStatus.ENDED):
+            await repos.calls.update(call_sid, next_due_at=None)
+            return 0, False
+        timeline = await repos.calls.timeline(call, now, self._research_max_seconds)
+        posted, backlog = await self._poster.post_due_minutes(
+            connection, call, account, timeline, now
+        )
+        next_due = (
+            now  # more minutes are due than one transaction posts: go on at the next tick
+            if backlog
+            else self._next_due(call, timeline, await repos.calls.minutes_posted(call_sid), now)
+        )
+        await repos.calls.update(call_sid, next_due_at=next_due)
+        if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
+            await self._watch_funds(connection, call, account, timeline, now)
         return posted, backlog
 
     async def settle_call(self, call_sid: str) -> bool:
@@ -277,3 +361,9 @@ class MeteringService:
                     requested += 1
                     log.info("grace period over; asking Twilio to end the call", call_sid=call_sid)
         return requested
+
+
+def _fatal(error: Exception) -> bool:
+    """Errors a metering batch does not retry call by call: the database is unavailable, or a
+    money invariant broke (the scheduler stops the daemon)."""
+    return is_unavailable(error) or isinstance(error, InvariantBroken | LedgerError)

@@ -171,3 +171,84 @@ async def test_a_minute_that_cannot_be_written_leaves_the_call_as_it_was(monkeyp
     with pytest.raises(ledger_store.InsufficientBalance):
         await metering.meter_call(SID)
     assert (dict(store.minutes_posted), store.balance(ledger.bank_book("A1"))) == before
+
+
+# --- the tick's batches ---------------------------------------------------------------------
+
+
+def _more_calls(store, count: int) -> list[str]:
+    """`count` more connected calls of account A1 like the scene's, agent a1 joining at START."""
+    sids = []
+    at = int(START.timestamp())
+    for n in range(count):
+        sid = "CA" + f"{n + 2:032d}"
+        store.add_call(sid, started_at=START, next_due_at=START)
+        store.add_event(sid, ConferenceEvent(1, at, "participant-join", sid, "customer"))
+        store.add_event(sid, ConferenceEvent(2, at, "participant-join", AGENT_LEG, "agent:a1"))
+        sids.append(sid)
+    return sids
+
+
+async def test_the_due_calls_of_a_tick_share_one_transaction_and_one_accounts_funds(
+    monkeypatch,
+):
+    """Three calls of one account with 2 banked minutes and a deposit of one minute, due in
+    the same tick: one write transaction; they are funded one after the other in it (bank,
+    bank, deposit), exactly as three transactions would."""
+    store, clock, metering = _scene(bank_minutes=2, deposit_minor=100)
+    _more_calls(store, 2)
+    writes = 0
+    original = FakeDatabase.write
+
+    def counting(self):
+        nonlocal writes
+        writes += 1
+        return original(self)
+
+    monkeypatch.setattr(FakeDatabase, "write", counting)
+    assert (await _tick_at(metering, clock, 1)).minutes_posted == 3
+    assert writes == 1
+    kinds = sorted(store.transactions[key]["transaction"].kind for key in _minute_keys(store))
+    assert kinds == ["minute_bank", "minute_bank", "minute_deposit"]
+    assert (store.balance(ledger.bank_book("A1")), store.balance(ledger.deposit_book("A1"))) == (
+        0,
+        0,
+    )
+
+
+async def test_a_call_that_breaks_its_batch_holds_back_no_other_call(monkeypatch):
+    """A call whose timeline cannot be built fails its batch: the batch is rolled back and
+    each call metered in its own transaction, so the others' minutes are posted and the tick
+    reports the one that failed."""
+    store, clock, metering = _scene(bank_minutes=10)
+    others = _more_calls(store, 2)
+    broken = others[0]
+    timeline = Repositories(store).calls.timeline.__func__
+
+    async def failing(self, call, now, research_max_seconds):
+        if call.call_sid == broken:
+            raise ValueError("a damaged event")
+        return await timeline(self, call, now, research_max_seconds)
+
+    monkeypatch.setattr("tests.fakes.repositories.CallRepository.timeline", failing)
+    report = await _tick_at(metering, clock, 1)
+    assert report.errors == [f"{broken}: a damaged event"]
+    assert {sid for (sid, _agent) in store.minutes_posted} == {SID, others[1]}
+    assert store.balance(ledger.bank_book("A1")) == 8
+    assert store.calls[broken]["next_due_at"] == START  # tried again at the next tick
+
+
+async def test_a_call_metered_elsewhere_since_the_tick_listed_it_is_left_alone(monkeypatch):
+    """Another daemon metered the call between the tick's list and its lock: its next minute
+    is no longer due, so the batch does not touch it."""
+    store, clock, metering = _scene(bank_minutes=10)
+    later = START + dt.timedelta(seconds=60)
+    lock = Repositories(store).calls.lock.__func__
+
+    async def moved_meanwhile(self, call_sid):
+        store.calls[call_sid]["next_due_at"] = later  # what the other daemon left
+        return await lock(self, call_sid)
+
+    monkeypatch.setattr("tests.fakes.repositories.CallRepository.lock", moved_meanwhile)
+    assert (await _tick_at(metering, clock, 1)).minutes_posted == 0
+    assert store.calls[SID]["next_due_at"] == later
