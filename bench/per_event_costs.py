@@ -41,6 +41,7 @@ from sqlalchemy import event
 from bench import ingest
 from bench._machine import append, machine
 from meterd.bootstrap import Services, build_services
+from meterd.clock import ManualClock
 from meterd.config import load_settings
 from meterd.logs import configure_logging
 from meterd.metrics import Metrics
@@ -63,17 +64,6 @@ SETTINGS = {  # METERD_<name>; a loaded machine must not journal callbacks (wait
     "SETTLE_DELAY_SECONDS": "60",
 }
 LICENCE = [{"product": "desktop", "kind": "license"}]
-
-
-class ManualClock:
-    def __init__(self, now: dt.datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += dt.timedelta(seconds=seconds)
 
 
 def proc_ticks(pid: int) -> int:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
 from yarl import URL
 
+from meterd.clock import ManualClock
 from meterd.config import load_settings
 from meterd.web.app import create_app
 from tests.twilio_payloads import encode_form, sign
@@ -17,17 +17,6 @@ PUBLIC_BASE_URL = "https://calls.example.com/meterd"
 ADMIN = "admin-token-0123456789abcdef"
 AGENTS = "agents-token-0123456789abcdef"
 FORM = "application/x-www-form-urlencoded"
-
-
-class ManualClock:
-    def __init__(self, now: dt.datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += dt.timedelta(seconds=seconds)
 
 
 def build_app(
