@@ -112,15 +112,15 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 
 def _check_cron(value: str) -> str:
-    """Parse the expression as the scheduler will (APScheduler 3's own crontab parser), so a
-    value that passes here cannot fail at start-up; and it must fire at least once."""
+    """Parse the expression as the scheduler will (`meterd.crontab`: cron's weekday numbers), so
+    a value that passes here cannot fail at start-up; and it must fire at least once."""
     import datetime as dt
 
-    from apscheduler.triggers.cron import CronTrigger
+    from meterd import crontab
 
-    example = "e.g. '30 0 * * *' (minute hour day month weekday)"
+    example = "e.g. '30 0 * * *' (minute hour day month weekday, 0 or 7 = Sunday)"
     try:
-        trigger = CronTrigger.from_crontab(value, timezone=dt.UTC)
+        trigger = crontab.trigger(value, dt.UTC)
     except (ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{value!r} is not a crontab expression: {error}; {example}") from None
     if trigger.get_next_fire_time(None, dt.datetime.now(dt.UTC)) is None:
@@ -482,7 +482,7 @@ class Settings:
             "schedule",
             "30 0 * * *",
             "when the nightly usage of the previous business day is built (crontab, business "
-            "time zone)",
+            "time zone; weekdays as cron counts them, 0 or 7 = Sunday)",
             check=_check_cron,
         )
     )

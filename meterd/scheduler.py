@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from meterd.core.ledger import LedgerError
+from meterd.crontab import trigger as crontab_trigger
 from meterd.logs import get_logger
 from meterd.metrics import Metrics
 from meterd.services.errors import InvariantBroken
@@ -86,11 +86,12 @@ class Scheduler:
         *,
         misfire_grace_seconds: int = CRON_MISFIRE_GRACE_SECONDS,
     ) -> None:
-        """Run `work` at the crontab's times in `timezone`; never two at once; runs missed by
+        """Run `work` at the crontab's times in `timezone` (read as cron reads it, 0 = Sunday:
+        `meterd.crontab`); never two at once; runs missed by
         a stall or a busy loop are run once, if no later than `misfire_grace_seconds`."""
         self.apscheduler.add_job(
             self._guarded(job_id, work),
-            CronTrigger.from_crontab(crontab, timezone=ZoneInfo(timezone)),
+            crontab_trigger(crontab, ZoneInfo(timezone)),
             id=job_id,
             replace_existing=True,
             max_instances=1,
