@@ -5,7 +5,9 @@ second (meterd's timeline and rating modules are not used), funding is a plain s
 simulation of billing-rules.md. Only `meterd.core.money.ceil_div` is borrowed.
 
 A `Scenario` is one per_minute account in block card mode (rate 100 unless changed, blocks of 30
-minutes for 3000, increment 60 s) and what happens to it: the bank, deposit and card it starts
+minutes for 3000, increment 60 s) or authorise card mode (each call's minutes that bank and
+deposit cannot pay are paid by money from the call's authorisations, captured at settlement; no
+blocks) and what happens to it: the bank, deposit and card it starts
 with, deposits and rate changes at given moments, and one or two calls, each with 1 to 3 agents
 who join, leave and are held, a customer who may be held, research flagged live (also after the
 hang-up) or as one retroactive interval, a waiver during or after the call, and the card the
@@ -98,7 +100,7 @@ What is a BOUND, and why:
   deposit-paid minute while the bank held a minute" is NOT checked: an early block's minutes
   sit in the bank while the deposit still pays first (defect 6's required outcome).
 
-Not modelled: authorise card mode, per-incident and service-agreement plans, gateway timeouts
+Not modelled: per-incident and service-agreement plans, gateway timeouts
 and late successes, webhooks delivered late or twice (tests/integration/test_metering_properties
 covers those for one call).
 """
@@ -174,6 +176,11 @@ class Scenario:
     deposits: tuple[tuple[int, int], ...]  # (at, amount)
     calls: tuple[Call, ...]
     ticks: tuple[int, ...] = ()  # extra ticks at these moments (meterd's clock)
+    card_mode: str = "block"  # block: blocks into the bank; authorize: holds, paid by money
+
+    @property
+    def authorize(self) -> bool:
+        return self.card_mode == "authorize"
 
     def rate_at(self, moment: int) -> int:
         rate = BASE_RATE
@@ -331,6 +338,7 @@ class Split:
     bank_minutes: int = 0  # banked minutes the call used (card-bought ones too)
     deposit_minor: int = 0  # deposit money it used (debt too)
     owed_minor: int = 0
+    card_minor: int = 0  # authorise mode: money of its minutes its authorisations paid
 
 
 @dataclass(frozen=True)
@@ -375,12 +383,14 @@ def _gate(state: _State, call: Call, rate: int) -> str:
     return REJECTED
 
 
-def _apply_gate(state: _State, call: Call, decision: str, charged: bool) -> None:
+def _apply_gate(
+    state: _State, call: Call, decision: str, charged: bool, *, authorize: bool
+) -> None:
     if decision == FUNDED:
         return
     if state.card != GOOD_CARD and call.pay_token is not None:
         state.card = call.pay_token  # the card the caller gave is kept on file
-    if decision == BLOCK and charged:
+    if decision == BLOCK and charged and not authorize:  # authorise mode: a hold, no money yet
         state.bank += BLOCK_MINUTES
         state.card_kept += BLOCK_PRICE
         state.blocks += 1
@@ -429,7 +439,8 @@ def _fund(
             remaining -= 1
             rate = scenario.rate_at(what.due_taken if price_when_taken else what.due)
             split = splits[what.call]
-            if state.bank < 1 and state.deposit < rate and state.card == GOOD_CARD:
+            good_card = state.card == GOOD_CARD
+            if state.bank < 1 and state.deposit < rate and good_card and not scenario.authorize:
                 state.bank += BLOCK_MINUTES
                 state.card_kept += BLOCK_PRICE
                 state.blocks += 1
@@ -437,6 +448,11 @@ def _fund(
                 state.bank -= 1
                 split = dataclasses.replace(split, bank_minutes=split.bank_minutes + 1)
                 source = "bank"
+            elif state.deposit < rate and good_card and scenario.authorize:
+                # the call's authorisation pays; captured at settlement
+                state.card_kept += rate
+                split = dataclasses.replace(split, card_minor=split.card_minor + rate)
+                source = "card"
             elif state.deposit >= rate or allow_debt:
                 source = "deposit" if state.deposit >= rate else "debt"
                 if state.deposit >= rate:
@@ -455,8 +471,14 @@ def _fund(
             splits[what[1]] = _settle(state, paid[what[1]], splits[what[1]])
         else:
             index = what[1]
-            _apply_gate(state, scenario.calls[index], gates[index], index in charged_calls)
-        if state.card == GOOD_CARD:
+            _apply_gate(
+                state,
+                scenario.calls[index],
+                gates[index],
+                index in charged_calls,
+                authorize=scenario.authorize,
+            )
+        if state.card == GOOD_CARD and not scenario.authorize:  # blocks bought ahead of need
             rate_now = scenario.rate_at(moment)
             left = state.bank + max(state.deposit, 0) // rate_now
             agents = sum(1 for low, high in spans if low <= moment <= high)
@@ -488,7 +510,7 @@ def _fund(
 
 @dataclass
 class _Paid:
-    source: str  # bank, deposit, debt or owed
+    source: str  # bank, deposit, card (authorise mode), debt or owed
     price: int
 
 
@@ -594,7 +616,10 @@ class Prediction:
     @property
     def card_kept_most(self) -> int:
         """Loose scenarios: the most card money the calls not waived can need (one block more
-        than the model's most)."""
+        than the model's most; authorise mode: every minute at the highest rate)."""
+        if self.scenario.authorize:
+            highest = max([BASE_RATE, *(rate for _, rate in self.scenario.rates)])
+            return len(self.minutes) * highest
         return (max(o.blocks for o in self.outcomes) + 1) * BLOCK_PRICE
 
     def account_problem(self, bank: int, deposit: int, owed: int, card_kept: int) -> str:

@@ -47,7 +47,7 @@ from sqlalchemy import text
 
 from meterd.adapters.stripe_gateway import StripeGateway, StripeSettings
 from meterd.services.ledger_check import check_ledger
-from meterd.store import ledger_store
+from meterd.store import ledger_store, payments_store
 from meterd.store.database import Database, open_database
 from meterd.web.app import SERVICES
 from tests.call_scripts import CUSTOMER_NUMBER, CallScript
@@ -167,6 +167,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
             )
         ),
         calls=tuple(calls),
+        card_mode=draw(st.sampled_from(["block", "block", "authorize"])),
     )
     scenario = normalise(scenario)
     # extra ticks: anywhere, or in the very second something starts (issue 11, defect 1)
@@ -422,10 +423,15 @@ class Run:
             self.connected[index] = "<Conference" in twiml
             if self.connected[index]:  # a block bought at the gate is in the ledger by now
                 await self.replay()
-                bought = any(
-                    t["kind"] == "card_block" and t["call_sid"] == script.call_sid
-                    for t in self.transactions
-                )
+                if self.scenario.authorize:  # an authorisation placed at the gate
+                    async with self.services.database.read() as connection:
+                        hold = await payments_store.last_purchase(connection, script.call_sid)
+                    bought = hold is not None
+                else:
+                    bought = any(
+                        t["kind"] == "card_block" and t["call_sid"] == script.call_sid
+                        for t in self.transactions
+                    )
                 decision = "block" if bought else "funded"
             self.gate[index] = decision
 
@@ -697,11 +703,13 @@ class Run:
                 want = (split.bank_minutes, split.deposit_minor, split.owed_minor)
                 charges = view["charges"]
                 got = (charges["bank_minutes"], charges["deposit_minor"], charges["owed_minor"])
+                if s.authorize:  # and the money of its minutes its authorisations paid
+                    want, got = (*want, split.card_minor), (*got, charges["card_minor"])
                 if got != want:
                     self.problem(
                         "splits",
-                        f"call {index} charged (bank minutes, deposit, owed) {got}, the model "
-                        f"{want}",
+                        f"call {index} charged (bank minutes, deposit, owed, card) {got}, the "
+                        f"model {want}",
                     )
 
     def verdict(self, report: Callable[[str], None] = note) -> None:
@@ -758,6 +766,7 @@ async def run_example(
             gateway=gateway,
             METERD_SETTLE_DELAY_SECONDS=str(SETTLE_DELAY),
             METERD_ON_EXHAUSTED=scenario.on_exhausted,
+            METERD_CARD_MODE=scenario.card_mode,
         )
         client = TestClient(TestServer(app))
         await client.start_server()
@@ -1201,6 +1210,56 @@ def _scenario(*calls: Call, **fields: Any) -> Scenario:
     return normalise(Scenario(calls=calls, **(base | fields)))
 
 
+AUTHORISE = {"card": GOOD_CARD, "card_mode": "authorize"}
+# Authorise card mode: each call's minutes that bank and deposit cannot pay are paid by money
+# from its own authorisations (captured at settlement); no blocks. (scenario, account after
+# settlement: bank, deposit, owed, card kept; agent-minutes per call)
+AUTHORISE_EXAMPLES = [
+    # defect 6's figures: 5 minutes from the deposit, then 5 x 100 captured
+    pytest.param(
+        _scenario(_one(Agent("a0", 0), end=600), deposit=500, **AUTHORISE),
+        (0, 0, 0, 500),
+        [{"a0": 10}],
+        id="authorise-the-deposit-before-the-card",
+    ),
+    # two agents join while the deposit holds two minutes for one: 11 agent-minutes, 2 from the
+    # deposit, 9 x 100 from the authorisation bought as they ran out
+    pytest.param(
+        _scenario(
+            _one(Agent("a0", 0), Agent("a1", 130), Agent("a2", 130), end=300),
+            deposit=200,
+            **AUTHORISE,
+        ),
+        (0, 0, 0, 900),
+        [{"a0": 5, "a1": 3, "a2": 3}],
+        id="authorise-agents-joining-as-the-deposit-runs-out",
+    ),
+    # defect 10: a rate rise (100 -> 250 at 330) during a 20-minute call paid by the card from
+    # the gate: 6 minutes at 100, 14 at 250, all captured
+    pytest.param(
+        _scenario(_one(Agent("a0", 0), end=1200), rates=((330, 250),), **AUTHORISE),
+        (0, 0, 0, 4100),
+        [{"a0": 20}],
+        id="authorise-a-rate-rise-mid-call",
+    ),
+    # no funds, no card on file: the caller gives one at the gate; 3 minutes captured
+    pytest.param(
+        _scenario(_one(Agent("a0", 0), end=180, pay_token=GOOD_CARD), card_mode="authorize"),
+        (0, 0, 0, 300),
+        [{"a0": 3}],
+        id="authorise-the-card-given-at-the-gate",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "scenario", [pytest.param(p.values[0], id=p.id) for p in AUTHORISE_EXAMPLES]
+)
+def test_authorise_mode_examples_agree_with_the_model(database_url, localstripe, scenario):
+    with _examples(database_url, localstripe, print) as play:
+        play(scenario)
+
+
 @pytest.mark.parametrize(
     ("scenario", "account", "minutes"),
     [
@@ -1268,6 +1327,7 @@ def _scenario(*calls: Call, **fields: Any) -> Scenario:
             (0, -150, 0, 0),
             [{"a0": 3}],
         ),
+        *((example.values[0], *example.values[1:]) for example in AUTHORISE_EXAMPLES),
     ],
 )
 def test_the_model_gives_the_hand_worked_figures(scenario, account, minutes):
