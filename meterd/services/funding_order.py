@@ -8,8 +8,9 @@ the funding order decides otherwise, in this order:
 1. a money minute taken before its final due moment is priced at the rate then;
 2. money minutes the bank should have paid (a banked minute given back held it; a minute
    nothing could pay and those the deposit paid after it) are moved onto the bank;
-3. banked minutes a block bought ahead of need paid while the deposit held their price are
-   moved onto the deposit;
+3. the call's banked minutes that a block bought ahead of need paid while the deposit held
+   their price (the account's minutes after it walked in the funding order) are moved onto
+   the deposit;
 4. a minute still owed is paid from the deposit if it holds its price.
 """
 
@@ -53,7 +54,7 @@ class FundingOrder:
         banked minutes settlement gave back (the final timeline does not support them)."""
         await self._price_at_final_due(connection, call, account, timeline, now)
         await self._pay_from_bank_first(connection, call, bank_returned, now)
-        await self._pay_from_the_deposit_before_early_blocks(
+        await self._pay_from_the_deposit_before_an_early_block(
             connection, call, account, timeline, now
         )
         await self._pay_owed_from_the_deposit(connection, call, account, now)
@@ -166,7 +167,7 @@ class FundingOrder:
             original = await _load(connection, key)
             await _rebook(connection, call, original, source="bank", currency="", price=0, now=now)
 
-    async def _pay_from_the_deposit_before_early_blocks(
+    async def _pay_from_the_deposit_before_an_early_block(
         self,
         connection: Transaction,
         call: Record,
@@ -177,54 +178,97 @@ class FundingOrder:
         """meterd buys a block once bank and deposit cannot pay the next minute of every
         accruing agent: with two agents on the line, while the deposit still holds a minute.
         The block lands in the bank, the bank pays first, and the deposit's money is left over,
-        where the funding order (bank, deposit, then card) would have spent it first. So for
-        each block bought for the call while the deposit held a minute at the rate then, the
-        call's minutes the bank paid after it are walked in posting order as the funding order
-        pays them: first from the minutes the bank held without the block, then from the
-        deposit money there was when the block came (no more than the deposit holds now) while
-        it holds a minute's price at its final due moment. The first minute it cannot pay is
-        where the block was needed; the minutes before it that the deposit pays are rebooked
-        onto the deposit, their banked minutes back to the bank."""
+        where the funding order (bank, deposit, then card) would have spent it first.
+
+        So the account's first block since the call began that was bought while the deposit
+        held a minute at the rate then is replayed in the funding order: the account's minutes
+        the bank paid after it (every call's, in posting order) are paid first from the minutes
+        the bank held without the block, then from the deposit money there was when the block
+        came, while it holds each one's price, until the first it cannot pay (there the block
+        was needed). Minutes settlement already moved onto the deposit this way count as paid
+        from that money. Of the minutes it pays, this call's are rebooked onto the deposit now
+        (their banked minutes back to the bank), never more than the deposit holds; another
+        call's are left to that call's settlement (a call settled already keeps its minutes)."""
         if call.waived_at is not None:
             return
-        bank_book = ledger.bank_book(call.account_id)
-        deposit_book = ledger.deposit_book(call.account_id)
-        block_kind = frozenset({ledger.TransactionKind.CARD_BLOCK})
-        for block_key in await ledger_store.unreversed_keys(connection, call.call_sid, block_kind):
-            block_id = await ledger_store.transaction_id(connection, block_key)
-            deposit_then = await ledger_store.balance_before(connection, deposit_book, block_id)
-            bought_at = await ledger_store.posted_at(connection, block_key)
-            rate_then = await self._rate_at(connection, account, bought_at)
-            if deposit_then < rate_then:
-                continue  # bought because nothing else could pay: not early
-            held = await ledger_store.balances(connection, [deposit_book])
-            deposit = min(deposit_then, held.get(deposit_book, 0))
-            bank = await ledger_store.balance_before(connection, bank_book, block_id)
-            for paid_id, key in await _in_live_order(
-                connection, call.call_sid, frozenset({ledger.TransactionKind.MINUTE_BANK})
-            ):
-                if paid_id < block_id or key != ledger.live_minute_key(key):
-                    continue  # before the block, or settlement's own rebooking onto the bank
-                if bank > 0:
-                    bank -= 1
-                    continue
-                due_at = self._final_due_at(timeline, key)
-                if due_at is None:
-                    break
-                price = await self._rate_at(connection, account, due_at)
-                if price > deposit:
-                    break
-                original = await _load(connection, key)
-                await _rebook(
-                    connection,
-                    call,
-                    original,
-                    source="deposit",
-                    currency=account.currency,
-                    price=price,
-                    now=now,
-                )
-                deposit -= price
+        kinds = ledger.TransactionKind
+        block = await self._first_early_block(connection, call, account)
+        if block is None:
+            return
+        bank = await ledger_store.balance_before(
+            connection, ledger.bank_book(account.account_id), block.transaction_id
+        )
+        budget = await ledger_store.balance_before(
+            connection, ledger.deposit_book(account.account_id), block.transaction_id
+        )
+        held = await ledger_store.balances(connection, [ledger.deposit_book(account.account_id)])
+        room = held.get(ledger.deposit_book(account.account_id), 0)
+        after = await ledger_store.account_transactions(
+            connection,
+            account.account_id,
+            frozenset({kinds.MINUTE_BANK, kinds.MINUTE_DEPOSIT}),
+            after_id=block.transaction_id,
+        )
+        walk = sorted(
+            [(await _live_order(connection, m.key), m) for m in after if _walked(m.key)],
+            key=lambda pair: pair[0],
+        )
+        for live_order, minute in walk:
+            if live_order < block.transaction_id:
+                continue  # taken before the block, moved onto the deposit later
+            if minute.key.endswith(ledger.REBOOKED_FROM_DEPOSIT_SUFFIX):
+                budget -= _price(await _load(connection, minute.key), account.currency)
+                continue
+            if minute.kind != kinds.MINUTE_BANK:
+                return  # the deposit paid live: the bank had run out again
+            if bank > 0:
+                bank -= 1
+                continue
+            if minute.call_sid != call.call_sid:
+                price = await self._rate_at(connection, account, minute.posted_at)
+                if price > budget:
+                    return
+                budget -= price  # that call's settlement moves it
+                continue
+            due_at = self._final_due_at(timeline, minute.key)
+            if due_at is None:
+                return
+            price = await self._rate_at(connection, account, due_at)
+            if price > min(budget, room):
+                return
+            original = await _load(connection, minute.key)
+            await _rebook(
+                connection,
+                call,
+                original,
+                source="deposit",
+                currency=account.currency,
+                price=price,
+                now=now,
+            )
+            budget -= price
+            room -= price
+
+    async def _first_early_block(
+        self, connection: Transaction, call: Record, account: Record
+    ) -> ledger_store.Listed | None:
+        """The account's first block since the call began bought while the deposit held a
+        minute at the rate then (None: none)."""
+        blocks = await ledger_store.account_transactions(
+            connection,
+            account.account_id,
+            frozenset({ledger.TransactionKind.CARD_BLOCK}),
+        )
+        deposit_book = ledger.deposit_book(account.account_id)
+        for block in blocks:
+            if block.posted_at < call.started_at:
+                continue
+            deposit_then = await ledger_store.balance_before(
+                connection, deposit_book, block.transaction_id
+            )
+            if deposit_then >= await self._rate_at(connection, account, block.posted_at):
+                return block
+        return None
 
     def _final_due_at(self, timeline: Timeline, key: str) -> dt.datetime | None:
         """When the minute fell due by the final timeline (None: it did not)."""
@@ -325,3 +369,15 @@ async def _rebook(
         ),
         now,
     )
+
+
+def _walked(key: str) -> bool:
+    """A minute the early-block walk looks at: one the bank paid live (its first key), or one
+    settlement moved onto the deposit (only this step and owed minutes do; both count)."""
+    return key == ledger.live_minute_key(key) or key.endswith(ledger.REBOOKED_FROM_DEPOSIT_SUFFIX)
+
+
+def _price(transaction: ledger.Transaction, currency: str) -> int:
+    """What a minute cost: its posting to the usage revenue book."""
+    revenue_book = ledger.usage_revenue_book(currency)
+    return sum(p.amount for p in transaction.postings if p.book == revenue_book)

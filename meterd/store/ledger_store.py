@@ -346,6 +346,43 @@ async def unreversed_keys(
     return list(rows.all())
 
 
+@dataclass(frozen=True)
+class Listed:
+    """One posted transaction, as `account_transactions` lists it."""
+
+    transaction_id: int
+    key: str
+    kind: str
+    call_sid: str | None
+    posted_at: dt.datetime
+
+
+async def account_transactions(
+    connection: AsyncConnection, account_id: str, kinds: frozenset[str], *, after_id: int = 0
+) -> list[Listed]:
+    """The account's transactions of these kinds (any call) that no transaction reverses yet,
+    posted after transaction `after_id`, in posting order."""
+    reversal = ledger_transactions.alias("reversal")
+    rows = await connection.execute(
+        select(
+            ledger_transactions.c.transaction_id,
+            ledger_transactions.c.idempotency_key,
+            ledger_transactions.c.kind,
+            ledger_transactions.c.call_sid,
+            ledger_transactions.c.posted_at,
+        )
+        .outerjoin(reversal, reversal.c.reverses_key == ledger_transactions.c.idempotency_key)
+        .where(
+            ledger_transactions.c.account_id == account_id,
+            ledger_transactions.c.kind.in_(kinds),
+            ledger_transactions.c.transaction_id > after_id,
+            reversal.c.transaction_id.is_(None),
+        )
+        .order_by(ledger_transactions.c.transaction_id)
+    )
+    return [Listed(int(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+
 async def call_book_totals(
     connection: AsyncConnection, call_sid: str, *, excluding_kinds: frozenset[str] = frozenset()
 ) -> dict[str, int]:

@@ -1174,6 +1174,43 @@ PAST_FAILURES = [
         _early_block(first_call_a0_joins=0),
         id="an-early-block-moves-a-deposit-minute-to-the-next-call",
     ),
+    # The first fix rebooked onto the deposit only the minutes of the call that bought the
+    # early block (2,000 examples): here call 1's minute at 136 came first after it (bought at
+    # 132 by call 0 with 100 left), so the funding order has the deposit pay call 1's minute and
+    # the block call 0's; the splits were swapped. The walk now goes over every call's minutes.
+    pytest.param(
+        Scenario(
+            skew=-2,
+            bank=0,
+            deposit=500,
+            card=GOOD_CARD,
+            on_exhausted="announce",
+            rates=(),
+            deposits=(),
+            calls=(
+                Call(start=10, end=131, agents=(Agent("a0", join=70), Agent("a1", join=0))),
+                Call(start=134, end=20, agents=(Agent("a0", join=0),)),
+            ),
+            ticks=(),
+        ),
+        id="an-early-block-pays-another-calls-minute-first",
+    ),
+    # A review: two blocks bought early with the same 100 left in the deposit (two agents, the
+    # first block used up in pairs), then 1000 deposited: the 100 pays one minute, not two.
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=0,
+            deposit=500,
+            card=GOOD_CARD,
+            on_exhausted="announce",
+            rates=(),
+            deposits=((1100, 1000),),
+            calls=(Call(start=10, end=1200, agents=(Agent("a0", join=0), Agent("a1", join=0))),),
+            ticks=(),
+        ),
+        id="two-early-blocks-share-one-deposit-minute",
+    ),
 ]
 
 
