@@ -109,7 +109,7 @@ class MeteringService:
         waiting = [call_sid for call_sid, _ in due]
         while waiting:
             await asyncio.sleep(0)  # a webhook waiting for the database goes first
-            outcomes, waiting = await self._meter_batch(waiting, now, report.errors)
+            outcomes, waiting = await self._meter_batch(waiting, report.errors)
             for call_sid, (posted, backlog) in outcomes.items():
                 report.minutes_posted += posted
                 report.calls_metered += 1
@@ -152,26 +152,26 @@ class MeteringService:
             return await self._meter_locked(connection, call, account, now)
 
     async def _meter_batch(
-        self, call_sids: list[str], due_by: dt.datetime, errors: list[str]
+        self, call_sids: list[str], errors: list[str]
     ) -> tuple[dict[str, tuple[int, bool]], list[str]]:
         """Meter the first of `call_sids` in one transaction: at most BATCH_CALLS_MAX calls,
         and no more once it has run BATCH_SECONDS_MAX (webhooks wait for the database while it
-        runs). Each call is metered as `_meter_call` would, in the same order, so the batch
-        posts what one transaction per call would. Returns {call: (posted, backlog)} for the
-        calls metered and the calls left for the next batch.
+        runs). Each call is metered as `_meter_call` would, in the order given (the most
+        overdue first), so the batch posts what one transaction per call would. Returns
+        {call: (posted, backlog)} for the calls metered and the calls left for the next batch.
 
         Locks: every call's row first (in sid order; `SKIP LOCKED` on PostgreSQL, so a call
         another daemon holds is skipped, never waited for), then every account's row (in id
-        order), so two batches never wait on each other in a circle. A call whose next minute
-        is no longer due (another daemon metered it since it was listed) is left alone.
+        order), so two batches never wait on each other in a circle. A call whose next look is
+        in the future now (another daemon metered it since it was listed) is left alone.
 
         If the batch fails, each of its calls is metered in its own transaction instead, so
         one call's fault holds back no other: that call's error is logged and added to `errors`
         (it is tried again at the next tick). A database outage and a broken money invariant
         are raised as they are (the scheduler's business: wait, or stop the daemon)."""
-        batch, rest = sorted(call_sids[:BATCH_CALLS_MAX]), call_sids[BATCH_CALLS_MAX:]
+        batch, rest = call_sids[:BATCH_CALLS_MAX], call_sids[BATCH_CALLS_MAX:]
         try:
-            return await self._meter_in_one_transaction(batch, rest, due_by)
+            return await self._meter_in_one_transaction(batch, rest)
         except Exception as error:
             if _fatal(error):
                 raise
@@ -188,21 +188,22 @@ class MeteringService:
         return outcomes, rest
 
     async def _meter_in_one_transaction(
-        self, batch: list[str], rest: list[str], due_by: dt.datetime
+        self, batch: list[str], rest: list[str]
     ) -> tuple[dict[str, tuple[int, bool]], list[str]]:
         outcomes: dict[str, tuple[int, bool]] = {}
         started = time.monotonic()
         now = self._clock()
         async with self._database.write() as connection:
             repos = self._repositories(connection)
-            locked = []
-            for call_sid in batch:
+            held = {}
+            for call_sid in sorted(batch):  # the lock order
                 call = await repos.calls.lock(call_sid)
                 if call is None or call.settled_at is not None:
                     continue
-                if call.next_due_at is None or call.next_due_at > due_by:
+                if call.next_due_at is None or call.next_due_at > now:
                     continue  # metered elsewhere since the tick listed it
-                locked.append(call)
+                held[call_sid] = call
+            locked = [held[call_sid] for call_sid in batch if call_sid in held]  # due order
             accounts = {}
             for account_id in sorted({c.account_id for c in locked if c.account_id is not None}):
                 accounts[account_id] = await locked_account(repos, account_id)

@@ -252,3 +252,18 @@ async def test_a_call_metered_elsewhere_since_the_tick_listed_it_is_left_alone(m
     monkeypatch.setattr("tests.fakes.repositories.CallRepository.lock", moved_meanwhile)
     assert (await _tick_at(metering, clock, 1)).minutes_posted == 0
     assert store.calls[SID]["next_due_at"] == later
+
+
+async def test_a_batch_funds_its_calls_most_overdue_first_whatever_their_sids():
+    """Locks are taken in sid order, but the calls are metered in the order they fell due: the
+    most overdue call (the larger sid here) gets the last banked minute."""
+    store, clock, metering = _scene(bank_minutes=1, deposit_minor=100)
+    (other,) = _more_calls(store, 1)
+    assert other < SID
+    store.calls[SID]["next_due_at"] = START - dt.timedelta(seconds=10)
+    await _tick_at(metering, clock, 1)
+    kinds = {
+        key.split(":")[1]: store.transactions[key]["transaction"].kind
+        for key in _minute_keys(store)
+    }
+    assert kinds == {SID: "minute_bank", other: "minute_deposit"}
