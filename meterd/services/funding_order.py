@@ -191,7 +191,6 @@ class FundingOrder:
         call's are left to that call's settlement (a call settled already keeps its minutes)."""
         if call.waived_at is not None:
             return
-        kinds = ledger.TransactionKind
         block = await self._first_early_block(connection, call, account)
         if block is None:
             return
@@ -203,23 +202,11 @@ class FundingOrder:
         )
         held = await ledger_store.balances(connection, [ledger.deposit_book(account.account_id)])
         room = held.get(ledger.deposit_book(account.account_id), 0)
-        after = await ledger_store.account_transactions(
-            connection,
-            account.account_id,
-            frozenset({kinds.MINUTE_BANK, kinds.MINUTE_DEPOSIT}),
-            after_id=block.transaction_id,
-        )
-        walk = sorted(
-            [(await _live_order(connection, m.key), m) for m in after if _walked(m.key)],
-            key=lambda pair: pair[0],
-        )
-        for live_order, minute in walk:
-            if live_order < block.transaction_id:
-                continue  # taken before the block, moved onto the deposit later
+        for minute in await _minutes_after(connection, account.account_id, block):
             if minute.key.endswith(ledger.REBOOKED_FROM_DEPOSIT_SUFFIX):
                 budget -= _price(await _load(connection, minute.key), account.currency)
                 continue
-            if minute.kind != kinds.MINUTE_BANK:
+            if minute.kind != ledger.TransactionKind.MINUTE_BANK:
                 return  # the deposit paid live: the bank had run out again
             if bank > 0:
                 bank -= 1
@@ -369,6 +356,22 @@ async def _rebook(
         ),
         now,
     )
+
+
+async def _minutes_after(
+    connection: Transaction, account_id: str, block: ledger_store.Listed
+) -> list[ledger_store.Listed]:
+    """The account's minutes (every call's) first taken after `block`, in that order: those the
+    bank paid live, and those settlement moved onto the deposit since."""
+    kinds = ledger.TransactionKind
+    after = await ledger_store.account_transactions(
+        connection,
+        account_id,
+        frozenset({kinds.MINUTE_BANK, kinds.MINUTE_DEPOSIT}),
+        after_id=block.transaction_id,
+    )
+    walk = [(await _live_order(connection, m.key), m) for m in after if _walked(m.key)]
+    return [m for order, m in sorted(walk, key=lambda p: p[0]) if order > block.transaction_id]
 
 
 def _walked(key: str) -> bool:
