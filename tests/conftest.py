@@ -73,3 +73,18 @@ async def database(database_url: str) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.close()
+
+
+# --- running in parallel (pytest-xdist, the README's test command) ------------------------------
+
+TIMED_GROUP = "real-daemons"  # tests whose limits are wall-clock: one worker runs them in turn
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that start the real daemon (tests/e2e) and time it (minutes within 2 s,
+    overload, floods) run one after the other on one worker (`--dist loadgroup`), so two of them
+    never compete with each other for the machine; the rest spread over the other workers."""
+    for item in items:
+        if "/tests/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.xdist_group(TIMED_GROUP))

@@ -265,8 +265,10 @@ def minute_key(call_sid: str, agent_id: str, n: int) -> str:
 
 REBOOKED_SUFFIX = ":from-bank"  # settlement moved a money-paid minute onto the bank
 REBOOKED_FROM_DEPOSIT_SUFFIX = ":from-deposit"  # settlement moved an owed minute onto the deposit
+REBOOKED_FROM_CARD_SUFFIX = ":from-card"  # ... or onto the call's card authorisation
 REPRICED_SUFFIX = ":repriced"  # settlement priced a minute taken early at its final due moment
-_SETTLEMENT_SUFFIXES = (REBOOKED_SUFFIX, REBOOKED_FROM_DEPOSIT_SUFFIX, REPRICED_SUFFIX)
+_REBOOKED_SUFFIXES = {"bank": REBOOKED_SUFFIX, "card": REBOOKED_FROM_CARD_SUFFIX}  # else deposit
+_SETTLEMENT_SUFFIXES = (*_REBOOKED_SUFFIXES.values(), REBOOKED_FROM_DEPOSIT_SUFFIX, REPRICED_SUFFIX)
 
 
 def live_minute_key(key: str) -> str:
@@ -348,14 +350,14 @@ def minute(
     """Agent `agent_id`'s minute `n` on a call. Every minute moves one agent-minute into
     `minutes:used`: from the bank if banked, else from `minutes:unbanked`; a priced minute also
     moves its money from the deposit (or, owed, from the receivable) to usage revenue.
-    `rebooked`: settlement moving a minute onto the bank or (an owed one) onto the deposit,
-    under its own key; `repriced`: settlement pricing a minute taken before its final due
-    moment at that moment's rate, under its own key."""
+    `rebooked`: settlement moving a minute onto the bank or (an owed one) onto the deposit or
+    the call's card authorisation, under its own key; `repriced`: settlement pricing a minute
+    taken before its final due moment at that moment's rate, under its own key."""
     if rebooked and repriced:
         raise LedgerError("a minute is rebooked or repriced, not both at once")
     suffix = ""
     if rebooked:
-        suffix = REBOOKED_SUFFIX if source == "bank" else REBOOKED_FROM_DEPOSIT_SUFFIX
+        suffix = _REBOOKED_SUFFIXES.get(source, REBOOKED_FROM_DEPOSIT_SUFFIX)
     elif repriced:
         suffix = REPRICED_SUFFIX
     key = minute_key(call_sid, agent_id, n) + suffix

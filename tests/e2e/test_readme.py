@@ -30,7 +30,7 @@ def test_readme_opens_with_exactly_two_commands_and_ci_runs_the_second():
     assert len(commands) == 2
     setup, tests = commands
     assert "pip install -e ." in setup and setup.endswith("meterd run")
-    assert tests.endswith("pytest")
+    assert tests.endswith(".venv/bin/pytest -n 3 --dist loadgroup")  # tests/conftest.py's groups
     extracted = subprocess.run(
         ["bash", "-c", "awk '/^```/{fence++; next} fence==1' README.md | sed -n 2p"],
         cwd=ROOT,

@@ -1235,7 +1235,14 @@ def test_fuzzed_requests_get_no_5xx_and_unauthenticated_ones_store_nothing(datab
         assert (
             answered["twilio/conference credentialed", 2] + answered["twilio/voice credentialed", 2]
         )
-        assert answered["twilio/conference", 4] and answered["/admin/accounts", 4]
+        # uncredentialed requests were refused, on Twilio's routes and on the admin API (any
+        # admin route: which of them a run draws uncredentialed is chance)
+        admin_refused = sum(
+            n
+            for (kind, family), n in answered.items()
+            if kind.startswith("/admin/") and family == 4
+        )
+        assert answered["twilio/conference", 4] and admin_refused
 
 
 async def _seed(fuzzer: Fuzzer, world: World) -> None:

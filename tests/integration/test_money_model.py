@@ -76,7 +76,7 @@ START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
 MINUTE_KEY = re.compile(
-    r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank|:from-deposit|:repriced)?$"
+    r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank|:from-deposit|:from-card|:repriced)?$"
 )
 MONEY_MINUTES = {"minute_deposit", "minute_debt", "minute_receivable", "minute_card"}
 
@@ -1210,6 +1210,26 @@ PAST_FAILURES = [
             ticks=(),
         ),
         id="two-early-blocks-share-one-deposit-minute",
+    ),
+    # Authorise mode (2,000 examples): deposit 150, card on file, two agents from the start.
+    # Minute 1 of both falls due at once: the deposit pays one, nothing pays the other (no
+    # authorisation yet: the gate found the deposit), so it was owed, and the authorisation
+    # bought then never paid it: owed 100, card 0. The funding order puts the card before
+    # owing: settlement now pays an owed minute from the call's authorisations.
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=0,
+            deposit=150,
+            card=GOOD_CARD,
+            on_exhausted="announce",
+            rates=(),
+            deposits=(),
+            calls=(Call(start=10, end=20, agents=(Agent("a0", join=0), Agent("a1", join=0))),),
+            ticks=(),
+            card_mode="authorize",
+        ),
+        id="authorise-an-owed-minute-is-paid-by-the-authorisation-it-bought",
     ),
 ]
 
