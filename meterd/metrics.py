@@ -69,6 +69,12 @@ class Metrics:
         self.calls_settled = Counter(
             "meterd_calls_settled", "calls settled by the metering tick", registry=registry
         )
+        self.metering_failures = Counter(
+            "meterd_metering_call_failures",
+            "calls the metering tick could not meter (tried again next tick; the error log says "
+            "why)",
+            registry=registry,
+        )
         self.tick_lag = Histogram(
             "meterd_tick_lag_seconds",
             "how overdue the most overdue minute was when a metering tick began",
@@ -148,6 +154,8 @@ class Metrics:
         self.posted("minute", report.minutes_posted)
         if report.calls_settled:
             self.calls_settled.inc(report.calls_settled)
+        if report.errors:
+            self.metering_failures.inc(len(report.errors))
 
     # the scheduler
     def job_started(self, job: str) -> None:

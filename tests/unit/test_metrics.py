@@ -43,6 +43,13 @@ def test_a_tick_report_feeds_postings_lag_and_settlements():
     assert metrics.last_tick_lag_seconds == 0.0
 
 
+def test_calls_the_tick_could_not_meter_are_counted():
+    metrics = Metrics()
+    metrics.observe_tick(TickReport(errors=["CA1: a damaged event", "CA2: another"]))
+    metrics.observe_tick(TickReport(errors=["CA1: a damaged event"]))
+    assert sample(metrics, "meterd_metering_call_failures_total") == 3
+
+
 def test_job_runs_failures_and_running_jobs_are_counted_by_job():
     metrics = Metrics()
     metrics.job_started("metering-tick")
