@@ -248,11 +248,10 @@ class FundingOrder:
             connection,
             account.account_id,
             frozenset({ledger.TransactionKind.CARD_BLOCK}),
+            posted_since=call.started_at,
         )
         deposit_book = ledger.deposit_book(account.account_id)
         for block in blocks:
-            if block.posted_at < call.started_at:
-                continue
             deposit_then = await ledger_store.balance_before(
                 connection, deposit_book, block.transaction_id
             )

@@ -358,10 +358,15 @@ class Listed:
 
 
 async def account_transactions(
-    connection: AsyncConnection, account_id: str, kinds: frozenset[str], *, after_id: int = 0
+    connection: AsyncConnection,
+    account_id: str,
+    kinds: frozenset[str],
+    *,
+    after_id: int = 0,
+    posted_since: dt.datetime | None = None,
 ) -> list[Listed]:
     """The account's transactions of these kinds (any call) that no transaction reverses yet,
-    posted after transaction `after_id`, in posting order."""
+    posted after transaction `after_id` (and at or after `posted_since`), in posting order."""
     reversal = ledger_transactions.alias("reversal")
     rows = await connection.execute(
         select(
@@ -377,6 +382,7 @@ async def account_transactions(
             ledger_transactions.c.kind.in_(kinds),
             ledger_transactions.c.transaction_id > after_id,
             reversal.c.transaction_id.is_(None),
+            *([] if posted_since is None else [ledger_transactions.c.posted_at >= posted_since]),
         )
         .order_by(ledger_transactions.c.transaction_id)
     )
