@@ -12,8 +12,8 @@ the funding order decides otherwise, in this order:
    their price (the account's minutes after it walked in the funding order) are moved onto
    the deposit;
 4. a minute still owed is paid from the deposit if it holds its price;
-5. authorise mode: a minute still owed is paid from the call's authorisations if they hold its
-   price (the authorisation was bought because of it, and was still on its way).
+5. authorise mode: a minute still owed or on debt is paid from the call's authorisations if
+   they hold its price (the authorisation was bought because of it, and was on its way).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class FundingOrder:
             connection, call, account, timeline, now
         )
         await self._pay_owed_from_the_deposit(connection, call, account, now)
-        await self._pay_owed_from_the_card(connection, call, account, now)
+        await self._pay_unpaid_from_the_card(connection, call, account, now)
 
     async def _price_at_final_due(
         self,
@@ -273,17 +273,18 @@ class FundingOrder:
             connection, RateKind.PER_AGENT_MINUTE, account.currency, at
         )
 
-    async def _pay_owed_from_the_card(
+    async def _pay_unpaid_from_the_card(
         self, connection: Transaction, call: Record, account: Record, now: dt.datetime
     ) -> None:
         """Authorise mode: a minute nothing could pay when it fell due (two agents' minutes due
-        at once with one minute's funds left, say) made meterd buy an authorisation for the
-        call; it was still on its way. The funding order is bank, deposit, then card: each
-        minute still owed is paid from the call's authorisations while they hold its price, in
-        the order the minutes were taken, at the price it was owed at."""
+        at once with one minute's funds left, or a rate rise the deposit could not follow) made
+        meterd buy an authorisation for the call; it was still on its way. The funding order is
+        bank, deposit, card, then debt or owed: each minute still owed or put on debt is paid
+        from the call's authorisations while they hold its price, in the order the minutes
+        were taken, at the price it had."""
         funds = await self._funding.funds(connection, account, call.call_sid, now)
         hold = funds.card_hold_minor
-        for key, price in await _owed_minutes(connection, call):
+        for key, price in await _unpaid_minutes(connection, call, account.currency, debt=True):
             if not 0 < price <= hold:
                 continue
             await _rebook(
@@ -306,7 +307,7 @@ class FundingOrder:
         it was owed at, in the order it was posted."""
         deposit_book = ledger.deposit_book(call.account_id)
         deposit = (await ledger_store.balances(connection, [deposit_book])).get(deposit_book, 0)
-        for key, price in await _owed_minutes(connection, call):
+        for key, price in await _unpaid_minutes(connection, call, account.currency):
             if not 0 < price <= deposit:
                 continue
             await _rebook(
@@ -321,16 +322,18 @@ class FundingOrder:
             deposit -= price
 
 
-async def _owed_minutes(connection: Transaction, call: Record) -> list[tuple[str, int]]:
-    """The call's minutes still owed, as (key, price), in the order they were taken."""
-    receivable_book = ledger.receivable_book(call.account_id)
-    owed = []
-    for _, key in await _in_live_order(
-        connection, call.call_sid, frozenset({ledger.TransactionKind.MINUTE_RECEIVABLE})
-    ):
-        original = await _load(connection, key)
-        owed.append((key, -sum(p.amount for p in original.postings if p.book == receivable_book)))
-    return owed
+async def _unpaid_minutes(
+    connection: Transaction, call: Record, currency: str, *, debt: bool = False
+) -> list[tuple[str, int]]:
+    """The call's minutes still owed (and, with `debt`, those put on debt), as (key, price),
+    in the order they were taken."""
+    kinds = {ledger.TransactionKind.MINUTE_RECEIVABLE}
+    if debt:
+        kinds.add(ledger.TransactionKind.MINUTE_DEBT)
+    return [
+        (key, _price(await _load(connection, key), currency))
+        for _, key in await _in_live_order(connection, call.call_sid, frozenset(kinds))
+    ]
 
 
 async def _live_order(connection: Transaction, key: str) -> int:

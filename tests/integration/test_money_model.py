@@ -1231,6 +1231,34 @@ PAST_FAILURES = [
         ),
         id="authorise-an-owed-minute-is-paid-by-the-authorisation-it-bought",
     ),
+    # Authorise mode with allow_debt (2,000 examples): call 1 is connected on a deposit of 100 at
+    # rate 50; the rate rises to 250 at 510; its next minute (at 529) finds 50 in the deposit and
+    # no authorisation yet, so it went on debt (deposit -200), and the authorisation bought then
+    # paid only the minutes after it. The funding order puts the card before debt: settlement
+    # pays a minute on debt from the call's authorisations too (deposit 50, card 1800).
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=0,
+            deposit=0,
+            card=GOOD_CARD,
+            on_exhausted="allow_debt",
+            rates=((1, 50), (510, 250)),
+            deposits=((258, 100),),
+            calls=(
+                Call(start=10, end=20, agents=(Agent("a0", join=0),)),
+                Call(
+                    start=469,
+                    end=471,
+                    agents=(Agent("a0", join=0, hold=(1, 1)),),
+                    research=(Research("a0", start=0, stop=1, live=False),),
+                ),
+            ),
+            ticks=(),
+            card_mode="authorize",
+        ),
+        id="authorise-a-minute-on-debt-is-paid-by-the-authorisation-it-bought",
+    ),
 ]
 
 
