@@ -282,9 +282,11 @@ class FundingOrder:
         bank, deposit, card, then debt or owed: each minute still owed or put on debt is paid
         from the call's authorisations while they hold its price, in the order the minutes
         were taken, at the price it had."""
-        funds = await self._funding.funds(connection, account, call.call_sid, now)
-        hold = funds.card_hold_minor
-        for key, price in await _unpaid_minutes(connection, call, account.currency, debt=True):
+        unpaid = await _unpaid_minutes(connection, call, account.currency, debt=True)
+        if not unpaid:
+            return  # the common case: nothing more to ask the database
+        hold = (await self._funding.funds(connection, account, call.call_sid, now)).card_hold_minor
+        for key, price in unpaid:
             if not 0 < price <= hold:
                 continue
             await _rebook(
