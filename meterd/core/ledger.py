@@ -268,14 +268,14 @@ REBOOKED_FROM_DEPOSIT_SUFFIX = ":from-deposit"  # settlement moved an owed minut
 REBOOKED_FROM_CARD_SUFFIX = ":from-card"  # ... or onto the call's card authorisation
 REPRICED_SUFFIX = ":repriced"  # settlement priced a minute taken early at its final due moment
 _REBOOKED_SUFFIXES = {"bank": REBOOKED_SUFFIX, "card": REBOOKED_FROM_CARD_SUFFIX}  # else deposit
-_SETTLEMENT_SUFFIXES = (*_REBOOKED_SUFFIXES.values(), REBOOKED_FROM_DEPOSIT_SUFFIX, REPRICED_SUFFIX)
+SETTLEMENT_SUFFIXES = (*_REBOOKED_SUFFIXES.values(), REBOOKED_FROM_DEPOSIT_SUFFIX, REPRICED_SUFFIX)
 
 
 def live_minute_key(key: str) -> str:
     """The key a minute was first posted under (live, or at settlement if it was missing),
     from that key or one settlement rebooked or repriced it under. Suffixes never stack: a
     rebooking is keyed from the minute's first key, whichever key it replaces."""
-    for suffix in _SETTLEMENT_SUFFIXES:
+    for suffix in SETTLEMENT_SUFFIXES:
         if key.endswith(suffix):
             return key.removesuffix(suffix)
     return key

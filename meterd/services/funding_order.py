@@ -197,12 +197,8 @@ class FundingOrder:
         block = await self._first_early_block(connection, call, account)
         if block is None:
             return
-        bank = await ledger_store.balance_before(
-            connection, ledger.bank_book(account.account_id), block.transaction_id
-        )
-        budget = await ledger_store.balance_before(
-            connection, ledger.deposit_book(account.account_id), block.transaction_id
-        )
+        bank = await _booked_before(connection, account.account_id, "bank", block)
+        budget = await _booked_before(connection, account.account_id, "deposit", block)
         held = await ledger_store.balances(connection, [ledger.deposit_book(account.account_id)])
         room = held.get(ledger.deposit_book(account.account_id), 0)
         for minute in await _minutes_after(connection, account.account_id, block):
@@ -250,11 +246,8 @@ class FundingOrder:
             frozenset({ledger.TransactionKind.CARD_BLOCK}),
             posted_since=call.started_at,
         )
-        deposit_book = ledger.deposit_book(account.account_id)
         for block in blocks:
-            deposit_then = await ledger_store.balance_before(
-                connection, deposit_book, block.transaction_id
-            )
+            deposit_then = await _booked_before(connection, account.account_id, "deposit", block)
             if deposit_then >= await self._rate_at(connection, account, block.posted_at):
                 return block
         return None
@@ -394,6 +387,41 @@ async def _rebook(
         ),
         now,
     )
+
+
+async def _booked_before(
+    connection: Transaction, account_id: str, payer: str, block: ledger_store.Listed
+) -> int:
+    """The account's bank (minutes) or deposit (money) just before `block` as finally booked:
+    without what was given back since (a minute its final timeline does not support, a waived
+    call's charges). A minute settlement rebooked (onto another payer, or at another price)
+    still counts where it was taken: it was paid, by whoever."""
+    book = ledger.bank_book(account_id) if payer == "bank" else ledger.deposit_book(account_id)
+    held = await ledger_store.balance_before(connection, book, block.transaction_id)
+    for listed in await ledger_store.account_transactions(
+        connection,
+        account_id,
+        frozenset({ledger.TransactionKind.REVERSAL}),
+        after_id=block.transaction_id,
+    ):
+        reversal = await _load(connection, listed.key)
+        original_key = reversal.reverses_key or ""
+        taken_before = await ledger_store.transaction_id(connection, original_key)
+        if taken_before < block.transaction_id and not await _rebooked(connection, original_key):
+            held += sum(p.amount for p in reversal.postings if p.book == book)
+    return held
+
+
+async def _rebooked(connection: Transaction, key: str) -> bool:
+    """Whether settlement posted the minute `key` again under another key (a rebooking or a
+    repricing): then reversing `key` moved the minute, it did not give it back."""
+    if ":minute:" not in key:
+        return False
+    live = ledger.live_minute_key(key)
+    for other in (live, *(live + suffix for suffix in ledger.SETTLEMENT_SUFFIXES)):
+        if other != key and await ledger_store.load_transaction(connection, other) is not None:
+            return True
+    return False
 
 
 async def _minutes_after(
