@@ -13,7 +13,8 @@ the funding order decides otherwise, in this order:
    the deposit;
 4. a minute still owed is paid from the deposit if it holds its price;
 5. authorise mode: a minute still owed or on debt is paid from the call's authorisations if
-   they hold its price (the authorisation was bought because of it, and was on its way).
+   they hold its price (the authorisation was bought because of it, and was on its way); the
+   deposit money a debt minute gives back pays the later card minutes it would have paid.
 """
 
 from __future__ import annotations
@@ -279,19 +280,54 @@ class FundingOrder:
         if not unpaid:
             return  # the common case: nothing more to ask the database
         hold = (await self._funding.funds(connection, account, call.call_sid, now)).card_hold_minor
+        debt_moved: list[tuple[int, int]] = []  # (live order, price) of debt minutes moved
         for key, price in unpaid:
             if not 0 < price <= hold:
                 continue
+            original = await _load(connection, key)
+            if original.kind == ledger.TransactionKind.MINUTE_DEBT:
+                debt_moved.append((await _live_order(connection, key), price))
             await _rebook(
-                connection,
-                call,
-                await _load(connection, key),
-                source="card",
-                currency=account.currency,
-                price=price,
-                now=now,
-            )
+                connection, call, original, source="card", currency=account.currency,
+                price=price, now=now,
+            )  # fmt: skip
             hold -= price
+        if debt_moved:
+            await self._deposit_freed_by_debt(connection, call, account, debt_moved, now)
+
+    async def _deposit_freed_by_debt(
+        self,
+        connection: Transaction,
+        call: Record,
+        account: Record,
+        debt_moved: list[tuple[int, int]],
+        now: dt.datetime,
+    ) -> None:
+        """A minute on debt that the card now pays gives its money back to the deposit. Live,
+        money deposited later paid that debt off, so the call's card minutes after it were paid
+        by the card while, in the funding order (the debt never there), the deposit held their
+        price: each is moved onto the deposit, in the order taken, while the deposit (as it
+        would have been then, and as it is now) holds its price."""
+        deposit_book = ledger.deposit_book(call.account_id)
+        room = (await ledger_store.balances(connection, [deposit_book])).get(deposit_book, 0)
+        moved_minor = 0
+        for live_order, key in await _in_live_order(
+            connection, call.call_sid, frozenset({ledger.TransactionKind.MINUTE_CARD})
+        ):
+            if key != ledger.live_minute_key(key):
+                continue  # one settlement moved onto the card itself
+            original = await _load(connection, key)
+            price = _price(original, account.currency)
+            freed = sum(p for order, p in debt_moved if order < live_order) - moved_minor
+            then = await ledger_store.balance_before(connection, deposit_book, live_order) + freed
+            if not 0 < price <= min(then, room):
+                continue
+            await _rebook(
+                connection, call, original, source="deposit", currency=account.currency,
+                price=price, now=now,
+            )  # fmt: skip
+            room -= price
+            moved_minor += price
 
     async def _pay_owed_from_the_deposit(
         self, connection: Transaction, call: Record, account: Record, now: dt.datetime

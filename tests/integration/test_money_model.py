@@ -72,7 +72,6 @@ from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 EXAMPLES = int(os.environ.get("METERD_MODEL_EXAMPLES", "15"))
 SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
 LEDGER_SHOWN = bool(os.environ.get("METERD_MODEL_LEDGER"))
-DEBT_THEN_DEPOSIT_DEFECT = "meterd defect: a debt minute moved to the card frees deposit money"
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
@@ -1298,15 +1297,13 @@ PAST_FAILURES = [
         ),
         id="a-block-bought-for-a-minute-given-back-pays-bank-first",
     ),
-    # A meterd defect, not fixed yet (2,000 examples, after the debt fix above): authorise mode,
-    # allow_debt, bank 10, a deposit of 100 arriving at 604 during call 1. Live, a minute of
-    # call 1 went on debt before the authorisation came, and the deposit of 100 paid that debt
-    # off; settlement now moves the debt minute to the card (card before debt), which gives
-    # the 100 back to the deposit, where the funding order would have spent it on call 1's
-    # first minute after 604 instead of the card: deposit 100 / card 2000, the model 0 / 1900.
-    # The customer pays the same total; the split between deposit and card is wrong. The fix:
-    # after moving a debt minute to the card, pay from the deposit the call's card minutes
-    # taken after the money it gets back arrived, while it holds their price.
+    # 2,000 examples, after the debt fix above: authorise mode, allow_debt, bank 10, a deposit
+    # of 100 arriving at 604 during call 1. Live, a minute of call 1 went on debt before the
+    # authorisation came, and the deposit of 100 paid that debt off; settlement moved the debt
+    # minute to the card (card before debt), which gave the 100 back to the deposit, where the
+    # funding order would have spent it on call 1's first minute after 604 instead of the
+    # card: deposit 100 / card 2000, the model 0 / 1900. Settlement now pays from the deposit
+    # the call's card minutes the freed money would have paid.
     pytest.param(
         Scenario(
             skew=0,
@@ -1332,7 +1329,6 @@ PAST_FAILURES = [
             card_mode="authorize",
         ),
         id="authorise-money-a-debt-minute-gives-back-pays-a-later-card-minute",
-        marks=pytest.mark.xfail(strict=True, reason=DEBT_THEN_DEPOSIT_DEFECT),
     ),
 ]
 
