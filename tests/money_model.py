@@ -439,6 +439,7 @@ def _fund(
             remaining -= 1
             rate = scenario.rate_at(what.due_taken if price_when_taken else what.due)
             split = splits[what.call]
+            deposit_before = state.deposit
             good_card = state.card == GOOD_CARD
             if state.bank < 1 and state.deposit < rate and good_card and not scenario.authorize:
                 state.bank += BLOCK_MINUTES
@@ -464,11 +465,15 @@ def _fund(
                 state.owed += rate
                 split = dataclasses.replace(split, owed_minor=split.owed_minor + rate)
             splits[what.call] = split
-            paid[what.call].append(_Paid(source, rate))
+            paid[what.call].append(_Paid(source, rate, deposit_before))
         elif what[0] == "deposit":
             state.deposit += what[1]
         elif what[0] == "settle":
-            splits[what[1]] = _settle(state, paid[what[1]], splits[what[1]])
+            index = what[1]
+            splits[index] = _settle(state, paid[index], splits[index])
+            held = gates[index] == BLOCK or any(p.source == "card" for p in paid[index])
+            if scenario.authorize and held and state.card == GOOD_CARD:
+                splits[index] = _settle_from_the_hold(state, paid[index], splits[index])
         else:
             index = what[1]
             _apply_gate(
@@ -512,6 +517,7 @@ def _fund(
 class _Paid:
     source: str  # bank, deposit, card (authorise mode), debt or owed
     price: int
+    deposit_before: int  # the deposit just before this minute was funded
 
 
 def _settle(state: _State, paid: list[_Paid], split: Split) -> Split:
@@ -542,6 +548,49 @@ def _settle(state: _State, paid: list[_Paid], split: Split) -> Split:
             split = dataclasses.replace(
                 split,
                 owed_minor=split.owed_minor - minute.price,
+                deposit_minor=split.deposit_minor + minute.price,
+            )
+            minute.source = "deposit"
+    return split
+
+
+def _settle_from_the_hold(state: _State, paid: list[_Paid], split: Split) -> Split:
+    """Authorise mode, a call that holds an authorisation (from its gate, or bought for its
+    minutes): at settlement, each of its minutes still owed or on debt is paid from the card,
+    also one taken before the card was on file (docs/billing.md, Settlement 3: the card is
+    collected rather than a receivable invoiced, as a block bought later pays such a minute
+    in block mode). A debt minute gives its money back to the deposit, and that money pays
+    the call's later card minutes while the deposit (as it was then, and as it is now) holds
+    their price."""
+    freed_at: list[tuple[int, int]] = []  # (position, price) of debt minutes moved
+    onto_the_card: set[int] = set()
+    for i, minute in enumerate(paid):
+        if minute.source not in ("owed", "debt") or minute.price <= 0:
+            continue
+        if minute.source == "owed":
+            state.owed -= minute.price
+            split = dataclasses.replace(split, owed_minor=split.owed_minor - minute.price)
+        else:
+            state.deposit += minute.price
+            split = dataclasses.replace(split, deposit_minor=split.deposit_minor - minute.price)
+            freed_at.append((i, minute.price))
+        state.card_kept += minute.price
+        split = dataclasses.replace(split, card_minor=split.card_minor + minute.price)
+        minute.source = "card"
+        onto_the_card.add(i)
+    moved = 0
+    for i, minute in enumerate(paid):
+        if minute.source != "card" or not freed_at or i in onto_the_card:
+            continue
+        freed = sum(price for at, price in freed_at if at < i) - moved
+        then = minute.deposit_before + freed
+        if 0 < minute.price <= min(then, state.deposit):
+            state.deposit -= minute.price
+            state.card_kept -= minute.price
+            moved += minute.price
+            split = dataclasses.replace(
+                split,
+                card_minor=split.card_minor - minute.price,
                 deposit_minor=split.deposit_minor + minute.price,
             )
             minute.source = "deposit"

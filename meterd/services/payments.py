@@ -130,6 +130,9 @@ class PaymentService:
                 brand=card.brand,
                 last4=card.last4,
             )
+        # its own transaction: the account is never locked before its calls in one transaction
+        async with self._database.write() as connection:
+            await calls_store.wake_account_calls(connection, account_id, self._clock())
         log.info("card saved", account_id=account_id, brand=card.brand, last4=card.last4)
         return Outcome(True)
 

@@ -253,6 +253,23 @@ async def wake(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> 
     )
 
 
+async def wake_account_calls(
+    connection: AsyncConnection, account_id: str, now: dt.datetime
+) -> None:
+    """The account's funding changed (a card saved on file): let the metering tick look at each
+    of its open calls now, so one that ran out buys its block or authorisation before its next
+    minute rather than at its next scheduled look."""
+    await connection.execute(
+        update(calls)
+        .where(
+            calls.c.account_id == account_id,
+            calls.c.ended_at.is_(None),
+            calls.c.settled_at.is_(None),
+        )
+        .values(next_due_at=now)
+    )
+
+
 async def note_event(
     connection: AsyncConnection,
     call_sid: str,

@@ -72,7 +72,6 @@ from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 EXAMPLES = int(os.environ.get("METERD_MODEL_EXAMPLES", "15"))
 SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
 LEDGER_SHOWN = bool(os.environ.get("METERD_MODEL_LEDGER"))
-CARD_FROM_ANOTHER_CALL = "meterd defect: a card saved on file does not wake the account's calls"
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
@@ -1331,14 +1330,13 @@ PAST_FAILURES = [
         ),
         id="authorise-money-a-debt-minute-gives-back-pays-a-later-card-minute",
     ),
-    # A meterd defect, not fixed yet (2,000 examples on SQLite, the last run of this session):
-    # authorise mode, bank 1, no card. Call 0's minute 2 (at 72) is owed; call 1's caller gives
-    # a card at the gate at 74, so a card is on file from then on; call 0 is next looked at when
-    # its minute 3 falls due (its next look was set a whole increment ahead, at 132, by then
-    # the call had ended at 131), so no authorisation is ever bought for it and minute 3 is
-    # owed too (owed 200, card 100; the model: owed 100, card 200). The fix: a card saved on
-    # file wakes the account's other open calls (next_due_at = now), so the next tick buys
-    # their authorisations (or block) before their next minute.
+    # 2,000 examples on SQLite: authorise mode, bank 1, no card. Call 0's minute 2 (at 72) is
+    # owed; call 1's caller gives a card at the gate at 74. meterd did not look at call 0 again
+    # until its next scheduled look (132, after the call had ended at 131), so it never bought
+    # an authorisation and minute 3 was owed too (owed 200, card 100). Fixed: a card saved on
+    # file wakes the account's open calls, so the next tick buys call 0's authorisation; at
+    # settlement the hold also pays minute 2, owed before the card existed (the model's
+    # `_settle_from_the_hold`, docs/billing.md): owed 0, card 300.
     pytest.param(
         Scenario(
             skew=0,
@@ -1356,7 +1354,6 @@ PAST_FAILURES = [
             card_mode="authorize",
         ),
         id="authorise-a-card-another-caller-gives-pays-an-exhausted-calls-next-minute",
-        marks=pytest.mark.xfail(strict=True, reason=CARD_FROM_ANOTHER_CALL),
     ),
 ]
 
