@@ -533,24 +533,16 @@ def _settle(state: _State, paid: list[_Paid], split: Split) -> Split:
     for i in rebook:
         minute = paid[i]
         state.bank -= 1
-        split = dataclasses.replace(split, bank_minutes=split.bank_minutes + 1)
         if minute.source == "owed":
             state.owed -= minute.price
-            split = dataclasses.replace(split, owed_minor=split.owed_minor - minute.price)
         else:
             state.deposit += minute.price
-            split = dataclasses.replace(split, deposit_minor=split.deposit_minor - minute.price)
-        minute.source = "bank"
+        split = _moved(split, minute, "bank")
     for minute in paid:
         if minute.source == "owed" and 0 < minute.price <= state.deposit:
             state.owed -= minute.price
             state.deposit -= minute.price
-            split = dataclasses.replace(
-                split,
-                owed_minor=split.owed_minor - minute.price,
-                deposit_minor=split.deposit_minor + minute.price,
-            )
-            minute.source = "deposit"
+            split = _moved(split, minute, "deposit")
     return split
 
 
@@ -569,14 +561,11 @@ def _settle_from_the_hold(state: _State, paid: list[_Paid], split: Split) -> Spl
             continue
         if minute.source == "owed":
             state.owed -= minute.price
-            split = dataclasses.replace(split, owed_minor=split.owed_minor - minute.price)
         else:
             state.deposit += minute.price
-            split = dataclasses.replace(split, deposit_minor=split.deposit_minor - minute.price)
             freed_at.append((i, minute.price))
         state.card_kept += minute.price
-        split = dataclasses.replace(split, card_minor=split.card_minor + minute.price)
-        minute.source = "card"
+        split = _moved(split, minute, "card")
         onto_the_card.add(i)
     moved = 0
     for i, minute in enumerate(paid):
@@ -588,13 +577,31 @@ def _settle_from_the_hold(state: _State, paid: list[_Paid], split: Split) -> Spl
             state.deposit -= minute.price
             state.card_kept -= minute.price
             moved += minute.price
-            split = dataclasses.replace(
-                split,
-                card_minor=split.card_minor - minute.price,
-                deposit_minor=split.deposit_minor + minute.price,
-            )
-            minute.source = "deposit"
+            split = _moved(split, minute, "deposit")
     return split
+
+
+_SPLIT_COLUMN = {
+    "owed": "owed_minor",
+    "debt": "deposit_minor",
+    "deposit": "deposit_minor",
+    "card": "card_minor",
+}
+
+
+def _moved(split: Split, minute: _Paid, payer: str) -> Split:
+    """The call's split once `minute` is paid by `payer` (bank, deposit or card) instead of
+    its source; the minute's source becomes `payer`. A bank minute counts one banked minute,
+    any other its price."""
+    changes = {_SPLIT_COLUMN[minute.source]: getattr(split, _SPLIT_COLUMN[minute.source])}
+    changes[_SPLIT_COLUMN[minute.source]] -= minute.price
+    if payer == "bank":
+        changes["bank_minutes"] = split.bank_minutes + 1
+    else:
+        column = _SPLIT_COLUMN[payer]
+        changes[column] = changes.get(column, getattr(split, column)) + minute.price
+    minute.source = payer
+    return dataclasses.replace(split, **changes)
 
 
 def _agent_spans(scenario: Scenario, minutes: list[Minute]) -> list[tuple[int, int]]:

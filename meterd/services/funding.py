@@ -142,7 +142,7 @@ class FundingAuthority:
             connection, RateKind.PER_AGENT_MINUTE, account.currency, at
         )
         card_hold_minor = 0
-        if not self._block_mode:
+        if not self._block_mode and has_card(account):  # no card, no authorisation
             card_hold_minor = await repos.cards.hold_left_minor(call_sid, account.currency)
         return Funds(held.get(bank, 0), held.get(deposit, 0), rate_minor, card_hold_minor)
 
@@ -219,9 +219,11 @@ class FundingAuthority:
         stands behind the call (a payment on its way, or a usable card on file); False: the call
         should be announced."""
         funds = await self.funds(connection, account, call_sid, now)
+        if not has_card(account):
+            return funds, False  # a card is saved before any payment on it: none is on its way
         if await self._card_payment_on_its_way(connection, account.account_id, call_sid):
             return funds, True
-        if not self._payments.available or not has_card(account):
+        if not self._payments.available:
             return funds, False
         if await self._last_card_payment_failed(connection, call_sid):
             return funds, False

@@ -31,7 +31,7 @@ from meterd.core.plans import Plan
 from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
-from meterd.services.funding import FundingAuthority, locked_account
+from meterd.services.funding import FundingAuthority
 from meterd.services.minute_posting import MinutePoster
 from meterd.services.outbox import OutboxKind
 from meterd.services.settlement import SettlementService
@@ -140,16 +140,8 @@ class MeteringService:
     async def _meter_call(self, call_sid: str) -> tuple[int, bool]:
         """One transaction of `meter_call`: how many minutes it posted, and whether more are
         due than it could post."""
-        now = self._clock()
-        async with self._database.write() as connection:
-            repos = self._repositories(connection)
-            call = await repos.calls.lock(call_sid)
-            if call is None or call.settled_at is not None:
-                return 0, False
-            account = None
-            if call.account_id is not None:
-                account = await locked_account(repos, call.account_id)
-            return await self._meter_locked(connection, call, account, now)
+        outcomes = await self._meter_in_one_transaction([call_sid], only_due=False)
+        return outcomes.get(call_sid, (0, False))
 
     async def _meter_batch(
         self, call_sids: list[str], errors: list[str]
@@ -170,7 +162,7 @@ class MeteringService:
         are raised as they are (the scheduler's business: wait, or stop the daemon)."""
         batch, rest = call_sids[:BATCH_CALLS_MAX], call_sids[BATCH_CALLS_MAX:]
         try:
-            return await self._meter_in_one_transaction(batch, rest)
+            return await self._meter_in_one_transaction(batch, only_due=True), rest
         except Exception as error:
             if _fatal(error):
                 raise
@@ -187,55 +179,67 @@ class MeteringService:
         return outcomes, rest
 
     async def _meter_in_one_transaction(
-        self, batch: list[str], rest: list[str]
-    ) -> tuple[dict[str, tuple[int, bool]], list[str]]:
+        self, batch: list[str], *, only_due: bool
+    ) -> dict[str, tuple[int, bool]]:
+        """Meter `batch` in one transaction: {call: (minutes posted, more due)} of the calls
+        metered. Everything a call's metering reads first is read for the whole batch at once,
+        one statement each: the calls' rows (locked), their accounts' rows (locked), their
+        timelines and their "minutes posted" markers. With `only_due`, a call whose next look is
+        in the future now (another daemon metered it since the tick listed it) is left alone."""
         outcomes: dict[str, tuple[int, bool]] = {}
         now = self._clock()
         async with self._database.write() as connection:
             repos = self._repositories(connection)
-            held = {}
-            for call_sid in sorted(batch):  # the lock order
-                call = await repos.calls.lock(call_sid)
-                if call is None or call.settled_at is not None:
-                    continue
-                if call.next_due_at is None or call.next_due_at > now:
-                    continue  # metered elsewhere since the tick listed it
-                held[call_sid] = call
-            locked = [held[call_sid] for call_sid in batch if call_sid in held]  # due order
-            accounts = {}
-            for account_id in sorted({c.account_id for c in locked if c.account_id is not None}):
-                accounts[account_id] = await locked_account(repos, account_id)
+            held = await repos.calls.lock_many(sorted(batch))  # the lock order: calls first
+            locked = [
+                held[call_sid]
+                for call_sid in batch  # due order
+                if call_sid in held
+                and held[call_sid].settled_at is None
+                and not (only_due and _not_due(held[call_sid], now))
+            ]
+            account_ids = sorted({c.account_id for c in locked if c.account_id is not None})
+            accounts = await repos.accounts.lock_many(account_ids) if account_ids else {}
+            if missing := set(account_ids) - set(accounts):
+                raise InvariantBroken(f"accounts {sorted(missing)} are referenced but do not exist")
+            meterable = [c for c in locked if _meterable(c)]
+            timelines = await repos.calls.timelines(meterable, now, self._research_max_seconds)
+            posted = await repos.calls.minutes_posted_of([c.call_sid for c in meterable])
             for call in locked:
-                account = accounts.get(call.account_id) if call.account_id else None
-                outcomes[call.call_sid] = await self._meter_locked(connection, call, account, now)
-        return outcomes, rest
+                sid = call.call_sid
+                if call.call_sid not in timelines or call.account_id is None:
+                    await repos.calls.update(sid, next_due_at=None)
+                    outcomes[sid] = (0, False)
+                    continue
+                outcomes[sid] = await self._meter_locked(
+                    connection, call, accounts[call.account_id], timelines[sid], posted[sid], now
+                )
+        return outcomes
 
     async def _meter_locked(
         self,
         connection: Transaction,
         call: Record,
-        account: Record | None,
+        account: Record,
+        timeline: Timeline,
+        posted: dict[str, int],
         now: dt.datetime,
     ) -> tuple[int, bool]:
-        """Meter a call whose row (and account's row) this transaction holds."""
+        """Meter a call whose row (and account's row) this transaction holds, from its timeline
+        and its "minutes posted" marker (updated here as minutes are posted)."""
         repos = self._repositories(connection)
-        call_sid = call.call_sid
-        if account is None or call.status not in (CallStatus.CONNECTED, CallStatus.ENDED):
-            await repos.calls.update(call_sid, next_due_at=None)
-            return 0, False
-        timeline = await repos.calls.timeline(call, now, self._research_max_seconds)
-        posted, backlog = await self._poster.post_due_minutes(
-            connection, call, account, timeline, now
+        count, backlog = await self._poster.post_due_minutes(
+            connection, call, account, timeline, now, posted=posted
         )
         next_due = (
             now  # more minutes are due than one transaction posts: go on at the next tick
             if backlog
-            else self._next_due(call, timeline, await repos.calls.minutes_posted(call_sid), now)
+            else self._next_due(call, timeline, posted, now)
         )
-        await repos.calls.update(call_sid, next_due_at=next_due)
+        await repos.calls.update(call.call_sid, next_due_at=next_due)
         if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
             await self._watch_funds(connection, call, account, timeline, now)
-        return posted, backlog
+        return count, backlog
 
     async def settle_call(self, call_sid: str) -> bool:
         """Settle the call now if it is ready (see `SettlementService.settle_call`)."""
@@ -357,6 +361,15 @@ class MeteringService:
                     requested += 1
                     log.info("grace period over; asking Twilio to end the call", call_sid=call_sid)
         return requested
+
+
+def _not_due(call: Record, now: dt.datetime) -> bool:
+    return call.next_due_at is None or call.next_due_at > now
+
+
+def _meterable(call: Record) -> bool:
+    """A call with minutes to meter: one of an account, connected or ended (not yet settled)."""
+    return call.account_id is not None and call.status in (CallStatus.CONNECTED, CallStatus.ENDED)
 
 
 def _fatal(error: Exception) -> bool:

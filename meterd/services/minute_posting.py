@@ -49,16 +49,21 @@ class MinutePoster:
         account: Record,
         timeline: Timeline,
         now: dt.datetime,
+        *,
+        posted: dict[str, int] | None = None,
     ) -> tuple[int, bool]:
         """Post the minutes now due, at most MINUTES_PER_TRANSACTION_MAX. Returns how many
-        were posted and whether more are due."""
+        were posted and whether more are due. `posted`: the call's "minutes posted" marker if
+        the caller read it already (a metering batch reads its calls' at once); it is kept up
+        to date here as the marker moves."""
         now_seconds = int(now.timestamp())
         repos = self._repositories(connection)
-        posted_by_agent = await repos.calls.minutes_posted(call.call_sid)
+        if posted is None:
+            posted = await repos.calls.minutes_posted(call.call_sid)
         count = 0
         increment = self._increment_seconds
         for agent_id, agent_time in sorted(timeline.agents.items()):
-            already = posted_by_agent.get(agent_id, 0)
+            already = posted.get(agent_id, 0)
             due = rating.minutes_due_live(
                 agent_time.billable_seconds, agent_time.accruing, increment
             )
@@ -76,6 +81,7 @@ class MinutePoster:
                 count += 1
             if target > already:
                 await repos.calls.set_minutes_posted(call.call_sid, agent_id, target)
+                posted[agent_id] = target
             if target < due:
                 return count, True
         return count, False

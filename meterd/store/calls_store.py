@@ -25,7 +25,7 @@ from meterd.store.schema import (
     research_marks,
     webhook_events,
 )
-from meterd.store.sql import insert_ignoring_conflict
+from meterd.store.sql import insert_ignoring_conflict, upsert
 
 
 class CallStatus(StrEnum):
@@ -309,6 +309,33 @@ async def lock_call(connection: AsyncConnection, call_sid: str) -> Row[Any] | No
     return (await connection.execute(query)).one_or_none()
 
 
+async def lock_calls(connection: AsyncConnection, call_sids: Sequence[str]) -> dict[str, Row[Any]]:
+    """`lock_call` of each of a batch of calls, in one statement, locked in call_sid order (so
+    two batches never wait on each other in a circle). A call another daemon holds is left out,
+    as an unknown one is."""
+    query = select(calls).where(calls.c.call_sid.in_(call_sids)).order_by(calls.c.call_sid)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return {row.call_sid: row for row in await connection.execute(query)}
+
+
+async def minutes_posted_of(
+    connection: AsyncConnection, call_sids: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """`minutes_posted` of each of a batch of calls, in one statement (a call with none: {})."""
+    found: dict[str, dict[str, int]] = {sid: {} for sid in call_sids}
+    rows = await connection.execute(
+        select(
+            call_agent_minutes.c.call_sid,
+            call_agent_minutes.c.agent_id,
+            call_agent_minutes.c.minutes_posted,
+        ).where(call_agent_minutes.c.call_sid.in_(call_sids))
+    )
+    for row in rows:
+        found[row.call_sid][row.agent_id] = row.minutes_posted
+    return found
+
+
 async def minutes_posted(connection: AsyncConnection, call_sid: str) -> dict[str, int]:
     """How many minutes of each agent on the call the ledger holds (the "posted" marker)."""
     rows = await connection.execute(
@@ -324,17 +351,13 @@ async def set_minutes_posted(
 ) -> None:
     """Move the marker, in the transaction that posted (or gave back) the minutes."""
     await connection.execute(
-        insert_ignoring_conflict(
+        upsert(
             connection,
             call_agent_minutes,
-            {"call_sid": call_sid, "agent_id": agent_id, "minutes_posted": 0},
+            {"call_sid": call_sid, "agent_id": agent_id, "minutes_posted": minutes},
             ["call_sid", "agent_id"],
+            ["minutes_posted"],
         )
-    )
-    await connection.execute(
-        update(call_agent_minutes)
-        .where(call_agent_minutes.c.call_sid == call_sid, call_agent_minutes.c.agent_id == agent_id)
-        .values(minutes_posted=minutes)
     )
 
 

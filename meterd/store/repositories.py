@@ -13,7 +13,7 @@ here and in the store modules these delegate to, never in a service.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select
@@ -47,14 +47,32 @@ class CallRepository:
         holds it; see `calls_store.lock_call`)."""
         return await calls_store.lock_call(self._connection, call_sid)
 
+    async def lock_many(self, call_sids: Sequence[str]) -> dict[str, Record]:
+        """`lock` of each of a batch of calls, in one statement, in call_sid order."""
+        return await calls_store.lock_calls(self._connection, call_sids)
+
     async def update(self, call_sid: str, **values: Any) -> None:
         await calls_store.update_call(self._connection, call_sid, **values)
 
     async def timeline(self, call: Record, now: dt.datetime, research_max_seconds: int) -> Timeline:
         return await timeline_store.load_timeline(self._connection, call, now, research_max_seconds)
 
+    async def timelines(
+        self, batch: Sequence[Record], now: dt.datetime, research_max_seconds: int
+    ) -> dict[str, Timeline]:
+        """`timeline` of each of a batch of calls: one query for their events, one for their
+        research marks."""
+        loaded = await timeline_store.load_timelines(
+            self._connection, batch, research_max_seconds, now=now
+        )
+        return {call.call_sid: timeline for call, timeline in loaded}
+
     async def minutes_posted(self, call_sid: str) -> dict[str, int]:
         return await calls_store.minutes_posted(self._connection, call_sid)
+
+    async def minutes_posted_of(self, call_sids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """`minutes_posted` of each of a batch of calls, in one statement."""
+        return await calls_store.minutes_posted_of(self._connection, call_sids)
 
     async def set_minutes_posted(self, call_sid: str, agent_id: str, minutes: int) -> None:
         await calls_store.set_minutes_posted(self._connection, call_sid, agent_id, minutes)
@@ -136,6 +154,18 @@ class AccountRepository:
         if self._connection.dialect.name == "postgresql":
             query = query.with_for_update()
         return (await self._connection.execute(query)).one_or_none()
+
+    async def lock_many(self, account_ids: Sequence[str]) -> dict[str, Record]:
+        """`lock` of each of a batch of accounts, in one statement, in account_id order (the
+        lock order: two batches never wait on each other in a circle)."""
+        query = (
+            select(accounts)
+            .where(accounts.c.account_id.in_(account_ids))
+            .order_by(accounts.c.account_id)
+        )
+        if self._connection.dialect.name == "postgresql":
+            query = query.with_for_update()
+        return {row.account_id: row for row in await self._connection.execute(query)}
 
 
 class LedgerRepository:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -130,6 +130,13 @@ class CallRepository:
         row = self._store.calls.get(call_sid)
         return None if row is None else SimpleNamespace(**row)
 
+    async def lock_many(self, call_sids: Sequence[str]) -> dict[str, Any]:
+        return {
+            sid: SimpleNamespace(**self._store.calls[sid])
+            for sid in sorted(call_sids)
+            if sid in self._store.calls
+        }
+
     async def update(self, call_sid: str, **values: Any) -> None:
         self._store.calls[call_sid].update(values)
 
@@ -144,8 +151,16 @@ class CallRepository:
             research_max_seconds,
         )
 
+    async def timelines(
+        self, batch: Sequence[Any], now: dt.datetime, research_max_seconds: int
+    ) -> dict[str, Timeline]:
+        return {c.call_sid: await self.timeline(c, now, research_max_seconds) for c in batch}
+
     async def minutes_posted(self, call_sid: str) -> dict[str, int]:
         return {a: n for (sid, a), n in self._store.minutes_posted.items() if sid == call_sid}
+
+    async def minutes_posted_of(self, call_sids: Sequence[str]) -> dict[str, dict[str, int]]:
+        return {sid: await self.minutes_posted(sid) for sid in call_sids}
 
     async def set_minutes_posted(self, call_sid: str, agent_id: str, minutes: int) -> None:
         self._store.minutes_posted[(call_sid, agent_id)] = minutes
@@ -207,6 +222,13 @@ class AccountRepository:
     async def lock(self, account_id: str) -> Any | None:
         row = self._store.accounts.get(account_id)
         return None if row is None else SimpleNamespace(**row)
+
+    async def lock_many(self, account_ids: Sequence[str]) -> dict[str, Any]:
+        return {
+            a: SimpleNamespace(**self._store.accounts[a])
+            for a in sorted(account_ids)
+            if a in self._store.accounts
+        }
 
 
 class LedgerRepository:

@@ -243,13 +243,14 @@ async def test_a_call_metered_elsewhere_since_the_tick_listed_it_is_left_alone(m
     is no longer due, so the batch does not touch it."""
     store, clock, metering = _scene(bank_minutes=10)
     later = START + dt.timedelta(seconds=60)
-    lock = Repositories(store).calls.lock.__func__
+    lock_many = Repositories(store).calls.lock_many.__func__
 
-    async def moved_meanwhile(self, call_sid):
-        store.calls[call_sid]["next_due_at"] = later  # what the other daemon left
-        return await lock(self, call_sid)
+    async def moved_meanwhile(self, call_sids):
+        for call_sid in call_sids:
+            store.calls[call_sid]["next_due_at"] = later  # what the other daemon left
+        return await lock_many(self, call_sids)
 
-    monkeypatch.setattr("tests.fakes.repositories.CallRepository.lock", moved_meanwhile)
+    monkeypatch.setattr("tests.fakes.repositories.CallRepository.lock_many", moved_meanwhile)
     assert (await _tick_at(metering, clock, 1)).minutes_posted == 0
     assert store.calls[SID]["next_due_at"] == later
 
