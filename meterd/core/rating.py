@@ -139,13 +139,18 @@ def repriced_source(
 ) -> Source:
     """Who pays a money-paid minute that settlement re-prices (taken before its final due
     moment, at another rate): the payer it had, if that payer can pay the new price (the
-    deposit or the card's authorisation, each with the old price given back first; debt and
-    owed always can); else, as for any minute nothing can pay, debt under allow_debt or owed."""
+    deposit or the card's authorisation, each with the old price given back first; owed always
+    can); a minute on debt is paid by the deposit if, with its old price given back, the
+    deposit (`deposit_minor`, below zero under debt) holds the new one (money deposited since
+    paid the debt off), else it stays on debt; else, as for any minute nothing can pay, debt
+    under allow_debt or owed."""
     if source not in (Source.DEPOSIT, Source.CARD, Source.DEBT, Source.RECEIVABLE):
         raise ValueError(f"only a money-paid minute has a price to change, not {source}")
-    if min(old_price_minor, new_price_minor, deposit_minor, card_hold_minor) < 0:
-        raise ValueError("prices and funds held are never negative here")
-    held = {Source.DEPOSIT: deposit_minor, Source.CARD: card_hold_minor}.get(source)
+    if min(old_price_minor, new_price_minor, card_hold_minor) < 0:
+        raise ValueError("prices and the money a hold keeps are never negative here")
+    if source is Source.DEBT:
+        return Source.DEPOSIT if deposit_minor + old_price_minor >= new_price_minor else source
+    held = {Source.DEPOSIT: max(deposit_minor, 0), Source.CARD: card_hold_minor}.get(source)
     if held is None or held + old_price_minor >= new_price_minor:
         return source
     return Source.DEBT if allow_debt else Source.RECEIVABLE

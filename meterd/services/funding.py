@@ -196,7 +196,7 @@ class FundingAuthority:
             source,
             old_price_minor=old_price_minor,
             new_price_minor=new_price_minor,
-            deposit_minor=max(funds.deposit_minor, 0),
+            deposit_minor=funds.deposit_minor,
             card_hold_minor=max(funds.card_hold_minor, 0),
             allow_debt=self._allow_debt,
         )
@@ -225,7 +225,9 @@ class FundingAuthority:
             return funds, True
         if not self._payments.available:
             return funds, False
-        if await self._last_card_payment_failed(connection, call_sid):
+        if await self._repositories(connection).cards.decline_unresolved(
+            call_sid, account.account_id
+        ):
             return funds, False
         if funds.minutes_left < max(1, accruing_agents):
             await self._payments.queue_top_up(connection, account, call_sid)
@@ -238,10 +240,6 @@ class FundingAuthority:
         if self._block_mode:  # a block lands in the account's bank: any call's will do
             return await cards.block_in_flight(account_id)
         return await cards.authorisation_in_flight(call_sid)  # it pays only its own call
-
-    async def _last_card_payment_failed(self, connection: Transaction, call_sid: str) -> bool:
-        cards = self._repositories(connection).cards
-        return await cards.last_purchase_status(call_sid) == "failed"
 
     # --- incidents ----------------------------------------------------------------------------
 

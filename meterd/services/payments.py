@@ -130,9 +130,6 @@ class PaymentService:
                 brand=card.brand,
                 last4=card.last4,
             )
-        # its own transaction: the account is never locked before its calls in one transaction
-        async with self._database.write() as connection:
-            await calls_store.wake_account_calls(connection, account_id, self._clock())
         log.info("card saved", account_id=account_id, brand=card.brand, last4=card.last4)
         return Outcome(True)
 
@@ -286,7 +283,11 @@ class PaymentService:
 
     async def complete(self, key: str, result: GatewayResult) -> None:
         """Record the gateway's yes, with its ledger postings, once. A payment that completes
-        for a call that owes nothing (waived, or never connected) is given back at once."""
+        for a call that owes nothing (waived, or never connected) is given back at once. A
+        block or authorisation that succeeded shows the card on file pays (a new card a caller
+        gave at the gate, or one that works again): the account's open calls are looked at by
+        the next tick, so one that ran out, or whose last card payment failed, buys its block or
+        authorisation before its next minute rather than at its next scheduled look."""
         async with self._database.write() as connection:
             operation, call = await _lock_operation(connection, key)
             changed = await payments_store.mark_succeeded(
@@ -311,6 +312,12 @@ class PaymentService:
                 )
             if call is not None and owes_nothing(call):
                 await self.give_back(connection, call)
+        if operation.kind in (PaymentKind.CHARGE, PaymentKind.AUTHORIZE):
+            # its own transaction: an account is never locked before its calls in one
+            async with self._database.write() as connection:
+                await calls_store.wake_account_calls(
+                    connection, operation.account_id, self._clock()
+                )
         log.info(
             "payment succeeded",
             operation_key=key,

@@ -256,9 +256,8 @@ async def wake(connection: AsyncConnection, call_sid: str, now: dt.datetime) -> 
 async def wake_account_calls(
     connection: AsyncConnection, account_id: str, now: dt.datetime
 ) -> None:
-    """The account's funding changed (a card saved on file): let the metering tick look at each
-    of its open calls now, so one that ran out buys its block or authorisation before its next
-    minute rather than at its next scheduled look."""
+    """The account's funding changed (a card payment succeeded): let the metering tick look at
+    each of its open calls now."""
     await connection.execute(
         update(calls)
         .where(

@@ -222,15 +222,32 @@ class CardRepository:
     async def _any(self, *where: Any) -> bool:
         return bool(await self._connection.scalar(select(func.count()).where(*where)))
 
-    async def last_purchase_status(self, call_sid: str) -> str | None:
-        """The status of the call's latest block or authorisation, None if it has none."""
+    async def decline_unresolved(self, call_sid: str, account_id: str) -> bool:
+        """The call's latest block or authorisation failed, and no block or authorisation of
+        the account has succeeded since (a card that pays again, or a new card a caller gave
+        at the gate and the gate's payment on it, resolves the decline)."""
         operations = payment_operations.c
-        return await self._connection.scalar(
-            select(operations.status)
-            .where(operations.call_sid == call_sid, operations.kind.in_(CARD_PURCHASE_KINDS))
-            .order_by(operations.operation_id.desc())
-            .limit(1)
+        last = (
+            await self._connection.execute(
+                select(operations.operation_id, operations.status)
+                .where(operations.call_sid == call_sid, operations.kind.in_(CARD_PURCHASE_KINDS))
+                .order_by(operations.operation_id.desc())
+                .limit(1)
+            )
+        ).one_or_none()
+        if last is None or last.status != PaymentStatus.FAILED:
+            return False
+        succeeded_since = await self._connection.scalar(
+            select(
+                exists().where(
+                    operations.account_id == account_id,
+                    operations.kind.in_(CARD_PURCHASE_KINDS),
+                    operations.status == PaymentStatus.SUCCEEDED,
+                    operations.operation_id > last.operation_id,
+                )
+            )
         )
+        return not succeeded_since
 
     async def operation_status(self, operation_key: str) -> str | None:
         return await payments_store.operation_status(self._connection, operation_key)

@@ -290,13 +290,20 @@ class CardRepository:
             for op in self._store.card_operations
         )
 
-    async def last_purchase_status(self, call_sid: str) -> str | None:
+    async def decline_unresolved(self, call_sid: str, account_id: str) -> bool:
         purchases = [
-            op
-            for op in self._store.card_operations
-            if op["call_sid"] == call_sid and op["kind"] in ("charge", "authorize")
+            (i, op)
+            for i, op in enumerate(self._store.card_operations)
+            if op["kind"] in ("charge", "authorize")
         ]
-        return purchases[-1]["status"] if purchases else None
+        of_call = [(i, op) for i, op in purchases if op["call_sid"] == call_sid]
+        if not of_call or of_call[-1][1]["status"] != "failed":
+            return False
+        failed_at = of_call[-1][0]
+        return not any(
+            i > failed_at and op["account_id"] == account_id and op["status"] == "succeeded"
+            for i, op in purchases
+        )
 
     async def operation_status(self, operation_key: str) -> str | None:
         for op in self._store.card_operations:

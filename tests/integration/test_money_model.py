@@ -1355,6 +1355,89 @@ PAST_FAILURES = [
         ),
         id="authorise-a-card-another-caller-gives-pays-an-exhausted-calls-next-minute",
     ),
+    # 2,000 examples, both backends (this session): authorise mode, the card on file declines
+    # (call 0's authorisation fails), the deposit's 500 runs out, and call 1's caller gives a
+    # good card at the gate at 256. meterd never bought call 0 an authorisation again ("its
+    # last card payment failed"), so call 0's minutes after 256 went on debt (allow_debt:
+    # deposit -2600) or were owed (announce: owed 2600); the model pays them from the new card.
+    # Fixed: a decline is resolved once a block or authorisation of the account succeeds after
+    # it, and a card payment that succeeds wakes the account's open calls.
+    *(
+        pytest.param(
+            Scenario(
+                skew=0,
+                bank=0,
+                deposit=500,
+                card="pm_card_chargeCustomerFail",
+                on_exhausted=on_exhausted,
+                rates=((186, 250), (378, 150)),
+                deposits=(),
+                calls=(
+                    Call(
+                        start=10,
+                        end=496,
+                        agents=(
+                            Agent("a0", join=120),
+                            Agent("a1", join=112),
+                            Agent("a2", join=166, hold=(243, 349)),
+                        ),
+                        customer_hold=(354, 426),
+                        research=(
+                            Research("a0", start=0, stop=219, live=True),
+                            Research("a0", start=200, stop=457, live=False),
+                        ),
+                    ),
+                    Call(
+                        start=256,
+                        end=344,
+                        agents=(Agent("a0", join=102),),
+                        research=(Research("a0", start=181, stop=stop, live=live),),
+                        pay_token=GOOD_CARD,
+                    ),
+                ),
+                ticks=(122, 433, 600, 998),
+                card_mode="authorize",
+            ),
+            id=f"authorise-a-new-card-resolves-a-decline-{on_exhausted}",
+        )
+        for on_exhausted, stop, live in (("allow_debt", 324, False), ("announce", 182, True))
+    ),
+    # 2,000 examples on PostgreSQL (this session): Twilio's clock 24 s behind, allow_debt, rates
+    # 50 from 201 and 250 from 1456, deposits at 244 and 764. Settlement re-priced call 1's
+    # minute 2 (taken on debt, finally due after the rate fell to 50) and booked it on debt
+    # again while the deposit, with the old price given back, held the 50: a minute on debt
+    # while the deposit held its price. Fixed: `rating.repriced_source` pays such a minute
+    # from the deposit.
+    pytest.param(
+        Scenario(
+            skew=-24,
+            bank=2,
+            deposit=150,
+            card=None,
+            on_exhausted="allow_debt",
+            rates=((201, 50), (1456, 250)),
+            deposits=((244, 100), (764, 100)),
+            calls=(
+                Call(
+                    start=10,
+                    end=70,
+                    agents=(Agent("a0", join=41, hold=(49, 65)), Agent("a1", join=16)),
+                    research=(Research("a0", start=26, stop=155, live=True),),
+                    waiver_at=364,
+                    pay_token=GOOD_CARD,
+                ),
+                Call(
+                    start=40,
+                    end=138,
+                    agents=(Agent("a0", join=17, hold=(50, 119)),),
+                    customer_hold=(118, 134),
+                    research=(Research("a0", start=142, stop=414, live=True),),
+                ),
+            ),
+            ticks=(16, 41, 51, 53, 159, 265, 1017, 1999),
+        ),
+        id="a-repriced-debt-minute-the-deposit-can-pay-is-paid-from-it",
+    ),
 ]
 
 
