@@ -137,6 +137,23 @@ async def test_without_a_usable_card_the_call_is_to_be_announced():
     assert len(failed.card_operations) == 1  # a declined card is not tried again on this call
 
 
+async def test_a_decline_is_resolved_by_a_card_payment_of_the_account_that_succeeds_after_it():
+    """A caller of the account gave a new card at the gate and its payment succeeded: the call
+    whose card payment was declined buys again (the model run's case, issue 11)."""
+    for card_mode, kind in (("block", "charge"), ("authorize", "authorize")):
+        store = _store(card=True)
+        store.add_card_operation(account_id="A1", call_sid=SID, kind=kind, status="failed")
+        store.add_card_operation(account_id="A1", call_sid=OTHER_SID, kind=kind, status="failed")
+        account = await Repositories(store).accounts.lock("A1")
+        authority = _authority(card_mode=card_mode, payments=FakeCardPayments(kind=kind))
+        assert (await authority.keep_funded(store, account, SID, 1, NOW))[1] is False
+        store.add_card_operation(
+            account_id="A1", call_sid=OTHER_SID, kind=kind, status="succeeded"
+        )
+        assert (await authority.keep_funded(store, account, SID, 1, NOW))[1] is True
+        assert [op["call_sid"] for op in store.card_operations][-1] == SID  # bought again
+
+
 async def test_an_authorisation_pays_what_it_still_holds():
     store = _store(card=True)
     store.add_card_operation(
