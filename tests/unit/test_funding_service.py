@@ -147,9 +147,7 @@ async def test_a_decline_is_resolved_by_a_card_payment_of_the_account_that_succe
         account = await Repositories(store).accounts.lock("A1")
         authority = _authority(card_mode=card_mode, payments=FakeCardPayments(kind=kind))
         assert (await authority.keep_funded(store, account, SID, 1, NOW))[1] is False
-        store.add_card_operation(
-            account_id="A1", call_sid=OTHER_SID, kind=kind, status="succeeded"
-        )
+        store.add_card_operation(account_id="A1", call_sid=OTHER_SID, kind=kind, status="succeeded")
         assert (await authority.keep_funded(store, account, SID, 1, NOW))[1] is True
         assert [op["call_sid"] for op in store.card_operations][-1] == SID  # bought again
 
