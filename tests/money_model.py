@@ -553,7 +553,8 @@ def _settle_from_the_hold(state: _State, paid: list[_Paid], split: Split) -> Spl
     collected rather than a receivable invoiced, as a block bought later pays such a minute
     in block mode). A debt minute gives its money back to the deposit, and that money pays
     the call's later card minutes while the deposit (as it was then, and as it is now) holds
-    their price."""
+    their price. The hold is taken to be large enough (meterd pays only while it holds the
+    price; a scenario's calls are too short to use up 30 minutes of authorisations)."""
     freed_at: list[tuple[int, int]] = []  # (position, price) of debt minutes moved
     onto_the_card: set[int] = set()
     for i, minute in enumerate(paid):

@@ -142,7 +142,8 @@ class FundingAuthority:
             connection, RateKind.PER_AGENT_MINUTE, account.currency, at
         )
         card_hold_minor = 0
-        if not self._block_mode and has_card(account):  # no card, no authorisation
+        # no card, no authorisation: a card is saved before any payment on it, and never removed
+        if not self._block_mode and has_card(account):
             card_hold_minor = await repos.cards.hold_left_minor(call_sid, account.currency)
         return Funds(held.get(bank, 0), held.get(deposit, 0), rate_minor, card_hold_minor)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Row, and_, bindparam, case, func, literal, select, update
+from sqlalchemy import Row, and_, bindparam, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -257,15 +257,23 @@ async def wake_account_calls(
     connection: AsyncConnection, account_id: str, now: dt.datetime
 ) -> None:
     """The account's funding changed (a card payment succeeded): let the metering tick look at
-    each of its open calls now."""
+    each of its unsettled calls now (connected, or ended with research still running), unless
+    it is due sooner. Rows are locked in call_sid order, skipping any another transaction holds
+    (a call being metered or settled is being looked at already), so this never waits and never
+    takes locks in an order other writers do not."""
+    query = select(calls.c.call_sid).where(
+        calls.c.account_id == account_id,
+        calls.c.settled_at.is_(None),
+        calls.c.status.in_((CallStatus.CONNECTED, CallStatus.ENDED)),
+    )
+    if connection.dialect.name == "postgresql":
+        query = query.order_by(calls.c.call_sid.collate("C")).with_for_update(skip_locked=True)
+    call_sids = list((await connection.scalars(query)).all())
+    if not call_sids:
+        return
+    sooner = or_(calls.c.next_due_at.is_(None), calls.c.next_due_at > now)
     await connection.execute(
-        update(calls)
-        .where(
-            calls.c.account_id == account_id,
-            calls.c.ended_at.is_(None),
-            calls.c.settled_at.is_(None),
-        )
-        .values(next_due_at=now)
+        update(calls).where(calls.c.call_sid.in_(call_sids), sooner).values(next_due_at=now)
     )
 
 
@@ -312,9 +320,9 @@ async def lock_calls(connection: AsyncConnection, call_sids: Sequence[str]) -> d
     """`lock_call` of each of a batch of calls, in one statement, locked in call_sid order (so
     two batches never wait on each other in a circle). A call another daemon holds is left out,
     as an unknown one is."""
-    query = select(calls).where(calls.c.call_sid.in_(call_sids)).order_by(calls.c.call_sid)
-    if connection.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+    query = select(calls).where(calls.c.call_sid.in_(call_sids))
+    if connection.dialect.name == "postgresql":  # byte order: Python's sorted() of the sids
+        query = query.order_by(calls.c.call_sid.collate("C")).with_for_update(skip_locked=True)
     return {row.call_sid: row for row in await connection.execute(query)}
 
 

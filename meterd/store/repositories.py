@@ -16,7 +16,7 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meterd.core import ledger
@@ -158,13 +158,9 @@ class AccountRepository:
     async def lock_many(self, account_ids: Sequence[str]) -> dict[str, Record]:
         """`lock` of each of a batch of accounts, in one statement, in account_id order (the
         lock order: two batches never wait on each other in a circle)."""
-        query = (
-            select(accounts)
-            .where(accounts.c.account_id.in_(account_ids))
-            .order_by(accounts.c.account_id)
-        )
-        if self._connection.dialect.name == "postgresql":
-            query = query.with_for_update()
+        query = select(accounts).where(accounts.c.account_id.in_(account_ids))
+        if self._connection.dialect.name == "postgresql":  # byte order, as Python's sorted()
+            query = query.order_by(accounts.c.account_id.collate("C")).with_for_update()
         return {row.account_id: row for row in await self._connection.execute(query)}
 
 
@@ -224,12 +220,13 @@ class CardRepository:
 
     async def decline_unresolved(self, call_sid: str, account_id: str) -> bool:
         """The call's latest block or authorisation failed, and no block or authorisation of
-        the account has succeeded since (a card that pays again, or a new card a caller gave
-        at the gate and the gate's payment on it, resolves the decline)."""
+        the account has succeeded since that failure was recorded (a card that pays again, or
+        a new card a caller gave at the gate and the gate's payment on it, resolves the
+        decline), whenever that payment was made."""
         operations = payment_operations.c
         last = (
             await self._connection.execute(
-                select(operations.operation_id, operations.status)
+                select(operations.operation_id, operations.status, operations.completed_at)
                 .where(operations.call_sid == call_sid, operations.kind.in_(CARD_PURCHASE_KINDS))
                 .order_by(operations.operation_id.desc())
                 .limit(1)
@@ -243,7 +240,13 @@ class CardRepository:
                     operations.account_id == account_id,
                     operations.kind.in_(CARD_PURCHASE_KINDS),
                     operations.status == PaymentStatus.SUCCEEDED,
-                    operations.operation_id > last.operation_id,
+                    or_(  # recorded after the failure (the same instant: made after it)
+                        operations.completed_at > last.completed_at,
+                        and_(
+                            operations.completed_at == last.completed_at,
+                            operations.operation_id > last.operation_id,
+                        ),
+                    ),
                 )
             )
         )

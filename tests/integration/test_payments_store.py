@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-from meterd.store import payments_store
+from meterd.store import calls_store, payments_store
+from meterd.store.calls_store import CallStatus
 from meterd.store.database import Database
 from meterd.store.payments_store import PaymentKind, PaymentStatus
+from meterd.store.repositories import Repositories
 
 from .helpers import NOW, make_account
+
+SECOND = dt.timedelta(seconds=1)
 
 
 async def _queue(database: Database, key: str, amount_minor: int = 500) -> None:
@@ -94,3 +98,72 @@ async def test_nothing_recorded_has_no_status(database):
     async with database.read() as connection:
         assert await payments_store.operation_status(connection, "call:CA1:block:1") is None
         assert await payments_store.last_purchase(connection, "CA1") is None
+
+
+async def _operation(database: Database, key: str, call_sid: str, kind=PaymentKind.CHARGE) -> None:
+    async with database.write() as connection:
+        await payments_store.insert_operation(
+            connection,
+            key=key,
+            kind=kind,
+            account_id="A1",
+            call_sid=call_sid,
+            amount_minor=3000,
+            currency="USD",
+            minutes=30,
+            related_key=None,
+            status=PaymentStatus.SENT,
+            created_at=NOW,
+        )
+
+
+async def test_a_decline_is_resolved_by_a_payment_that_succeeds_after_it_whenever_it_was_made(
+    database,
+):
+    """Call 2's block was sent before call 1's failed (a slow gateway) and succeeds after it:
+    the card pays again, so call 1's decline is resolved (issue 11, the review of the fix)."""
+    await make_account(database, "A1")
+    await _operation(database, "call:CA2:block:1", "CA2")  # made first
+    await _operation(database, "call:CA1:block:1", "CA1")
+    async with database.write() as connection:
+        await payments_store.mark_failed(
+            connection, "call:CA1:block:1", error="declined", completed_at=NOW
+        )
+        cards = Repositories(connection).cards
+        assert await cards.decline_unresolved("CA1", "A1")
+        assert not await cards.decline_unresolved("CA2", "A1")  # in flight, not failed
+        await payments_store.mark_succeeded(
+            connection, "call:CA2:block:1", reference="pi_2", completed_at=NOW + SECOND
+        )
+        assert not await cards.decline_unresolved("CA1", "A1")
+
+
+async def test_a_card_payment_wakes_the_accounts_unsettled_calls_without_delaying_any(database):
+    """Connected calls, and an ended one whose research still runs, are looked at now; one due
+    sooner keeps its time; a settled call and another account's are left alone."""
+    await make_account(database, "A1")
+    await make_account(database, "A2")
+    later, sooner = NOW + 60 * SECOND, NOW - 5 * SECOND
+    rows = {
+        "CA1": ("A1", CallStatus.CONNECTED, later, None),
+        "CA2": ("A1", CallStatus.ENDED, None, None),
+        "CA3": ("A1", CallStatus.CONNECTED, sooner, None),
+        "CA4": ("A1", CallStatus.ENDED, None, NOW),  # settled
+        "CA5": ("A2", CallStatus.CONNECTED, later, None),
+    }
+    async with database.write() as connection:
+        for sid, (account_id, status, due, settled) in rows.items():
+            await calls_store.insert_call(connection, call_sid=sid, from_number="+1555", now=NOW)
+            await calls_store.update_call(
+                connection,
+                sid,
+                account_id=account_id,
+                status=status,
+                next_due_at=due,
+                settled_at=settled,
+            )
+    async with database.write() as connection:
+        await calls_store.wake_account_calls(connection, "A1", NOW)
+    async with database.read() as connection:
+        due = {sid: (await calls_store.get_call(connection, sid)).next_due_at for sid in rows}
+    assert due == {"CA1": NOW, "CA2": NOW, "CA3": sooner, "CA4": None, "CA5": later}
