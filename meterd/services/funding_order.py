@@ -14,7 +14,8 @@ the funding order decides otherwise, in this order:
 4. a minute still owed is paid from the deposit if it holds its price;
 5. authorise mode: a minute still owed or on debt is paid from the call's authorisations if
    they hold its price (the authorisation was bought because of it, and was on its way); the
-   deposit money a debt minute gives back pays the later card minutes it would have paid.
+   deposit money a debt minute gives back, or a deposit-paid minute the final timeline does not
+   support, pays the later card minutes it would have paid.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority
+from meterd.services.given_back import GivenBack
 from meterd.services.rates import RateBook, RateKind
 from meterd.store import ledger_store
 from meterd.store.transaction import Record, Transaction
@@ -50,18 +52,20 @@ class FundingOrder:
         call: Record,
         account: Record,
         timeline: Timeline,
-        bank_returned: list[int],
+        given_back: GivenBack,
         now: dt.datetime,
     ) -> None:
-        """Steps 1 to 4 of the module's docstring. `bank_returned`: the transaction ids of the
-        banked minutes settlement gave back (the final timeline does not support them)."""
+        """Steps 1 to 5 of the module's docstring. `given_back`: the minutes settlement gave
+        back (the final timeline does not support them)."""
         await self._price_at_final_due(connection, call, account, timeline, now)
-        await self._pay_from_bank_first(connection, call, bank_returned, now)
+        await self._pay_from_bank_first(connection, call, given_back.bank_ids, now)
         await self._pay_from_the_deposit_before_an_early_block(
             connection, call, account, timeline, now
         )
         await self._pay_owed_from_the_deposit(connection, call, account, now)
-        await self._pay_unpaid_from_the_card(connection, call, account, now)
+        await self._pay_unpaid_from_the_card(
+            connection, call, account, given_back.deposit_minutes, now
+        )
 
     async def _price_at_final_due(
         self,
@@ -268,46 +272,53 @@ class FundingOrder:
         )
 
     async def _pay_unpaid_from_the_card(
-        self, connection: Transaction, call: Record, account: Record, now: dt.datetime
+        self,
+        connection: Transaction,
+        call: Record,
+        account: Record,
+        deposit_given_back: list[tuple[int, int]],
+        now: dt.datetime,
     ) -> None:
         """Authorise mode: a minute nothing could pay when it fell due (two agents' minutes due
         at once with one minute's funds left, or a rate rise the deposit could not follow) made
         meterd buy an authorisation for the call; it was still on its way. The funding order is
         bank, deposit, card, then debt or owed: each minute still owed or put on debt is paid
         from the call's authorisations while they hold its price, in the order the minutes
-        were taken, at the price it had."""
+        were taken, at the price it had. Then the deposit money freed (by those on debt, and
+        by `deposit_given_back`: deposit-paid minutes the final timeline does not support, as
+        (live order, price)) pays the card minutes it would have paid."""
+        freed = list(deposit_given_back)  # (live order, price)
         unpaid = await _unpaid_minutes(connection, call, account.currency, debt=True)
-        if not unpaid:
-            return  # the common case: nothing more to ask the database
-        hold = (await self._funding.funds(connection, account, call.call_sid, now)).card_hold_minor
-        debt_moved: list[tuple[int, int]] = []  # (live order, price) of debt minutes moved
+        hold = 0
+        if unpaid:
+            funds = await self._funding.funds(connection, account, call.call_sid, now)
+            hold = funds.card_hold_minor
         for key, price in unpaid:
             if not 0 < price <= hold:
                 continue
             original = await _load(connection, key)
             if original.kind == ledger.TransactionKind.MINUTE_DEBT:
-                debt_moved.append((await _live_order(connection, key), price))
+                freed.append((await _live_order(connection, key), price))
             await _rebook(
                 connection, call, original, source="card", currency=account.currency,
                 price=price, now=now,
             )  # fmt: skip
             hold -= price
-        if debt_moved:
-            await self._deposit_freed_by_debt(connection, call, account, debt_moved, now)
+        if freed:  # rare: most calls ask the database nothing more
+            await self._pay_from_the_deposit_freed(connection, call, account, freed, now)
 
-    async def _deposit_freed_by_debt(
+    async def _pay_from_the_deposit_freed(
         self,
         connection: Transaction,
         call: Record,
         account: Record,
-        debt_moved: list[tuple[int, int]],
+        freed_minor: list[tuple[int, int]],
         now: dt.datetime,
     ) -> None:
-        """A minute on debt that the card now pays gives its money back to the deposit. Live,
-        money deposited later paid that debt off, so the call's card minutes after it were paid
-        by the card while, in the funding order (the debt never there), the deposit held their
-        price: each is moved onto the deposit, in the order taken, while the deposit (as it
-        would have been then, and as it is now) holds its price."""
+        """`freed_minor`, (live order, price): deposit money the funding order had and live
+        did not (a debt minute the card now pays; a deposit minute given back). The call's card
+        minutes taken after it are moved onto the deposit, in the order taken, while the
+        deposit (as it would have been then, and as it is now) holds their price."""
         deposit_book = ledger.deposit_book(call.account_id)
         room = (await ledger_store.balances(connection, [deposit_book])).get(deposit_book, 0)
         moved_minor = 0
@@ -318,7 +329,7 @@ class FundingOrder:
                 continue  # one settlement moved onto the card itself
             original = await _load(connection, key)
             price = _price(original, account.currency)
-            freed = sum(p for order, p in debt_moved if order < live_order) - moved_minor
+            freed = sum(p for order, p in freed_minor if order < live_order) - moved_minor
             then = await ledger_store.balance_before(connection, deposit_book, live_order) + freed
             if not 0 < price <= min(then, room):
                 continue

@@ -19,6 +19,7 @@ from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority, lock_account
 from meterd.services.funding_order import FundingOrder
+from meterd.services.given_back import GivenBack
 from meterd.services.minute_posting import MINUTES_PER_TRANSACTION_MAX, MinutePoster
 from meterd.services.payments import PaymentService, post_incident
 from meterd.services.rates import RateBook, RateKind
@@ -99,11 +100,11 @@ class SettlementService:
                     await self._poster.post_due_minutes(connection, call, account, timeline, now)
                     return _BACKLOG
                 # give back first, so minutes given back to the bank can pay for missing ones
-                bank_returned = await self._reverse_unsupported_minutes(connection, call, timeline)
+                given_back = await self._reverse_unsupported_minutes(connection, call, timeline)
                 await self._poster.post_due_minutes(connection, call, account, timeline, now)
                 if call.plan == Plan.PER_MINUTE.value:
                     await self._funding_order.apply(
-                        connection, call, account, timeline, bank_returned, now
+                        connection, call, account, timeline, given_back, now
                     )
                 if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
                     await self._charge_incidents(connection, call, account, timeline)
@@ -116,10 +117,11 @@ class SettlementService:
 
     async def _reverse_unsupported_minutes(
         self, connection: Transaction, call: Record, timeline: Timeline
-    ) -> list[int]:
+    ) -> GivenBack:
         """Give back minutes taken live that the final timeline does not support. Returns the
-        transaction ids of the banked minutes among them (their minutes went back to the bank)."""
-        bank_returned: list[int] = []
+        banked and deposit-paid minutes among them (their minutes went back to the bank, their
+        money to the deposit)."""
+        given_back = GivenBack()
         posted_by_agent = await calls_store.minutes_posted(connection, call.call_sid)
         for agent_id, posted in posted_by_agent.items():
             time = timeline.agents.get(agent_id)
@@ -143,8 +145,8 @@ class SettlementService:
                     ),
                     self._clock(),
                 )
-                if original.kind == "minute_bank" and not result.replayed:
-                    bank_returned.append(await ledger_store.transaction_id(connection, key))
+                if not result.replayed:
+                    await given_back.add(connection, original, call.account_id)
             if final < posted:  # only ever lowered here; missing minutes are posted after
                 log.info(
                     "settlement corrected live minutes",
@@ -154,7 +156,7 @@ class SettlementService:
                     final=final,
                 )
                 await calls_store.set_minutes_posted(connection, call.call_sid, agent_id, final)
-        return bank_returned
+        return given_back
 
     async def _charge_incidents(
         self, connection: Transaction, call: Record, account: Record, timeline: Timeline

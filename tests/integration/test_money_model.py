@@ -1438,6 +1438,34 @@ PAST_FAILURES = [
         ),
         id="a-repriced-debt-minute-the-deposit-can-pay-is-paid-from-it",
     ),
+    # 2,000 examples, both backends (this session, at 2b92a09): authorise mode, a good card on
+    # file, deposit 500, three agents, six minutes at 100: meterd paid 2 from the card and
+    # left 100 in the deposit (the model: 5 from the deposit, 1 from the card).
+    pytest.param(
+        Scenario(
+            skew=-2,
+            bank=0,
+            deposit=500,
+            card=GOOD_CARD,
+            on_exhausted="announce",
+            rates=((268, 50), (462, 50)),
+            deposits=(),
+            calls=(
+                Call(
+                    start=10,
+                    end=226,
+                    agents=(
+                        Agent("a0", join=183, hold=(221, 223)),
+                        Agent("a1", join=113, leave=183, hold=(171, 182)),
+                        Agent("a2", join=0),
+                    ),
+                ),
+            ),
+            ticks=(0, 8, 123, 255, 448),
+            card_mode="authorize",
+        ),
+        id="authorise-the-deposit-pays-before-the-hold",
+    ),
 ]
 
 
