@@ -228,18 +228,18 @@ class MeteringService:
         """Meter a call whose row (and account's row) this transaction holds, from its timeline
         and its "minutes posted" marker (updated here as minutes are posted)."""
         repos = self._repositories(connection)
-        count, backlog = await self._poster.post_due_minutes(
+        posting = await self._poster.post_due_minutes(
             connection, call, account, timeline, now, posted=posted
         )
         next_due = (
             now  # more minutes are due than one transaction posts: go on at the next tick
-            if backlog
+            if posting.backlog
             else self._next_due(call, timeline, posted, now)
         )
         await repos.calls.update(call.call_sid, next_due_at=next_due)
         if call.plan == Plan.PER_MINUTE.value and call.waived_at is None:
-            await self._watch_funds(connection, call, account, timeline, now)
-        return count, backlog
+            await self._watch_funds(connection, call, account, timeline, now, posting.unpaid)
+        return posting.minutes, posting.backlog
 
     async def settle_call(self, call_sid: str) -> bool:
         """Settle the call now if it is ready (see `SettlementService.settle_call`)."""
@@ -282,18 +282,21 @@ class MeteringService:
         account: Record,
         timeline: Timeline,
         now: dt.datetime,
+        unpaid_minutes: int,
     ) -> None:
         """With a card on file, the next block (or authorisation) is bought before the minutes
         run out (the funding authority decides, once per account). Without one (or when the
         card failed), under `announce`: warn the conference when few minutes are left, announce
         when they are gone, and end the call `grace_seconds` later (see `_request_hang_ups`).
-        Minutes in the grace period are still written (owed)."""
+        Minutes in the grace period are still written (owed). `unpaid_minutes`: of the minutes
+        just posted, those nothing could pay."""
         accruing_agents = sum(1 for time in timeline.agents.values() if time.accruing)
         if call.status != CallStatus.CONNECTED or call.conference_sid is None:
-            # The caller is gone, but research on the call may run on: its minutes are billable
-            # and the card on file pays them as it would during the call. Nobody is on the line
-            # to hear an announcement, so nothing is announced.
-            if accruing_agents:
+            # The caller is gone, but research on the call may run on, or a retroactive research
+            # interval add minutes: they are billable and the card on file pays them as it
+            # would during the call (one nothing could pay is rebooked onto the block at
+            # settlement). Nobody is on the line to hear an announcement.
+            if accruing_agents or unpaid_minutes:
                 await self._funding.keep_funded(
                     connection, account, call.call_sid, accruing_agents, now
                 )

@@ -10,6 +10,7 @@ means that guarantee broke (`InvariantBroken`).
 from __future__ import annotations
 
 import datetime as dt
+from typing import NamedTuple
 
 from meterd.clock import Clock
 from meterd.core import ledger, rating
@@ -26,6 +27,15 @@ from meterd.store.transaction import Record, Transaction
 # each short (2-4 ms a minute on SQLite: well under 100 ms), and the tick lets waiting webhooks and
 # other calls have the database between them, so nothing is held behind one call's backlog.
 MINUTES_PER_TRANSACTION_MAX = 15
+
+
+class Posted(NamedTuple):
+    """What one `post_due_minutes` did: minutes posted, whether more are due than it could
+    post, and how many of them nothing could pay (owed, or put on debt)."""
+
+    minutes: int
+    backlog: bool
+    unpaid: int = 0
 
 
 class MinutePoster:
@@ -51,16 +61,15 @@ class MinutePoster:
         now: dt.datetime,
         *,
         posted: dict[str, int] | None = None,
-    ) -> tuple[int, bool]:
-        """Post the minutes now due, at most MINUTES_PER_TRANSACTION_MAX. Returns how many
-        were posted and whether more are due. `posted`: the call's "minutes posted" marker if
-        the caller read it already (a metering batch reads its calls' at once); it is kept up
-        to date here as the marker moves."""
+    ) -> Posted:
+        """Post the minutes now due, at most MINUTES_PER_TRANSACTION_MAX. `posted`: the call's
+        "minutes posted" marker if the caller read it already (a metering batch reads its
+        calls' at once); it is kept up to date here as the marker moves."""
         now_seconds = int(now.timestamp())
         repos = self._repositories(connection)
         if posted is None:
             posted = await repos.calls.minutes_posted(call.call_sid)
-        count = 0
+        count = unpaid = 0
         increment = self._increment_seconds
         for agent_id, agent_time in sorted(timeline.agents.items()):
             already = posted.get(agent_id, 0)
@@ -79,12 +88,13 @@ class MinutePoster:
                 funding = await self._funding.fund_minute(connection, account, call, due_at)
                 await self._post_minute(connection, call, account, agent_id, n, funding)
                 count += 1
+                unpaid += funding.source in (Source.RECEIVABLE, Source.DEBT)
             if target > already:
                 await repos.calls.set_minutes_posted(call.call_sid, agent_id, target)
                 posted[agent_id] = target
             if target < due:
-                return count, True
-        return count, False
+                return Posted(count, True, unpaid)
+        return Posted(count, False, unpaid)
 
     def minutes_missing(self, timeline: Timeline, posted: dict[str, int]) -> int:
         """Minutes the timeline makes due that are not posted yet, over all agents."""

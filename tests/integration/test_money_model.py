@@ -1466,6 +1466,35 @@ PAST_FAILURES = [
         ),
         id="authorise-the-deposit-pays-before-the-hold",
     ),
+    # 2,000 examples on PostgreSQL (this session, at d9f6935): block mode, bank 2, a good card
+    # on file; a 31 s call, then one retroactive research interval of 121 s posted after the
+    # hang-up: three minutes at once, the third with nothing in the bank. meterd wrote it owed
+    # (100) and bought no block: only an accruing agent made it buy one for an ended call. The
+    # model buys a block (card first, then owed): bank 29, card 3000. Fixed: a minute nothing
+    # could pay makes the tick ask the funding authority for a block (or authorisation) for
+    # an ended call too; settlement then pays that minute from the bank.
+    pytest.param(
+        Scenario(
+            skew=0,
+            bank=2,
+            deposit=0,
+            card=GOOD_CARD,
+            on_exhausted="announce",
+            rates=(),
+            deposits=(),
+            calls=(
+                Call(
+                    start=10,
+                    end=41,
+                    agents=(Agent("a0", join=0),),
+                    customer_hold=(0, 0),
+                    research=(Research("a0", start=0, stop=121, live=False),),
+                ),
+            ),
+            ticks=(),
+        ),
+        id="a-minute-owed-after-the-hang-up-buys-a-block",
+    ),
 ]
 
 
