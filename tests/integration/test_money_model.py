@@ -72,6 +72,7 @@ from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 EXAMPLES = int(os.environ.get("METERD_MODEL_EXAMPLES", "15"))
 SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
 LEDGER_SHOWN = bool(os.environ.get("METERD_MODEL_LEDGER"))
+SHARES_BETWEEN_CALLS = "meterd defect: banked minutes given back go to the wrong call's minutes"
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
@@ -278,6 +279,7 @@ class Run:
         self.after_id = 0
         self.transactions: list[dict[str, Any]] = []
         self.live_minutes: dict[str, dict[str, Any]] = {}  # key -> transaction, not reversed
+        self.repriced_unpaid: dict[str, str] = {}  # repriced owed or debt minutes, not judged yet
         self.balance: dict[str, int] = defaultdict(int)
         self.prediction: Prediction | None = None
         self.notes: list[str] = []
@@ -530,7 +532,10 @@ class Run:
                 self._replay_one(transaction)
                 self.after_id = transaction["transaction_id"]
             if len(transactions) < 500:
-                return
+                break
+        for message in self.repriced_unpaid.values():  # not paid by a later step either
+            self.problem("owed_while_funded", message)
+        self.repriced_unpaid.clear()
 
     def _replay_one(self, transaction: dict[str, Any]) -> None:
         self.transactions.append(transaction)
@@ -540,11 +545,18 @@ class Run:
         if kind in ("minute_receivable", "minute_debt"):
             amount = _revenue(transaction)
             if bank >= 1 or deposit >= amount:
-                self.problem(
-                    "owed_while_funded",
+                message = (
                     f"{key} was posted as {kind} at {self.now} while the bank held {bank} "
-                    f"and the deposit {deposit}",
+                    f"and the deposit {deposit}"
                 )
+                if key.endswith(":repriced"):
+                    # settlement prices a minute first and pays it in the funding order after,
+                    # in the same transaction: judged by where that leaves it
+                    self.repriced_unpaid[key] = message
+                else:
+                    self.problem("owed_while_funded", message)
+        if kind == "reversal":
+            self.repriced_unpaid.pop(transaction["reverses_key"] or "", None)
         if kind.startswith("minute_"):
             self.live_minutes[key] = transaction
         if kind == "reversal":
@@ -1494,6 +1506,91 @@ PAST_FAILURES = [
             ticks=(),
         ),
         id="a-minute-owed-after-the-hang-up-buys-a-block",
+    ),
+    # 2,000 examples on PostgreSQL (this session, at fff9909), Twilio's clock 30 s behind: the
+    # account agreed with the model to the cent; the ledger replay flagged a minute settlement
+    # re-priced as owed while the deposit held 500, which settlement's next step (owed paid
+    # from the deposit) then rebooked, in the same transaction. The replay now judges a
+    # repriced minute by where settlement leaves it (a test change, not a meterd one).
+    pytest.param(
+        Scenario(
+            skew=-30,
+            bank=2,
+            deposit=0,
+            card=None,
+            on_exhausted="announce",
+            rates=((204, 150), (1380, 250)),
+            deposits=((148, 1000), (300, 100)),
+            calls=(
+                Call(
+                    start=10,
+                    end=393,
+                    agents=(
+                        Agent("a0", join=13),
+                        Agent("a1", join=134),
+                        Agent("a2", join=102, hold=(146, 327)),
+                    ),
+                    customer_hold=(178, 270),
+                    pay_token=GOOD_CARD,
+                ),
+                Call(
+                    start=509,
+                    end=400,
+                    agents=(
+                        Agent("a0", join=231, hold=(282, 391)),
+                        Agent("a1", join=47, leave=318),
+                    ),
+                    research=(Research("a1", start=119, stop=283, live=True),),
+                    pay_token=GOOD_CARD,
+                ),
+            ),
+            ticks=(23, 475, 628),
+        ),
+        id="a-repriced-owed-minute-is-judged-where-settlement-leaves-it",
+    ),
+    # A meterd defect, not fixed yet (2,000 examples on PostgreSQL, this session, at fff9909):
+    # Twilio's clock 30 s behind, bank 10, no card, two calls of three agents at once. The
+    # account is right (bank 0, owed 1200), but the calls' shares are not: call 0 has all 10
+    # banked minutes and call 1 owes 1200, where the funding order gives call 0 7 minutes and
+    # 300 owed, call 1 3 minutes and 900 owed. Likely cause: banked minutes that call 0's
+    # settlement gives back (open time over-counted to our clock) pay call 0's own owed minutes
+    # ("bank first again"), while in the funding order they paid call 1's earlier minutes.
+    pytest.param(
+        Scenario(
+            skew=-30,
+            bank=10,
+            deposit=0,
+            card=None,
+            on_exhausted="announce",
+            rates=(),
+            deposits=(),
+            calls=(
+                Call(
+                    start=10,
+                    end=393,
+                    agents=(
+                        Agent("a0", join=13),
+                        Agent("a1", join=134),
+                        Agent("a2", join=102, hold=(146, 327)),
+                    ),
+                    customer_hold=(178, 270),
+                    research=(Research("a0", start=371, stop=372, live=True),),
+                ),
+                Call(
+                    start=148,
+                    end=393,
+                    agents=(
+                        Agent("a0", join=13),
+                        Agent("a1", join=0),
+                        Agent("a2", join=0, hold=(103, 146)),
+                    ),
+                    customer_hold=(0, 178),
+                ),
+            ),
+            ticks=(),
+        ),
+        id="two-calls-shares-of-the-bank-with-twilio-30-s-behind",
+        marks=pytest.mark.xfail(strict=True, reason=SHARES_BETWEEN_CALLS),
     ),
 ]
 
