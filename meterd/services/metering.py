@@ -207,7 +207,7 @@ class MeteringService:
             posted = await repos.calls.minutes_posted_of([c.call_sid for c in meterable])
             for call in locked:
                 sid = call.call_sid
-                if call.call_sid not in timelines or call.account_id is None:
+                if sid not in timelines:  # not meterable
                     await repos.calls.update(sid, next_due_at=None)
                     outcomes[sid] = (0, False)
                     continue

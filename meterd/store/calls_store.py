@@ -310,10 +310,7 @@ async def lock_call(connection: AsyncConnection, call_sid: str) -> Row[Any] | No
     """The call's row, locked for metering or settling it (`FOR UPDATE SKIP LOCKED` on
     PostgreSQL: a call another daemon holds is skipped, None; SQLite's write transaction is
     exclusive already)."""
-    query = select(calls).where(calls.c.call_sid == call_sid)
-    if connection.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return (await connection.execute(query)).one_or_none()
+    return (await lock_calls(connection, [call_sid])).get(call_sid)
 
 
 async def lock_calls(connection: AsyncConnection, call_sids: Sequence[str]) -> dict[str, Row[Any]]:
@@ -345,12 +342,7 @@ async def minutes_posted_of(
 
 async def minutes_posted(connection: AsyncConnection, call_sid: str) -> dict[str, int]:
     """How many minutes of each agent on the call the ledger holds (the "posted" marker)."""
-    rows = await connection.execute(
-        select(call_agent_minutes.c.agent_id, call_agent_minutes.c.minutes_posted).where(
-            call_agent_minutes.c.call_sid == call_sid
-        )
-    )
-    return {row.agent_id: row.minutes_posted for row in rows}
+    return (await minutes_posted_of(connection, [call_sid]))[call_sid]
 
 
 async def set_minutes_posted(
