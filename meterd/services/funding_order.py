@@ -25,10 +25,10 @@ import datetime as dt
 from meterd.core import ledger, rating
 from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
-from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority
 from meterd.services.given_back import GivenBack
 from meterd.services.rates import RateBook, RateKind
+from meterd.services.rebooking import load_minute, rebook
 from meterd.store import ledger_store
 from meterd.store.transaction import Record, Transaction
 
@@ -92,7 +92,7 @@ class FundingOrder:
             if due_at is None or due_at <= await ledger_store.posted_at(connection, key):
                 continue
             price = await self._rate_at(connection, account, due_at)
-            original = await _load(connection, key)
+            original = await load_minute(connection, key)
             old_price = sum(p.amount for p in original.postings if p.book == revenue_book)
             if price == old_price:
                 continue
@@ -112,7 +112,7 @@ class FundingOrder:
                 price_minor=price,
                 live_price_minor=old_price,
             )
-            await _rebook(
+            await rebook(
                 connection,
                 call,
                 original,
@@ -141,13 +141,13 @@ class FundingOrder:
         if bank <= 0:
             return
         held_back = sorted(bank_returned)
-        rebook: list[str] = []
+        onto_bank: list[str] = []
         for paid_id, key in await _in_live_order(
             connection, call.call_sid, ledger.MONEY_MINUTE_KINDS
         ):
-            if held_back and held_back[0] < paid_id and len(rebook) < bank:
+            if held_back and held_back[0] < paid_id and len(onto_bank) < bank:
                 held_back.pop(0)
-                rebook.append(key)
+                onto_bank.append(key)
         # minutes nothing could pay when they fell due (owed, or debt) are paid from the bank
         # once it holds minutes again, e.g. the block bought because they could not be paid
         kinds = ledger.TransactionKind
@@ -158,22 +158,22 @@ class FundingOrder:
             )
         ]
         for key in unpaid:
-            if key not in rebook and len(rebook) < bank:
-                rebook.append(key)
+            if key not in onto_bank and len(onto_bank) < bank:
+                onto_bank.append(key)
         # In the funding order, the block such a minute needed was bought when it fell due, and
         # the bank paid first from then on: a minute the deposit paid after it (live, the block
         # was still on its way; a cheaper minute posted in the same tick) is the bank's too.
-        first_unpaid = [key for key in unpaid if key in rebook][:1]
+        first_unpaid = [key for key in unpaid if key in onto_bank][:1]
         if first_unpaid:
             after_id = await _live_order(connection, first_unpaid[0])
             for paid_id, key in await _in_live_order(
                 connection, call.call_sid, frozenset({kinds.MINUTE_DEPOSIT})
             ):
-                if key not in rebook and len(rebook) < bank and paid_id > after_id:
-                    rebook.append(key)
-        for key in rebook:
-            original = await _load(connection, key)
-            await _rebook(connection, call, original, source="bank", currency="", price=0, now=now)
+                if key not in onto_bank and len(onto_bank) < bank and paid_id > after_id:
+                    onto_bank.append(key)
+        for key in onto_bank:
+            original = await load_minute(connection, key)
+            await rebook(connection, call, original, source="bank", currency="", price=0, now=now)
 
     async def _pay_from_the_deposit_before_an_early_block(
         self,
@@ -208,7 +208,7 @@ class FundingOrder:
         room = held.get(ledger.deposit_book(account.account_id), 0)
         for minute in await _minutes_after(connection, account.account_id, block):
             if minute.key.endswith(ledger.REBOOKED_FROM_DEPOSIT_SUFFIX):
-                budget -= _price(await _load(connection, minute.key), account.currency)
+                budget -= _price(await load_minute(connection, minute.key), account.currency)
                 continue
             if minute.kind != ledger.TransactionKind.MINUTE_BANK:
                 return  # the deposit paid live: the bank had run out again
@@ -227,8 +227,8 @@ class FundingOrder:
             price = await self._rate_at(connection, account, due_at)
             if price > min(budget, room):
                 return
-            original = await _load(connection, minute.key)
-            await _rebook(
+            original = await load_minute(connection, minute.key)
+            await rebook(
                 connection,
                 call,
                 original,
@@ -296,10 +296,10 @@ class FundingOrder:
         for key, price in unpaid:
             if not 0 < price <= hold:
                 continue
-            original = await _load(connection, key)
+            original = await load_minute(connection, key)
             if original.kind == ledger.TransactionKind.MINUTE_DEBT:
                 freed.append((await _live_order(connection, key), price))
-            await _rebook(
+            await rebook(
                 connection, call, original, source="card", currency=account.currency,
                 price=price, now=now,
             )  # fmt: skip
@@ -327,13 +327,13 @@ class FundingOrder:
         ):
             if key != ledger.live_minute_key(key):
                 continue  # one settlement moved onto the card itself
-            original = await _load(connection, key)
+            original = await load_minute(connection, key)
             price = _price(original, account.currency)
             freed = sum(p for order, p in freed_minor if order < live_order) - moved_minor
             then = await ledger_store.balance_before(connection, deposit_book, live_order) + freed
             if not 0 < price <= min(then, room):
                 continue
-            await _rebook(
+            await rebook(
                 connection, call, original, source="deposit", currency=account.currency,
                 price=price, now=now,
             )  # fmt: skip
@@ -352,10 +352,10 @@ class FundingOrder:
         for key, price in await _unpaid_minutes(connection, call, account.currency):
             if not 0 < price <= deposit:
                 continue
-            await _rebook(
+            await rebook(
                 connection,
                 call,
-                await _load(connection, key),
+                await load_minute(connection, key),
                 source="deposit",
                 currency=account.currency,
                 price=price,
@@ -373,7 +373,7 @@ async def _unpaid_minutes(
     if debt:
         kinds.add(ledger.TransactionKind.MINUTE_DEBT)
     return [
-        (key, _price(await _load(connection, key), currency))
+        (key, _price(await load_minute(connection, key), currency))
         for _, key in await _in_live_order(connection, call.call_sid, frozenset(kinds))
     ]
 
@@ -392,50 +392,6 @@ async def _in_live_order(
     return sorted([(await _live_order(connection, key), key) for key in keys])
 
 
-async def _load(connection: Transaction, key: str) -> ledger.Transaction:
-    original = await ledger_store.load_transaction(connection, key)
-    if original is None:
-        raise InvariantBroken(f"{key} is listed but not in the ledger")
-    return original
-
-
-async def _rebook(
-    connection: Transaction,
-    call: Record,
-    original: ledger.Transaction,
-    *,
-    source: str,
-    currency: str,
-    price: int,
-    now: dt.datetime,
-    repriced: bool = False,
-) -> None:
-    """Settlement's word on how a minute is paid: the posting reversed, the minute posted
-    again from `source` under its rebooked (or `repriced`) key."""
-    memo = (
-        "settlement: priced at its final due moment"
-        if repriced
-        else f"settlement: paid from the {source} instead"
-    )
-    await ledger_store.post(connection, ledger.reversal_of(original, memo=memo), now)
-    agent_id, n = ledger.parse_minute_key(original.key)
-    await ledger_store.post(
-        connection,
-        ledger.minute(
-            call.call_sid,
-            agent_id,
-            n,
-            account_id=call.account_id,
-            currency=currency,
-            source=source,
-            amount_minor=price,
-            rebooked=not repriced,
-            repriced=repriced,
-        ),
-        now,
-    )
-
-
 async def _booked_before(
     connection: Transaction, account_id: str, payer: str, block: ledger_store.Listed
 ) -> int:
@@ -451,7 +407,7 @@ async def _booked_before(
         frozenset({ledger.TransactionKind.REVERSAL}),
         after_id=block.transaction_id,
     ):
-        reversal = await _load(connection, listed.key)
+        reversal = await load_minute(connection, listed.key)
         original_key = reversal.reverses_key or ""
         taken_before = await ledger_store.transaction_id(connection, original_key)
         if taken_before < block.transaction_id and not await _rebooked(connection, original_key):

@@ -167,6 +167,22 @@ async def marks(connection: AsyncConnection, call_sid: str) -> list[ResearchMark
     ]
 
 
+async def agents_with_late_research(
+    connection: AsyncConnection, call_sids: Sequence[str], lateness: dt.timedelta
+) -> set[tuple[str, str]]:
+    """(call_sid, agent_id) of the agents with a research interval told to meterd more than
+    `lateness` after it began (a retroactive interval: its time was known only once posted)."""
+    rows = await connection.execute(
+        select(
+            research_marks.c.call_sid,
+            research_marks.c.agent_id,
+            research_marks.c.start_at,
+            research_marks.c.created_at,
+        ).where(research_marks.c.call_sid.in_(list(call_sids)))
+    )
+    return {(r.call_sid, r.agent_id) for r in rows if r.created_at > r.start_at + lateness}
+
+
 async def open_mark(connection: AsyncConnection, call_sid: str, agent_id: str) -> Row[Any] | None:
     return (
         await connection.execute(

@@ -72,7 +72,6 @@ from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 EXAMPLES = int(os.environ.get("METERD_MODEL_EXAMPLES", "15"))
 SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
 LEDGER_SHOWN = bool(os.environ.get("METERD_MODEL_LEDGER"))
-SHARES_BETWEEN_CALLS = "meterd defect: banked minutes given back go to the wrong call's minutes"
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
@@ -1548,13 +1547,13 @@ PAST_FAILURES = [
         ),
         id="a-repriced-owed-minute-is-judged-where-settlement-leaves-it",
     ),
-    # A meterd defect, not fixed yet (2,000 examples on PostgreSQL, this session, at fff9909):
-    # Twilio's clock 30 s behind, bank 10, no card, two calls of three agents at once. The
-    # account is right (bank 0, owed 1200), but the calls' shares are not: call 0 has all 10
-    # banked minutes and call 1 owes 1200, where the funding order gives call 0 7 minutes and
-    # 300 owed, call 1 3 minutes and 900 owed. Likely cause: banked minutes that call 0's
-    # settlement gives back (open time over-counted to our clock) pay call 0's own owed minutes
-    # ("bank first again"), while in the funding order they paid call 1's earlier minutes.
+    # 2,000 examples on PostgreSQL at fff9909: Twilio's clock 30 s behind, bank 10, no card,
+    # two calls of three agents at once. The account was right (bank 0, owed 1200) but the
+    # calls' shares were not: call 0 had all 10 banked minutes and call 1 owed 1200, where the
+    # funding order gives call 0 7 minutes and 300 owed, call 1 3 minutes and 900 owed. Call
+    # 1's unhold arrived 30 s after its stamp, so its first minutes fell due before three of
+    # call 0's that the bank paid live (one on open time Twilio's hold took back). Settlement
+    # now trades banked minutes between the account's settled calls (services/bank_shares.py).
     pytest.param(
         Scenario(
             skew=-30,
@@ -1590,7 +1589,6 @@ PAST_FAILURES = [
             ticks=(),
         ),
         id="two-calls-shares-of-the-bank-with-twilio-30-s-behind",
-        marks=pytest.mark.xfail(strict=True, reason=SHARES_BETWEEN_CALLS),
     ),
 ]
 
