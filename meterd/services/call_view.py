@@ -9,8 +9,9 @@ from meterd.clock import Clock
 from meterd.core import ledger
 from meterd.core.timeline import Timeline, agent_minutes
 from meterd.services.errors import NotFound
-from meterd.store import calls_store, ledger_store, timeline_store
+from meterd.store import call_listing, calls_store, ledger_store, timeline_store
 from meterd.store.database import Database
+from meterd.store.transaction import Record, Transaction
 
 
 class CallViewService:
@@ -28,15 +29,18 @@ class CallViewService:
             call = await calls_store.get_call(connection, call_sid)
             if call is None:
                 raise NotFound(f"no call {call_sid}")
-            timeline = await timeline_store.load_timeline(
-                connection, call, self._clock(), self._research_max_seconds
-            )
-            # what the call used (a card block bought during it is a purchase, not usage)
-            totals = await ledger_store.call_book_totals(
-                connection, call_sid, excluding_kinds=frozenset({"card_block", "card_refund"})
-            )
-            all_totals = await ledger_store.call_book_totals(connection, call_sid)
-            incidents = await ledger_store.net_incidents(connection, call_sid)
+            return call, *await self._read(connection, call)
+
+    async def _read(self, connection: Transaction, call: Record) -> tuple[Timeline, dict[str, Any]]:
+        timeline = await timeline_store.load_timeline(
+            connection, call, self._clock(), self._research_max_seconds
+        )
+        # what the call used (a card block bought during it is a purchase, not usage)
+        totals = await ledger_store.call_book_totals(
+            connection, call.call_sid, excluding_kinds=frozenset({"card_block", "card_refund"})
+        )
+        all_totals = await ledger_store.call_book_totals(connection, call.call_sid)
+        incidents = await ledger_store.net_incidents(connection, call.call_sid)
         account_id = call.account_id or ""
         charges = {
             "bank_minutes": -totals.get(ledger.bank_book(account_id), 0),
@@ -48,10 +52,44 @@ class CallViewService:
             "incidents": incidents,
             "waived": call.waived_at is not None,
         }
-        return call, timeline, charges
+        return timeline, charges
+
+    async def list(
+        self,
+        *,
+        ended: bool,
+        account_id: str | None,
+        since: dt.datetime | None,
+        after_sid: str | None,
+        limit: int,
+    ) -> dict[str, Any]:
+        """`GET /admin/calls`: a page of open (or ended) calls, each as `view` shows it without
+        its timeline entries; `next_after` names the last call when more may follow."""
+        async with self._database.read() as connection:
+            rows = await call_listing.list_calls(
+                connection,
+                ended=ended,
+                account_id=account_id,
+                since=since,
+                after_sid=after_sid,
+                limit=limit,
+            )
+            listed = []
+            for call in rows:
+                timeline, charges = await self._read(connection, call)
+                summary = self._summary(call, timeline, charges)
+                del summary["timeline"]
+                listed.append(summary)
+        return {
+            "calls": listed,
+            "next_after": rows[-1].call_sid if len(rows) == limit else None,
+        }
 
     async def view(self, call_sid: str) -> dict[str, Any]:
         call, timeline, charges = await self.timeline(call_sid)
+        return self._summary(call, timeline, charges)
+
+    def _summary(self, call: Any, timeline: Timeline, charges: dict[str, Any]) -> dict[str, Any]:
         return {
             "call_sid": call.call_sid,
             "account_id": call.account_id,

@@ -74,6 +74,35 @@ async def get_call(request: web.Request) -> web.Response:
     )
 
 
+CALLS_PAGE_MAX = 200
+CALL_STATES = ("open", "ended")
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    """Open calls (no end yet) or ended ones, oldest start first; page with `after` (the
+    `next_after` of the previous page)."""
+    query = request.query
+    state = query.get("state", "open")
+    if state not in CALL_STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(CALL_STATES)}")
+    try:
+        limit = min(int(query.get("limit", "50")), CALLS_PAGE_MAX)
+    except ValueError:
+        raise InvalidRequest("limit must be a whole number") from None
+    if limit < 1:
+        raise InvalidRequest("limit must be at least 1")
+    since = parse_instant(dict(query), "since") if "since" in query else None
+    return web.json_response(
+        await request.config_dict[SERVICES].call_view.list(
+            ended=state == "ended",
+            account_id=query.get("account_id"),
+            since=since,
+            after_sid=query.get("after"),
+            limit=limit,
+        )
+    )
+
+
 LEDGER_PAGE_MAX = 500
 ROW_ID_MAX = 2**63 - 1  # the largest row id either database stores (a signed 64-bit integer)
 
@@ -128,6 +157,7 @@ def subapp() -> web.Application:
     app.router.add_patch("/accounts/{account_id}", change_account)
     app.router.add_post("/accounts/{account_id}/deposits", add_deposit)
     app.router.add_post("/accounts/{account_id}/minutes", add_minutes)
+    app.router.add_get("/calls", list_calls)
     app.router.add_get("/calls/{call_sid}", get_call)
     app.router.add_get("/ledger", get_ledger)
     app.router.add_post("/rates", add_rate)

@@ -1,0 +1,83 @@
+"""`GET /admin/calls`: the open and ended calls a desk lead lists, paged, on both backends."""
+
+from __future__ import annotations
+
+import pytest
+
+from .test_metering import account, client, clock, deliver, finish, run_until, start_call  # noqa: F401
+from .twilio_app import admin
+
+
+async def _calls(client, query: str) -> dict:
+    response = await admin(client, "GET", f"/admin/calls{query}")
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def test_open_calls_then_ended_with_their_live_charges(client, clock):
+    await account(client)
+    first, second, third = [await start_call(client, n) for n in (1, 2, 3)]
+    for script in (first, second, third):
+        script.join("customer", 0).join("agent:alice", 0)
+        await deliver(client, script.events)
+    await run_until(client, clock, 70)
+    listed = await _calls(client, "?state=open")
+    assert [c["call_sid"] for c in listed["calls"]] == [s.call_sid for s in (first, second, third)]
+    assert listed["next_after"] is None
+    # 70 s of talk each: minutes 1 and 2 taken live, shown while the call is up
+    assert {c["charges"]["bank_minutes"] for c in listed["calls"]} == {2}
+    assert listed["calls"][0]["agents"]["alice"]["active_seconds"] == 70
+    assert "timeline" not in listed["calls"][0]
+
+    second.end(75)
+    await deliver(client, second.events[-2:])
+    await deliver(client, second.status_events)
+    await finish(client, clock, second, 75)
+    open_now = await _calls(client, "?state=open")
+    assert [c["call_sid"] for c in open_now["calls"]] == [first.call_sid, third.call_sid]
+    ended = await _calls(client, "?state=ended&account_id=acme")
+    assert [c["call_sid"] for c in ended["calls"]] == [second.call_sid]
+    assert ended["calls"][0]["settled_at"] is not None
+    assert (await _calls(client, "?state=ended&account_id=other"))["calls"] == []
+
+
+async def test_pages_follow_each_other_without_gaps_or_repeats(client, clock):
+    await account(client)
+    scripts = [await start_call(client, n) for n in range(1, 6)]
+    seen: list[str] = []
+    after = ""
+    while True:
+        page = await _calls(client, f"?state=open&limit=2{after}")
+        seen += [c["call_sid"] for c in page["calls"]]
+        if page["next_after"] is None:
+            break
+        after = f"&after={page['next_after']}"
+    assert seen == [s.call_sid for s in scripts]
+
+
+async def test_since_keeps_the_calls_started_from_then(client, clock):
+    await account(client)
+    await start_call(client, 1)
+    later = (await _calls(client, "?since=2030-01-01T00:00:00Z"))["calls"]
+    assert later == []
+    assert len((await _calls(client, "?since=2020-01-01T00:00:00Z"))["calls"]) == 1
+
+
+@pytest.mark.parametrize(
+    "query, says",
+    [
+        ("?state=closed", "state must be one of open, ended"),
+        ("?limit=zero", "limit must be a whole number"),
+        ("?limit=0", "limit must be at least 1"),
+        ("?since=yesterday", "since is not an ISO 8601 time"),
+    ],
+)
+async def test_a_bad_query_is_a_clear_400(client, query, says):
+    response = await admin(client, "GET", f"/admin/calls{query}")
+    assert response.status == 400
+    assert says in (await response.json())["detail"]
+
+
+async def test_the_list_needs_the_admin_token(client):
+    response = await client.get("/admin/calls")
+    assert response.status == 401
