@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from .test_metering import account, client, clock, deliver, finish, run_until, start_call  # noqa: F401
-from .twilio_app import admin
+from .test_metering import START, account, deliver, finish, run_until, start_call
+from .twilio_app import ManualClock, admin, build_app
+
+
+@pytest.fixture
+def clock():
+    return ManualClock(START)
+
+
+@pytest.fixture
+async def client(aiohttp_client, database, tmp_path, clock):
+    return await aiohttp_client(
+        build_app(database, tmp_path, clock, METERD_SETTLE_DELAY_SECONDS="60")
+    )
 
 
 async def _calls(client, query: str) -> dict:
