@@ -43,6 +43,7 @@ from meterd.services.payments import PaymentService, PaymentSettings
 from meterd.services.rates import RateBook, RateKind
 from meterd.services.research import ResearchService
 from meterd.services.settlement import SettlementService
+from meterd.services.statements import StatementService
 from meterd.services.usage import UsageService
 from meterd.services.waivers import WaiverService
 from meterd.store.database import Database
@@ -72,6 +73,7 @@ class Services:
     outbox: OutboxDispatcher
     payments: PaymentService
     usage: UsageService  # the nightly usage for finance
+    statements: StatementService  # an account's statement, from the nightly usage
     on_invariant_broken: Callable[[InvariantBroken], None]
 
 
@@ -203,6 +205,7 @@ def build_services(
     payments = payment_service(settings, database, clock, rates, gateway)
     funding = funding_authority(settings, rates, payments)
     ingest = ingest_service(settings, database, clock)
+    usage = usage_service(settings, database, clock)
     return Services(
         settings=settings,
         database=database,
@@ -232,7 +235,8 @@ def build_services(
         incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
         rates=rates,
         outbox=OutboxDispatcher(database, twilio_rest, clock),
-        usage=usage_service(settings, database, clock),
+        usage=usage,
+        statements=StatementService(database, usage),
         on_invariant_broken=on_invariant_broken or _raise,
     )
 

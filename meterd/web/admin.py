@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from meterd.core.usage import InvalidBusinessDay, parse_business_day
+from meterd.core.usage.statement_render import statement_csv, statement_html, statement_json
 from meterd.services.accounts import MoneyIn
 from meterd.services.errors import InvalidRequest
 from meterd.services.research import parse_instant
+from meterd.services.usage import UsageNotReady, UsageRefused
 from meterd.store import ledger_store
 from meterd.web.auth import bearer_token
-from meterd.web.json_io import read_json
+from meterd.web.json_io import json_error, read_json
 from meterd.web.keys import SERVICES
 
 PREFIX = "/admin"
@@ -72,6 +75,47 @@ async def get_call(request: web.Request) -> web.Response:
     return web.json_response(
         await request.config_dict[SERVICES].call_view.view(request.match_info["call_sid"])
     )
+
+
+STATEMENT_FORMATS = ("json", "csv", "html")
+
+
+async def get_statement(request: web.Request) -> web.StreamResponse:
+    """The account's statement over business days `from` to `to` (YYYY-MM-DD, both included;
+    `to` defaults to the last closed day, `from` to the first of its month), as `format`
+    json (default), csv or html (printable)."""
+    services = request.config_dict[SERVICES]
+    query = request.query
+    shown = query.get("format", "json")
+    if shown not in STATEMENT_FORMATS:
+        raise InvalidRequest(f"format must be one of {', '.join(STATEMENT_FORMATS)}")
+    try:
+        last_day = (
+            parse_business_day(query["to"]) if "to" in query else services.usage.last_closed_day()
+        )
+        first_day = (
+            parse_business_day(query["from"]) if "from" in query else last_day.replace(day=1)
+        )
+    except InvalidBusinessDay as error:
+        raise InvalidRequest(f"from and to are business days: {error}") from None
+    account_id = request.match_info["account_id"]
+    try:
+        statement = await services.statements.statement(account_id, first_day, last_day)
+    except UsageNotReady as error:
+        return json_error(404, "usage_not_ready", str(error))
+    except UsageRefused as error:
+        return json_error(409, "usage_refused", str(error))
+    name = f"statement-{account_id}-{first_day.isoformat()}-{last_day.isoformat()}"
+    if shown == "csv":
+        return web.Response(
+            text=statement_csv(statement),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+        )
+    if shown == "html":
+        return web.Response(text=statement_html(statement), content_type="text/html")
+    return web.json_response(statement_json(statement))
 
 
 CALLS_PAGE_MAX = 200
@@ -157,6 +201,7 @@ def subapp() -> web.Application:
     app.router.add_patch("/accounts/{account_id}", change_account)
     app.router.add_post("/accounts/{account_id}/deposits", add_deposit)
     app.router.add_post("/accounts/{account_id}/minutes", add_minutes)
+    app.router.add_get("/accounts/{account_id}/statement", get_statement)
     app.router.add_get("/calls", list_calls)
     app.router.add_get("/calls/{call_sid}", get_call)
     app.router.add_get("/ledger", get_ledger)
