@@ -30,6 +30,7 @@ from meterd.metrics import Metrics
 from meterd.services.accounts import AccountService, AccountSettings
 from meterd.services.answering import AnsweringService, AnsweringSettings
 from meterd.services.call_view import CallViewService
+from meterd.services.desk import DeskService
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority
 from meterd.services.incidents import IncidentService
@@ -66,6 +67,7 @@ class Services:
     intake: WebhookIntake  # conference and call-status callbacks: database, else journal
     research: ResearchService
     call_view: CallViewService
+    desk: DeskService  # the desk's live page
     metering: MeteringService
     waivers: WaiverService
     incidents: IncidentService
@@ -206,23 +208,26 @@ def build_services(
     funding = funding_authority(settings, rates, payments)
     ingest = ingest_service(settings, database, clock)
     usage = usage_service(settings, database, clock)
+    accounts = account_service(settings, database, clock)
+    call_view = CallViewService(
+        database,
+        clock,
+        increment_seconds=settings.increment_seconds,
+        research_max_minutes=settings.research_max_minutes,
+    )
     return Services(
         settings=settings,
         database=database,
         clock=clock,
-        accounts=account_service(settings, database, clock),
+        accounts=accounts,
         answering=answering_service(settings, database, clock, payments, funding),
         ingest=ingest,
         intake=webhook_intake(settings, database, clock, ingest, metrics),
         research=ResearchService(
             database, clock, research_max_minutes=settings.research_max_minutes
         ),
-        call_view=CallViewService(
-            database,
-            clock,
-            increment_seconds=settings.increment_seconds,
-            research_max_minutes=settings.research_max_minutes,
-        ),
+        call_view=call_view,
+        desk=DeskService(call_view, accounts, clock),
         metering=metering_service(settings, database, clock, rates, payments, funding),
         waivers=WaiverService(
             database,

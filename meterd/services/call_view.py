@@ -107,12 +107,16 @@ class CallViewService:
                     "research_seconds": time.research_seconds,
                     "billable_seconds": time.billable_seconds,
                     "agent_minutes": agent_minutes(time.billable_seconds, self._increment_seconds),
+                    "accruing": time.accruing,
                 }
                 for agent_id, time in timeline.agents.items()
             },
             "unlabelled_agents": list(timeline.unlabelled_agents),
             "charges": charges,
             "settled_at": call.settled_at and call.settled_at.isoformat(),
+            "pay_attempts": call.pay_attempts,
+            "warned_at": call.warned_at and call.warned_at.isoformat(),
+            "exhausted_at": call.exhausted_at and call.exhausted_at.isoformat(),
             "waiver_reason": call.waiver_reason,
             "incident": call.incident_group,
             "timeline": [

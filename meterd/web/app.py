@@ -36,7 +36,7 @@ from meterd.services.outbox import TwilioCalls
 from meterd.store.database import Database
 from meterd.store.ledger_store import IdempotencyConflict
 from meterd.store.outage import is_unavailable
-from meterd.web import admin, agents, finance, ops, twilio
+from meterd.web import admin, agents, desk, finance, ops, twilio
 from meterd.web.auth import unrouted_paths
 from meterd.web.connections import ConnectionLimits
 from meterd.web.health import Health
@@ -193,7 +193,7 @@ async def input_middleware(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
-CALLERS = (twilio, admin, agents, finance)
+CALLERS = (twilio, admin, agents, finance, desk)
 """The callers with a prefix: each module has PREFIX and `subapp()` (routes and authentication)."""
 BEARER_CALLERS = (admin, agents, finance)
 """Those authenticated by a bearer token: `authenticate`, their sub-application's middleware."""
@@ -223,6 +223,7 @@ def build_app(settings: Settings, metrics: Metrics) -> web.Application:
     app[METRICS] = metrics
     app[CONNECTION_LIMITS] = limits
     ops.add_routes(app)
+    app.router.add_get(desk.PREFIX, desk.root)
     for caller in CALLERS:
         app.add_subapp(caller.PREFIX, caller.subapp())
     return app
