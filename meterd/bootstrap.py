@@ -21,14 +21,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from meterd.adapters.alert_sender import AlertSender
 from meterd.adapters.stripe_gateway import PaymentGateway, StripeGateway, StripeSettings
 from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.clock import Clock
-from meterd.config import OnExhausted, Settings
+from meterd.config import CardMode, OnExhausted, Settings
 from meterd.logs import get_logger
 from meterd.metrics import Metrics
 from meterd.services.accounts import AccountService, AccountSettings
+from meterd.services.alerts import AlertService
 from meterd.services.answering import AnsweringService, AnsweringSettings
+from meterd.services.auto_top_up import AutoTopUp
 from meterd.services.call_view import CallViewService
 from meterd.services.desk import DeskService
 from meterd.services.errors import InvariantBroken
@@ -68,6 +71,8 @@ class Services:
     research: ResearchService
     call_view: CallViewService
     desk: DeskService  # the desk's live page
+    alerts: AlertService  # alerts POSTed to the desk's URL
+    auto_top_up: AutoTopUp  # blocks bought when an account's bank falls below its threshold
     metering: MeteringService
     waivers: WaiverService
     incidents: IncidentService
@@ -204,7 +209,8 @@ def build_services(
     `metrics` receives the webhook journal's gauges; `on_invariant_broken` is told of a broken
     money invariant (default: raise it)."""
     rates = rate_book(settings, database, clock)
-    payments = payment_service(settings, database, clock, rates, gateway)
+    alerts = alert_service(settings, database, clock)
+    payments = payment_service(settings, database, clock, rates, gateway, alerts)
     funding = funding_authority(settings, rates, payments)
     ingest = ingest_service(settings, database, clock)
     usage = usage_service(settings, database, clock)
@@ -228,13 +234,23 @@ def build_services(
         ),
         call_view=call_view,
         desk=DeskService(call_view, accounts, clock),
-        metering=metering_service(settings, database, clock, rates, payments, funding),
+        alerts=alerts,
+        auto_top_up=AutoTopUp(
+            database,
+            clock,
+            rates,
+            enabled=settings.card_mode == CardMode.BLOCK and gateway is not None,
+            block_minutes=settings.block_minutes,
+            per_day=settings.auto_top_up_per_day,
+        ),
+        metering=metering_service(settings, database, clock, rates, payments, funding, alerts),
         waivers=WaiverService(
             database,
             clock,
             payments,
             reasons=list(settings.waiver_reasons),
             waiver_days=settings.waiver_days,
+            alerts=alerts,
         ),
         payments=payments,
         incidents=IncidentService(database, clock, link_days=settings.incident_link_days),
@@ -246,12 +262,29 @@ def build_services(
     )
 
 
+def alert_service(settings: Settings, database: Database, clock: Clock) -> AlertService:
+    """Alerts to `alerts_url`, signed with the alerts secret (no URL: alerts are off)."""
+    sender = (
+        AlertSender(settings.alerts_url, settings.secret("alerts_secret"))
+        if settings.alerts_url
+        else None
+    )
+    return AlertService(
+        database,
+        clock,
+        sender,
+        bank_minutes_below=settings.alert_bank_minutes_below,
+        deposit_minor_below=settings.alert_deposit_minor_below,
+    )
+
+
 def payment_service(
     settings: Settings,
     database: Database,
     clock: Clock,
     rates: RateBook,
     gateway: PaymentGateway | None,
+    alerts: AlertService | None = None,
 ) -> PaymentService:
     """Card payments through `gateway` (None: card payments are off)."""
     return PaymentService(
@@ -265,6 +298,7 @@ def payment_service(
         ),
         clock,
         rates,
+        alerts,
     )
 
 
@@ -308,6 +342,7 @@ def metering_service(
     rates: RateBook,
     payments: PaymentService,
     funding: FundingAuthority,
+    alerts: AlertService | None = None,
 ) -> MeteringService:
     """The live tick, the minute poster it shares with settlement, and settlement."""
     poster = MinutePoster(clock, funding, increment_seconds=settings.increment_seconds)
@@ -333,7 +368,9 @@ def metering_service(
         tick_batch_max=settings.tick_batch_max,
         public_base_url=settings.public_base_url,
     )
-    return MeteringService(database, metering_settings, clock, funding, poster, settlement)
+    return MeteringService(
+        database, metering_settings, clock, funding, poster, settlement, alerts=alerts
+    )
 
 
 def ingest_service(settings: Settings, database: Database, clock: Clock) -> IngestService:

@@ -405,6 +405,15 @@ class Settings:
             "when a per_minute caller runs out mid-call: card, announce or allow_debt",
         )
     )
+    auto_top_up_per_day: int = field(
+        metadata=_setting(
+            "billing",
+            3,
+            "at most this many blocks bought by auto top-up per account in any 24 hours",
+            minimum=1,
+            maximum=100,
+        )
+    )
     warn_minutes_left: int = field(
         metadata=_setting(
             "billing", 2, "announce this many minutes before funds run out", minimum=0, maximum=60
@@ -564,6 +573,36 @@ class Settings:
             maximum=86_400,
         )
     )
+    # [alerts]
+    alerts_url: str = field(
+        metadata=_setting(
+            "alerts",
+            "",
+            "the desk's URL meterd POSTs alerts to (low balances, exhaustion, card charges and "
+            "declines, waivers), signed with the alerts secret. Empty: no alerts",
+            check=_check_public_base_url,
+        )
+    )
+    alert_bank_minutes_below: int = field(
+        metadata=_setting(
+            "alerts",
+            10,
+            "an account's banked minutes falling below this is an alert (0: none); an account "
+            "may set its own",
+            minimum=0,
+            maximum=1_000_000,
+        )
+    )
+    alert_deposit_minor_below: int = field(
+        metadata=_setting(
+            "alerts",
+            0,
+            "an account's deposit falling below this (minor units) is an alert (0: none); an "
+            "account may set its own",
+            minimum=0,
+            maximum=10**12,
+        )
+    )
     # [log]
     log_level: str = field(
         metadata=_setting(
@@ -645,6 +684,12 @@ SECRETS: tuple[Secret, ...] = (
         generated=False,
     ),
     Secret("stripe_secret_key", "METERD_STRIPE_SECRET_KEY", "Stripe secret key", generated=False),
+    Secret(
+        "alerts_secret",
+        "METERD_ALERTS_SECRET",
+        "HMAC key the alerts POSTed to alerts_url are signed with (needed with alerts_url)",
+        generated=False,
+    ),
 )
 
 SECRET_MIN_CHARS = 16
@@ -734,6 +779,11 @@ def load_settings(
     ).resolve()
     host, port = _parse_listen(values["listen"])
     resolved, generated, modes_fixed = _resolve_secrets(env, state_dir, generate=generate_secrets)
+    if values["alerts_url"] and not resolved.get("alerts_secret") and generate_secrets:
+        raise ConfigError(
+            "alerts_url is set but the alerts secret is not: set METERD_ALERTS_SECRET (the desk "
+            "checks each alert's signature with it)"
+        )
     return Settings(
         **{
             **values,

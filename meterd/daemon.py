@@ -31,7 +31,12 @@ from meterd.clock import Clock, system_clock
 from meterd.config import Settings
 from meterd.logs import AccessLogger, get_logger
 from meterd.metrics import Metrics
-from meterd.scheduler import STALE_SWEEP_INTERVAL_SECONDS, Scheduler, create_scheduler
+from meterd.scheduler import (
+    ALERT_WATCH_SECONDS,
+    STALE_SWEEP_INTERVAL_SECONDS,
+    Scheduler,
+    create_scheduler,
+)
 from meterd.services.errors import InvariantBroken
 from meterd.services.intake import WebhookIntake
 from meterd.store.database import Database
@@ -123,6 +128,10 @@ class Lifecycle:
         scheduler.every(tick_seconds, "metering-tick", metering_tick, on_the_second=True)
         scheduler.every(tick_seconds, "twilio-outbox", services.outbox.dispatch)
         scheduler.every(tick_seconds, "payments", services.payments.run)
+        scheduler.every(ALERT_WATCH_SECONDS, "auto-top-up", services.auto_top_up.run)
+        if services.alerts.enabled:
+            scheduler.every(ALERT_WATCH_SECONDS, "alerts-watch", services.alerts.watch_balances)
+            scheduler.every(tick_seconds, "alerts-deliver", services.alerts.deliver)
         scheduler.every(
             STALE_SWEEP_INTERVAL_SECONDS, "close-stale-calls", services.ingest.close_stale_calls
         )

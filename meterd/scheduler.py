@@ -29,6 +29,7 @@ log = get_logger("meterd.scheduler")
 
 JOB_DEFAULTS = {"misfire_grace_time": 300, "coalesce": True, "max_instances": 1}
 STALE_SWEEP_INTERVAL_SECONDS = 600
+ALERT_WATCH_SECONDS = 5  # how often balances are looked at against their alert thresholds
 # A nightly run delayed by up to an hour (a stall, a busy loop) still runs; later than that, the
 # next run or the next start catches the day up.
 CRON_MISFIRE_GRACE_SECONDS = 3600

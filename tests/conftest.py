@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from meterd.store.database import Database, open_database
+from tests.stripe_server import LocalStripe
 
 POSTGRES_URL = os.environ.get(
     "METERD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -56,6 +57,14 @@ def fresh_postgres_url() -> Iterator[str]:
         yield "postgresql+asyncpg://" + _postgres_dsn(name).split("://", 1)[1]
     finally:
         _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def localstripe() -> Iterator[LocalStripe]:
+    """localstripe on a loopback port, one per test module (a module may define its own)."""
+    server = LocalStripe().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=BACKENDS)

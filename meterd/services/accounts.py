@@ -57,7 +57,13 @@ CREATE_FIELDS = {
     "products",
     "valid_until",
 }
+ALERT_FIELDS = {
+    "alert_bank_minutes_below": 1_000_000,
+    "alert_deposit_minor_below": 10**12,
+    "auto_top_up_below_minutes": 1_000_000,
+}
 PATCH_FIELDS = {"name", "plan", "fallback_plan", "caller_ids", "pin", "products", "valid_until"}
+PATCH_FIELDS |= set(ALERT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,21 @@ def products_from_json(raw: str) -> tuple[Product, ...]:
     )
 
 
+def _alert_thresholds(body: Mapping[str, Any]) -> dict[str, int | None]:
+    """The account's own low-balance alert thresholds and auto top-up threshold given (null:
+    the settings' default; for auto top-up, off)."""
+    values: dict[str, int | None] = {}
+    for field, maximum in ALERT_FIELDS.items():
+        if field in body:
+            value = body[field]
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum
+            ):
+                raise InvalidRequest(f"{field} must be null or a whole number from 0 to {maximum}")
+            values[field] = value
+    return values
+
+
 def _pin(body: Mapping[str, Any]) -> str | None:
     value = body.get("pin")
     if value is None:
@@ -246,6 +267,7 @@ class AccountService:
         products = _products(body) if "products" in body else None
         if products is not None:
             values["products_json"] = _products_json(products)
+        thresholds = _alert_thresholds(body)
         numbers = _caller_ids(body) if "caller_ids" in body else None
         now = self._clock()
         values["updated_at"] = now
@@ -255,6 +277,8 @@ class AccountService:
                     raise NotFound(f"no account {account_id}")
                 if numbers is not None:
                     await accounts_store.replace_caller_ids(connection, account_id, numbers)
+                if thresholds:
+                    await accounts_store.set_thresholds(connection, account_id, thresholds)
                 if products is not None:
                     await self._grant_included_minutes(connection, account_id, products, now)
         except AccountConflict as error:
@@ -268,6 +292,7 @@ class AccountService:
             if row is None:
                 raise NotFound(f"no account {account_id}")
             numbers = await accounts_store.account_caller_ids(connection, account_id)
+            thresholds = await accounts_store.thresholds(connection, account_id)
             held = await ledger_store.balances(
                 connection, [ledger.bank_book(account_id), ledger.deposit_book(account_id)]
             )
@@ -288,6 +313,7 @@ class AccountService:
             "deposit_minor": held[ledger.deposit_book(account_id)],
             "card_on_file": row.card_on_file is not None,
             "debt_flagged": bool(row.debt_flagged),
+            **thresholds,
             "products": json.loads(row.products_json),
             "entitlements": {
                 "phone": {

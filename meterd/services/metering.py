@@ -30,6 +30,7 @@ from meterd.core.ledger import LedgerError
 from meterd.core.plans import Plan
 from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
+from meterd.services.alerts import AlertKind, AlertService
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority
 from meterd.services.minute_posting import MinutePoster
@@ -88,7 +89,9 @@ class MeteringService:
         settlement: SettlementService,
         *,
         repositories: RepositoriesFactory = Repositories,
+        alerts: AlertService | None = None,
     ) -> None:
+        self._alerts = alerts
         self._database = database
         self._settings = settings
         self._clock = clock
@@ -330,6 +333,12 @@ class MeteringService:
                 now=now,
             )
             await repos.calls.update(call.call_sid, exhausted_at=now)
+            if self._alerts is not None:
+                data = {"call_sid": call.call_sid, "grace_seconds": self._settings.grace_seconds}
+                await self._alerts.record(
+                    connection, AlertKind.FUNDS_EXHAUSTED, account.account_id, call.call_sid, data,
+                    now,
+                )  # fmt: skip
             log.info(
                 "funds exhausted; the call ends after the grace period",
                 call_sid=call.call_sid,

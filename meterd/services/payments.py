@@ -40,6 +40,7 @@ from meterd.core import ledger
 from meterd.core.ledger import BookKind
 from meterd.logs import get_logger
 from meterd.services import payment_follow_ups
+from meterd.services.alerts import AlertService
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import lock_account, owes_nothing
 from meterd.services.rates import RateBook, RateKind
@@ -90,7 +91,9 @@ class PaymentService:
         settings: PaymentSettings,
         clock: Clock,
         rates: RateBook,
+        alerts: AlertService | None = None,
     ) -> None:
+        self._alerts = alerts
         self._database = database
         self._gateway = gateway
         self._settings = settings
@@ -312,6 +315,8 @@ class PaymentService:
                 )
             if call is not None and owes_nothing(call):
                 await self.give_back(connection, call)
+            if self._alerts is not None:
+                await self._alerts.card(connection, operation, None, self._clock())
         if operation.kind in (PaymentKind.CHARGE, PaymentKind.AUTHORIZE):
             # its own transaction: an account is never locked before its calls in one
             async with self._database.write() as connection:
@@ -337,6 +342,8 @@ class PaymentService:
             if changed and operation.kind == PaymentKind.INCIDENT and owed:
                 # the card said no: the incident is owed, for finance to invoice
                 await self._post_incident_of(connection, operation, "receivable")
+            if changed and self._alerts is not None:
+                await self._alerts.card(connection, operation, error, self._clock())
         log.info("payment failed", operation_key=key, error=error[:200])
 
     async def _post_incident_of(

@@ -22,6 +22,7 @@ from typing import Any
 
 from meterd.clock import Clock
 from meterd.services import validation as v
+from meterd.services.alerts import AlertKind, AlertService
 from meterd.services.errors import InvalidRequest, InvariantBroken, NotFound
 from meterd.services.funding import lock_account
 from meterd.services.payments import PaymentService
@@ -39,7 +40,9 @@ class WaiverService:
         *,
         reasons: list[str],
         waiver_days: int,
+        alerts: AlertService | None = None,
     ) -> None:
+        self._alerts = alerts
         self._database = database
         self._clock = clock
         self._payments = payments
@@ -78,6 +81,12 @@ class WaiverService:
                 if waived is None:
                     raise InvariantBroken(f"call {call_sid} went away while waiving it")
                 reversed_count = await self._payments.give_back(connection, waived)
+                if not already and self._alerts is not None:
+                    data: dict[str, object] = {"call_sid": call_sid, "reason": reason}
+                    data |= {"agent_id": agent_id, "charges_reversed": reversed_count}
+                    await self._alerts.record(
+                        connection, AlertKind.CALL_WAIVED, call.account_id, call_sid, data, now
+                    )
         return {
             "call_sid": call_sid,
             "waived": True,

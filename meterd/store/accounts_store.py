@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from meterd.store.schema import accounts, caller_ids
+from meterd.store.schema import account_thresholds, accounts, caller_ids
+from meterd.store.sql import upsert
 from meterd.store.transaction import Record, Transaction
 
 
@@ -159,4 +160,33 @@ async def account_with_pin(connection: Transaction, pin_hash: str) -> str | None
     """The account whose PIN hashes to `pin_hash`, if any."""
     return await connection.scalar(
         select(accounts.c.account_id).where(accounts.c.pin_hash == pin_hash)
+    )
+
+
+THRESHOLDS = ("alert_bank_minutes_below", "alert_deposit_minor_below", "auto_top_up_below_minutes")
+
+
+async def thresholds(connection: Transaction, account_id: str) -> dict[str, int | None]:
+    """The account's own thresholds (docs/alerts.md, auto top-up); null where not set."""
+    row = (
+        await connection.execute(
+            select(account_thresholds).where(account_thresholds.c.account_id == account_id)
+        )
+    ).one_or_none()
+    return {name: None if row is None else getattr(row, name) for name in THRESHOLDS}
+
+
+async def set_thresholds(
+    connection: Transaction, account_id: str, values: dict[str, int | None]
+) -> None:
+    """Set some of the account's thresholds, the others kept."""
+    current = await thresholds(connection, account_id)
+    await connection.execute(
+        upsert(
+            connection,
+            account_thresholds,
+            {"account_id": account_id, **current, **values},
+            ["account_id"],
+            list(THRESHOLDS),
+        )
     )

@@ -78,6 +78,46 @@ accounts = Table(
     Column("updated_at", UtcDateTime, nullable=False),
 )
 
+# An account's own thresholds (0007): low-balance alerts (null: the settings' default), and auto
+# top-up, a block bought when banked minutes fall below it (null: off). No row: all null.
+account_thresholds = Table(
+    "account_thresholds",
+    metadata,
+    Column("account_id", String(64), ForeignKey("accounts.account_id"), primary_key=True),
+    Column("alert_bank_minutes_below", Integer, nullable=True),
+    Column("alert_deposit_minor_below", BigInteger, nullable=True),
+    Column("auto_top_up_below_minutes", Integer, nullable=True),
+)
+
+# Where each balance of an account stands against its alert threshold (0007): a crossing below
+# is told once, and again only after the balance has come back up.
+alert_states = Table(
+    "alert_states",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("balance", String(16), primary_key=True),
+    Column("below", Boolean, nullable=False),
+    Column("changed_at", UtcDateTime, nullable=False),
+)
+
+# Alerts to deliver to the desk's URL (0007), retried with backoff until delivered or given up.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("alert_id", RowId, primary_key=True, autoincrement=True),
+    Column("event_id", String(200), nullable=False, unique=True),
+    Column("account_id", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("body_json", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UtcDateTime, nullable=True),
+    Column("delivered_at", UtcDateTime, nullable=True),
+    Column("failed_at", UtcDateTime, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Index("ix_alerts_due", "delivered_at", "failed_at", "next_attempt_at"),
+)
+
 caller_ids = Table(
     "caller_ids",
     metadata,

@@ -15,7 +15,7 @@ from meterd.adapters.stripe_gateway import StripeGateway, StripeSettings
 from meterd.core.usage.statement import BALANCES
 from meterd.web.app import SERVICES
 from tests.call_scripts import CUSTOMER_NUMBER, CallScript
-from tests.stripe_server import SECRET_KEY, LocalStripe
+from tests.stripe_server import SECRET_KEY
 
 from .test_payments import pay_params
 from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
@@ -26,13 +26,6 @@ NOVEMBER = (dt.date(2026, 11, 1), dt.date(2026, 11, 30))
 
 def utc(*args: int) -> dt.datetime:
     return dt.datetime(*args, tzinfo=dt.UTC)
-
-
-@pytest.fixture(scope="module")
-def localstripe():
-    server = LocalStripe().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

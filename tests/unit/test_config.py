@@ -125,6 +125,8 @@ def test_environment_overrides_the_file(tmp_path):
         ("METERD_WAIVER_REASONS", " , ", "waiver_reasons"),
         ("METERD_ADMIN_TOKEN", "short", "admin_token"),
         ("METERD_LISTN", "127.0.0.1:1", "METERD_LISTN"),
+        ("METERD_ALERTS_URL", "https://desk.example/hook", "METERD_ALERTS_SECRET"),
+        ("METERD_ALERTS_URL", "desk.example/hook", "alerts_url"),
     ],
 )
 def test_a_bad_value_names_the_setting(tmp_path, name, value, named):
