@@ -27,7 +27,7 @@ class Progress:
         if not enabled:
             return
         try:
-            from rich.progress import Progress as RichProgress  # type: ignore[import-not-found]
+            from rich.progress import Progress as RichProgress  # type: ignore[import-not-found, unused-ignore]
         except ImportError:
             return
         self._rich = RichProgress(transient=False)
@@ -72,8 +72,8 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 def print_summary(rows: list[tuple[str, ...]], header: tuple[str, ...], title: str) -> None:
     try:
-        from rich.console import Console  # type: ignore[import-not-found]
-        from rich.table import Table  # type: ignore[import-not-found]
+        from rich.console import Console  # type: ignore[import-not-found, unused-ignore]
+        from rich.table import Table  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         print(f"\n{title}")

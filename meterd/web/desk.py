@@ -19,13 +19,13 @@ import hmac
 import secrets
 from html import escape
 from typing import Any, NoReturn
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
 from meterd.core.usage.statement_render import statement_html
 from meterd.logs import get_logger
-from meterd.services.errors import ServiceError
+from meterd.services.errors import InvalidRequest, ServiceError
 from meterd.services.usage import UsageNotReady, UsageRefused
 from meterd.web import desk_render as render
 from meterd.web.desk_session import (
@@ -47,6 +47,7 @@ log = get_logger("meterd.desk")
 PREFIX = render.PREFIX
 EVENTS_POLL_SECONDS = 0.5  # the page hears of a change within this (and a read) of it
 EVENTS_HEARTBEAT_SECONDS = 15
+FORM_FIELDS_MAX = 20  # the page's forms have at most four
 DESK_CLOSING = web.AppKey("desk_closing", asyncio.Event)
 
 
@@ -103,7 +104,15 @@ def _to_sign_in() -> NoReturn:
 
 
 async def _form(request: web.Request) -> dict[str, str]:
-    return {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    """The page's form (urlencoded, as a browser sends it); anything else is a clear 400."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise InvalidRequest("send the form as application/x-www-form-urlencoded")
+    try:
+        text = (await request.read()).decode("utf-8", errors="strict")
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=FORM_FIELDS_MAX)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("the form cannot be read") from None
+    return dict(pairs)
 
 
 async def _signed_in_form(request: web.Request) -> tuple[Session, dict[str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meterd.web import openapi
 from meterd.web.keys import HEALTH, METRICS
 
 
@@ -43,3 +44,4 @@ def add_routes(app: web.Application) -> None:
     """On the root application (see above)."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi.openapi_json)
