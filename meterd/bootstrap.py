@@ -45,6 +45,7 @@ from meterd.services.minute_posting import MinutePoster
 from meterd.services.outbox import OutboxDispatcher, TwilioCalls
 from meterd.services.payments import PaymentService, PaymentSettings
 from meterd.services.rates import RateBook, RateKind
+from meterd.services.reconciliation import CallLister, ReconciliationService
 from meterd.services.research import ResearchService
 from meterd.services.settlement import SettlementService
 from meterd.services.statements import StatementService
@@ -81,6 +82,7 @@ class Services:
     payments: PaymentService
     usage: UsageService  # the nightly usage for finance
     statements: StatementService  # an account's statement, from the nightly usage
+    reconciliation: ReconciliationService  # the nightly check against Twilio's call records
     on_invariant_broken: Callable[[InvariantBroken], None]
 
 
@@ -258,6 +260,14 @@ def build_services(
         outbox=OutboxDispatcher(database, twilio_rest, clock),
         usage=usage,
         statements=StatementService(database, usage),
+        reconciliation=ReconciliationService(
+            database,
+            clock,
+            twilio_rest if isinstance(twilio_rest, CallLister) else None,
+            usage,
+            alerts,
+            tolerance_seconds=settings.reconcile_tolerance_seconds,
+        ),
         on_invariant_broken=on_invariant_broken or _raise,
     )
 

@@ -104,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     ledger = _commands(command("ledger", "ledger tools"), "ledger_command")
     ledger("check", "re-sum every balance and check every invariant; exit 1 on any breach")
     _add_usage_command(command)
+    reconcile = command(
+        "reconcile",
+        "compare a closed business day's calls with Twilio's own call records and print the "
+        "report (JSON, or CSV with --format csv); exit 1 if anything does not match",
+    )
+    reconcile.add_argument(
+        "--date", required=True, type=_business_day, help="the business day, YYYY-MM-DD"
+    )
+    reconcile.add_argument("--format", choices=["json", "csv"], default="json")
     _add_account_commands(command("account", "manage accounts"))
     _add_simulate_and_demo(command)
     return parser
@@ -373,6 +382,8 @@ async def _offline(args: argparse.Namespace, settings: Settings, database: Any) 
         return 0 if report.ok else EXIT_FAILED
     if args.command == "usage":
         return await _usage(args, settings, database)
+    if args.command == "reconcile":
+        return await _reconcile(args, settings, database)
 
     accounts = bootstrap.account_service(settings, database, system_clock)
     try:
@@ -445,6 +456,40 @@ async def _usage(args: argparse.Namespace, settings: Settings, database: Any) ->
         )
     print(f"per call: {usage.path(args.date, UsageFile.CALLS_CSV)}", file=sys.stderr)
     return 0
+
+
+async def _reconcile(args: argparse.Namespace, settings: Settings, database: Any) -> int:
+    """`meterd reconcile`: the day against Twilio's records, kept for finance and printed."""
+    from meterd import bootstrap
+    from meterd.adapters.twilio_rest import TwilioRestError
+    from meterd.services.reconciliation import (
+        ReconciliationOff,
+        ReconciliationService,
+        report_csv,
+    )
+    from meterd.services.usage import UsageNotReady
+
+    twilio = bootstrap.twilio_rest(settings)
+    service = ReconciliationService(
+        database,
+        system_clock,
+        twilio,
+        bootstrap.usage_service(settings, database, system_clock),
+        bootstrap.alert_service(settings, database, system_clock),
+        tolerance_seconds=settings.reconcile_tolerance_seconds,
+    )
+    try:
+        report = await service.run(args.date)
+    except (ReconciliationOff, UsageNotReady, TwilioRestError) as error:
+        print(f"meterd: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if twilio is not None:
+            await twilio.close()
+    print(report_csv(report) if args.format == "csv" else json.dumps(report, indent=2), end="")
+    if args.format == "json":
+        print()
+    return 0 if report["clean"] else EXIT_FAILED
 
 
 if __name__ == "__main__":

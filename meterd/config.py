@@ -603,6 +603,16 @@ class Settings:
             maximum=10**12,
         )
     )
+    reconcile_tolerance_seconds: int = field(
+        metadata=_setting(
+            "alerts",
+            10,
+            "the nightly reconciliation with Twilio's call records reports a call whose length "
+            "differs by more than this between Twilio and meterd",
+            minimum=0,
+            maximum=3600,
+        )
+    )
     # [log]
     log_level: str = field(
         metadata=_setting(

@@ -116,6 +116,13 @@ class Lifecycle:
         services, metrics = app[SERVICES], self.metrics
         scheduler = create_scheduler(self.on_invariant_broken, metrics, services.database.outage)
 
+        async def nightly() -> None:
+            # the usage first; then Twilio's records are compared with the day it closed
+            await services.usage.catch_up()
+            if services.reconciliation.enabled:
+                for day in await services.reconciliation.nightly():
+                    metrics.observe_reconciliation(await services.reconciliation.report(day))
+
         async def metering_tick() -> None:
             # Journaled callbacks first: no minute is posted from a timeline missing one of them.
             await services.intake.replay()
@@ -140,7 +147,7 @@ class Lifecycle:
             self.settings.usage_cron,
             self.settings.business_timezone,
             "usage-nightly",
-            services.usage.catch_up,
+            nightly,
         )
         scheduler.once("usage-catch-up", services.usage.catch_up)
         app[HEALTH].attach_scheduler(scheduler)

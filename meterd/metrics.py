@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -85,6 +85,13 @@ class Metrics:
             "meterd_open_calls",
             "calls not ended, by status (menu: answered, not yet connected; connected: metered)",
             ["status"],
+            registry=registry,
+        )
+        self.reconciliation_findings = Gauge(
+            "meterd_reconciliation_findings",
+            "the last reconciliation with Twilio's call records, by finding "
+            "(missing_in_meterd, missing_at_twilio, duration_differs)",
+            ["finding"],
             registry=registry,
         )
         self.payments = Counter(
@@ -156,6 +163,10 @@ class Metrics:
             self.calls_settled.inc(report.calls_settled)
         if report.errors:
             self.metering_failures.inc(len(report.errors))
+
+    def observe_reconciliation(self, report: dict[str, Any]) -> None:
+        for finding in ("missing_in_meterd", "missing_at_twilio", "duration_differs"):
+            self.reconciliation_findings.labels(finding).set(len(report[finding]))
 
     # the scheduler
     def job_started(self, job: str) -> None:

@@ -24,6 +24,8 @@ import asyncio
 import base64
 import collections
 import contextlib
+import datetime as dt
+import email.utils
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,6 +34,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -69,6 +72,39 @@ class _Fault:
     status: int | None = None  # answer with this error status
     drop: bool = False  # close the connection without an answer
     delay_seconds: float = 0.0  # then answer normally
+
+
+def _rfc2822_date(value: str) -> str:
+    """The UTC date (YYYY-MM-DD) of an RFC 2822 time, as Twilio writes `start_time`."""
+    return email.utils.parsedate_to_datetime(value).astimezone(dt.UTC).date().isoformat()
+
+
+def listed_call(
+    sid: str,
+    start: dt.datetime,
+    duration_seconds: int,
+    *,
+    direction: str = "inbound",
+    status: str = "completed",
+    parent_call_sid: str | None = None,
+) -> dict[str, Any]:
+    """A call resource as the Calls list answers it (the fields meterd reads, and a few more)."""
+    return {
+        "sid": sid,
+        "account_sid": "AC" + "0" * 32,
+        "parent_call_sid": parent_call_sid,
+        "start_time": email.utils.format_datetime(start.astimezone(dt.UTC), usegmt=True),
+        "end_time": email.utils.format_datetime(
+            (start + dt.timedelta(seconds=duration_seconds)).astimezone(dt.UTC), usegmt=True
+        ),
+        "duration": str(duration_seconds),
+        "direction": direction,
+        "status": status,
+        "from": "+14155550100",
+        "to": "+14155550199",
+        "api_version": "2010-04-01",
+        "uri": f"/2010-04-01/Accounts/AC{'0' * 32}/Calls/{sid}.json",
+    }
 
 
 def _now_rfc2822() -> str:
@@ -166,6 +202,9 @@ class RecordingTwilio:
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
         self.port: int | None = None
+        # the Calls list: Twilio-shaped call resources, answered `list_page_size` to a page
+        self.listed_calls: list[dict[str, Any]] = []
+        self.list_page_size = 50
 
     # -- inspection and faults (safe from any thread) --
 
@@ -210,6 +249,7 @@ class RecordingTwilio:
 
     async def start(self) -> RecordingTwilio:
         app = web.Application(middlewares=[self._record_and_inject_faults])
+        app.router.add_get(_ACCOUNT + "/Calls.json", self._calls_list)
         app.router.add_route("*", _ACCOUNT + "/Calls/{sid}.json", self._call)
         app.router.add_route("*", _ACCOUNT + "/Conferences/{sid}.json", self._conference)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -279,6 +319,42 @@ class RecordingTwilio:
 
     async def _call(self, request: web.Request) -> web.Response:
         return await self._resource(request, _call_resource)
+
+    async def _calls_list(self, request: web.Request) -> web.Response:
+        """Twilio's Calls list: `listed_calls` whose start date (UTC) is within StartTime> and
+        StartTime< (dates, both included), a page at a time, `next_page_uri` to the next."""
+        after = request.query.get("StartTime>", "0000-00-00")[:10]
+        before = request.query.get("StartTime<", "9999-99-99")[:10]
+        chosen = [
+            call
+            for call in self.listed_calls
+            if after <= _rfc2822_date(call["start_time"]) <= before
+        ]
+        page = int(request.query.get("Page", "0"))
+        size = int(request.query.get("PageSize", str(self.list_page_size)))
+        size = min(size, self.list_page_size)
+        records = chosen[page * size : (page + 1) * size]
+        uri = request.path
+        base_query = {k: v for k, v in request.query.items() if k not in ("Page", "PageToken")}
+        more = (page + 1) * size < len(chosen)
+        next_uri = (
+            f"{uri}?{urlencode(base_query | {'Page': page + 1, 'PageToken': f'PT{page + 1}'})}"
+            if more
+            else None
+        )
+        return web.json_response(
+            {
+                "calls": records,
+                "page": page,
+                "page_size": size,
+                "start": page * size,
+                "end": page * size + len(records) - 1,
+                "uri": str(request.rel_url),
+                "first_page_uri": f"{uri}?{urlencode(base_query | {'Page': 0})}",
+                "next_page_uri": next_uri,
+                "previous_page_uri": None,
+            }
+        )
 
     async def _conference(self, request: web.Request) -> web.Response:
         return await self._resource(request, _conference_resource)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,10 +43,12 @@ from twilio.credential.credential_provider import CredentialProvider
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
+from meterd.core.reconciliation import TwilioCall
 from meterd.logs import get_logger
 
 DEFAULT_API_BASE_URL = "https://api.twilio.com"
 ATTEMPTS_MAX_LIMIT = 10
+LIST_PAGE_SIZE = 100
 _TOO_MANY_REQUESTS = 429
 
 
@@ -138,6 +141,29 @@ def _classify(error: BaseException) -> _Failure | None:
     return None
 
 
+def _next_page_of(page: Any) -> Callable[[Client], Awaitable[Any]]:
+    """The next page of a list (None after the last), fetched from `next_page_uri` by the
+    library against the same base URL."""
+
+    async def fetch(_client: Client) -> Any:
+        return await page.next_page_async()
+
+    return fetch
+
+
+def _twilio_call(record: Any) -> TwilioCall:
+    """One of the Calls list's records (twilio-python's CallInstance), as meterd compares it."""
+    duration = getattr(record, "duration", None)
+    return TwilioCall(
+        sid=str(record.sid),
+        start_time=record.start_time,
+        duration_seconds=int(duration) if duration not in (None, "") else None,
+        direction=str(record.direction or ""),
+        status=str(record.status or ""),
+        parent_call_sid=record.parent_call_sid or None,
+    )
+
+
 class TwilioRest:
     """Announce into a conference, hang up a call. Create it anywhere; the HTTP session is opened
     on first use (aiohttp needs a running loop). Call `close()` when done."""
@@ -166,6 +192,25 @@ class TwilioRest:
             {"call_sid": call_sid},
             lambda client: client.calls(call_sid).update_async(status="completed"),
         )
+
+    async def list_calls(self, first_day: dt.date, last_day: dt.date) -> list[TwilioCall]:
+        """GET .../Calls.json: every call that started on `first_day` to `last_day` (UTC dates,
+        both included: Twilio's `StartTime>=` and `StartTime<=` take dates), page after page
+        (`next_page_uri`), each page with the adapter's retries."""
+        page = await self._call(
+            "list_calls",
+            {},
+            lambda client: client.calls.page_async(
+                start_time_after=first_day.isoformat(),
+                start_time_before=last_day.isoformat(),
+                page_size=LIST_PAGE_SIZE,
+            ),
+        )
+        calls: list[TwilioCall] = []
+        while page is not None:
+            calls += [_twilio_call(record) for record in page]
+            page = await self._call("list_calls", {}, _next_page_of(page))
+        return calls
 
     async def close(self) -> None:
         """Close the HTTP session. Idempotent; the adapter cannot be used afterwards."""
@@ -198,7 +243,7 @@ class TwilioRest:
         operation: str,
         sids: dict[str, str],
         send: Callable[[Client], Awaitable[Any]],
-    ) -> None:
+    ) -> Any:
         client = self._twilio_client()
         settings = self._settings
         log = self._log.bind(operation=operation, **sids)
@@ -206,7 +251,7 @@ class TwilioRest:
         for attempt in range(1, settings.attempts_max + 1):
             try:
                 async with asyncio.timeout(settings.timeout_seconds):
-                    await send(client)
+                    result = await send(client)
             except Exception as error:
                 failure = _classify(error)
                 if failure is None:
@@ -232,4 +277,5 @@ class TwilioRest:
             else:
                 if attempt > 1:
                     log.info("twilio_rest_succeeded_after_retry", attempt=attempt)
-                return
+                return result
+        return None

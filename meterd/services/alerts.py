@@ -43,6 +43,7 @@ class AlertKind(StrEnum):
     CARD_CHARGED = "card.charged"
     CARD_DECLINED = "card.declined"
     CALL_WAIVED = "call.waived"
+    CALL_MISSING_IN_METERD = "call.missing_in_meterd"  # Twilio has it; meterd never recorded it
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,15 @@ alert_states = Table(
     Column("changed_at", UtcDateTime, nullable=False),
 )
 
+# Reconciliation with Twilio's call records (0008): one report per business day.
+reconciliations = Table(
+    "reconciliations",
+    metadata,
+    Column("business_day", Date, primary_key=True),
+    Column("report_json", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
 # Alerts to deliver to the desk's URL (0007), retried with backoff until delivered or given up.
 alerts = Table(
     "alerts",

@@ -291,16 +291,18 @@ def _agents() -> dict[str, Any]:
 def _finance() -> dict[str, Any]:
     day = [path_param("day", DAY)]
     refusals = errors(400, 401, 403, 404, 409)
+    csv_file = file_answer("text/csv")
+    json_file = answer(JSON_OBJECT)
     return {
-        f"/finance/usage/{{day}}{suffix}": {
-            "get": operation(
-                summary, "finance", file_answer(media) | refusals, parameters=day, tag="finance"
-            )
+        f"/finance/{route}": {
+            "get": operation(summary, "finance", kind | refusals, parameters=day, tag="finance")
         }
-        for suffix, summary, media in (
-            (".csv", "A business day's usage per account, CSV", "text/csv"),
-            (".json", "The same as JSON, with totals", "application/json"),
-            ("/calls.csv", "A business day's usage per call, CSV", "text/csv"),
+        for route, summary, kind in (
+            ("usage/{day}.csv", "A business day's usage per account, CSV", csv_file),
+            ("usage/{day}.json", "The same as JSON, with totals", json_file),
+            ("usage/{day}/calls.csv", "A business day's usage per call, CSV", csv_file),
+            ("reconciliation/{day}.json", "The day against Twilio's call records", json_file),
+            ("reconciliation/{day}.csv", "The same, one line per finding, CSV", csv_file),
         )
     }
 
