@@ -217,12 +217,7 @@ def build_services(
     ingest = ingest_service(settings, database, clock)
     usage = usage_service(settings, database, clock)
     accounts = account_service(settings, database, clock)
-    call_view = CallViewService(
-        database,
-        clock,
-        increment_seconds=settings.increment_seconds,
-        research_max_minutes=settings.research_max_minutes,
-    )
+    call_view = call_view_service(settings, database, clock)
     return Services(
         settings=settings,
         database=database,
@@ -237,14 +232,7 @@ def build_services(
         call_view=call_view,
         desk=DeskService(call_view, accounts, clock),
         alerts=alerts,
-        auto_top_up=AutoTopUp(
-            database,
-            clock,
-            rates,
-            enabled=settings.card_mode == CardMode.BLOCK and gateway is not None,
-            block_minutes=settings.block_minutes,
-            per_day=settings.auto_top_up_per_day,
-        ),
+        auto_top_up=auto_top_up(settings, database, clock, rates, gateway),
         metering=metering_service(settings, database, clock, rates, payments, funding, alerts),
         waivers=WaiverService(
             database,
@@ -260,15 +248,58 @@ def build_services(
         outbox=OutboxDispatcher(database, twilio_rest, clock),
         usage=usage,
         statements=StatementService(database, usage),
-        reconciliation=ReconciliationService(
-            database,
-            clock,
-            twilio_rest if isinstance(twilio_rest, CallLister) else None,
-            usage,
-            alerts,
-            tolerance_seconds=settings.reconcile_tolerance_seconds,
+        reconciliation=reconciliation_service(
+            settings, database, clock, twilio_rest, usage, alerts
         ),
         on_invariant_broken=on_invariant_broken or _raise,
+    )
+
+
+def call_view_service(settings: Settings, database: Database, clock: Clock) -> CallViewService:
+    """A call as a person reads it, and the open and ended calls (the desk's page too)."""
+    return CallViewService(
+        database,
+        clock,
+        increment_seconds=settings.increment_seconds,
+        research_max_minutes=settings.research_max_minutes,
+    )
+
+
+def auto_top_up(
+    settings: Settings,
+    database: Database,
+    clock: Clock,
+    rates: RateBook,
+    gateway: PaymentGateway | None,
+) -> AutoTopUp:
+    """Blocks bought when an account's bank falls below its threshold (block card mode)."""
+    return AutoTopUp(
+        database,
+        clock,
+        rates,
+        enabled=settings.card_mode == CardMode.BLOCK and gateway is not None,
+        block_minutes=settings.block_minutes,
+        per_day=settings.auto_top_up_per_day,
+    )
+
+
+def reconciliation_service(
+    settings: Settings,
+    database: Database,
+    clock: Clock,
+    twilio_rest: TwilioCalls | None,
+    usage: UsageService,
+    alerts: AlertService,
+) -> ReconciliationService:
+    """The nightly check against Twilio's call records (off without a Twilio account)."""
+    lister = twilio_rest if isinstance(twilio_rest, CallLister) else None
+    return ReconciliationService(
+        database,
+        clock,
+        lister,
+        usage,
+        alerts,
+        tolerance_seconds=settings.reconcile_tolerance_seconds,
     )
 
 

@@ -1,6 +1,7 @@
 """POSTs an alert to the desk's URL, signed: the one place meterd calls the desk.
 
-Headers: `Meterd-Event-Id` (the alert's unique id, for the receiver to drop a repeat) and
+Headers: `Meterd-Event-Id` (the alert's unique id; the receiver drops a repeat by the body's
+`id`, which the signature covers, not by this header, which it does not) and
 `Meterd-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>" under the alerts
 secret>`. The receiver recomputes the HMAC over the timestamp and the raw body, compares in
 constant time, and refuses a timestamp far from its clock (a replay)."""

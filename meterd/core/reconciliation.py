@@ -76,20 +76,29 @@ def reconcile(
     end: dt.datetime,
     tolerance_seconds: int,
 ) -> Reconciliation:
-    """Compare the day [start, end) (see the module's docstring). Each call is reported once,
-    in sid order; a call Twilio lists twice (pages that moved under it) counts once."""
-    ours = {call.sid: call for call in meterd_calls if _within(call.started_at, start, end)}
-    callers: Mapping[str, TwilioCall] = {
+    """Compare the day [start, end) (see the module's docstring). Both sides may hold calls from
+    around the day (a margin): a call is the day's by meterd's start if meterd has it, else by
+    Twilio's; it is one-sided only if the other side has it nowhere in its margin, so a call
+    at midnight with the two clocks a few seconds apart is matched, on meterd's day. Each call
+    is reported once, in sid order; a call Twilio lists twice (pages that moved under it)
+    counts once."""
+    ours_anywhere = {call.sid: call for call in meterd_calls}
+    callers_anywhere: Mapping[str, TwilioCall] = {
         call.sid: call
         for call in twilio_calls
         if call.direction == "inbound"
         and not call.parent_call_sid
-        and (call.sid in ours or call.sid not in participant_sids)  # a caller joins too
-        and _within(call.start_time, start, end)
+        and (call.sid in ours_anywhere or call.sid not in participant_sids)  # a caller joins too
+    }
+    days = {sid for sid, call in ours_anywhere.items() if _within(call.started_at, start, end)}
+    days |= {
+        sid
+        for sid, call in callers_anywhere.items()
+        if sid not in ours_anywhere and _within(call.start_time, start, end)
     }
     result = Reconciliation()
-    for sid in sorted(callers.keys() | ours.keys()):
-        theirs, mine = callers.get(sid), ours.get(sid)
+    for sid in sorted(days):
+        theirs, mine = callers_anywhere.get(sid), ours_anywhere.get(sid)
         if mine is None:
             assert theirs is not None
             result.missing_in_meterd.append(theirs)

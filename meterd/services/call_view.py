@@ -8,7 +8,7 @@ from typing import Any
 from meterd.clock import Clock
 from meterd.core import ledger
 from meterd.core.timeline import Timeline, agent_minutes
-from meterd.services.errors import NotFound
+from meterd.services.errors import InvalidRequest, NotFound
 from meterd.store import call_listing, calls_store, ledger_store, timeline_store
 from meterd.store.database import Database
 from meterd.store.transaction import Record, Transaction
@@ -66,14 +66,19 @@ class CallViewService:
         """`GET /admin/calls`: a page of open (or ended) calls, each as `view` shows it without
         its timeline entries; `next_after` names the last call when more may follow."""
         async with self._database.read() as connection:
-            rows = await call_listing.list_calls(
-                connection,
-                ended=ended,
-                account_id=account_id,
-                since=since,
-                after_sid=after_sid,
-                limit=limit,
-            )
+            try:
+                rows = await call_listing.list_calls(
+                    connection,
+                    ended=ended,
+                    account_id=account_id,
+                    since=since,
+                    after_sid=after_sid,
+                    limit=limit,
+                )
+            except LookupError:
+                raise InvalidRequest(
+                    f"after names no call: {after_sid!r}; page with next_after"[:200]
+                ) from None
             listed = []
             for call in rows:
                 timeline, charges = await self._read(connection, call)

@@ -4,7 +4,9 @@ and the funds its account has left, and the calls that ended in the last hour. T
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,7 @@ from meterd.services.accounts import AccountService
 from meterd.services.call_view import CallViewService
 from meterd.services.errors import NotFound
 
+BOARD_FRESH_SECONDS = 0.4
 RECENT = dt.timedelta(hours=1)  # ended calls stay on the page this long
 CALLS_SHOWN_MAX = 200
 
@@ -49,8 +52,23 @@ class DeskService:
         self._call_view = call_view
         self._accounts = accounts
         self._clock = clock
+        self._shared: tuple[float, Board] | None = None  # (monotonic read at, board)
+        self._reading = asyncio.Lock()
 
-    async def board(self) -> Board:
+    async def board(self, *, shared: bool = False) -> Board:
+        """What the page shows. `shared` (the event streams): every open page shares one read
+        at most every BOARD_FRESH_SECONDS, so ten desk leads watching cost the database what
+        one does; a page loaded (or reloaded after a waiver) reads afresh."""
+        if not shared:
+            return await self._read_board()
+        async with self._reading:
+            if self._shared and time.monotonic() - self._shared[0] < BOARD_FRESH_SECONDS:
+                return self._shared[1]
+            board = await self._read_board()
+            self._shared = (time.monotonic(), board)
+            return board
+
+    async def _read_board(self) -> Board:
         now = self._clock()
         open_calls = await self._calls(ended=False, since=None)
         ended_calls = await self._calls(ended=True, since=now - RECENT)

@@ -243,8 +243,9 @@ class FundingOrder:
     async def _first_early_block(
         self, connection: Transaction, call: Record, account: Record
     ) -> ledger_store.Listed | None:
-        """The account's first block since the call began bought while the deposit held a
-        minute at the rate then (None: none)."""
+        """The account's first block since the call began bought for a call while the deposit
+        held a minute at the rate then (None: none). An auto top-up block is not one: the
+        customer asked for it whatever the deposit held."""
         blocks = await ledger_store.account_transactions(
             connection,
             account.account_id,
@@ -252,6 +253,8 @@ class FundingOrder:
             posted_since=call.started_at,
         )
         for block in blocks:
+            if block.call_sid is None:
+                continue  # auto top-up: the customer asked for the block whatever the deposit held
             deposit_then = await _booked_before(connection, account.account_id, "deposit", block)
             if deposit_then >= await self._rate_at(connection, account, block.posted_at):
                 return block

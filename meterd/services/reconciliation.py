@@ -25,6 +25,8 @@ from meterd.store.database import Database
 
 log = get_logger("meterd.reconciliation")
 
+MARGIN = dt.timedelta(minutes=10)  # around the day, for calls at midnight
+CATCH_UP_DAYS = 7
 CSV_COLUMNS = (
     "business_day",
     "finding",
@@ -72,13 +74,21 @@ class ReconciliationService:
         return self._twilio is not None
 
     async def nightly(self) -> list[dt.date]:
-        """The nightly job: the last closed day, once its usage is built."""
+        """The nightly job: each of the last `CATCH_UP_DAYS` closed days not reconciled yet (a
+        night Twilio did not answer, or meterd was down, is caught up the next)."""
         if self._twilio is None:
             log.info("reconciliation with Twilio is off: no Twilio account is configured")
             return []
-        day = self._usage.last_closed_day()
-        await self.run(day)
-        return [day]
+        last = self._usage.last_closed_day()
+        done = []
+        for back in range(CATCH_UP_DAYS - 1, -1, -1):
+            day = last - dt.timedelta(days=back)
+            async with self._database.read() as connection:
+                if await reconciliation_store.load(connection, day) is not None:
+                    continue
+            await self.run(day)
+            done.append(day)
+        return done
 
     async def run(self, day: dt.date) -> dict[str, Any]:
         """Reconcile a closed business day, keep the report and return it."""
@@ -86,11 +96,16 @@ class ReconciliationService:
             raise ReconciliationOff("no Twilio account is configured (twilio_account_sid)")
         self._usage.require_closed(day)
         start, end = day_bounds(day, self._usage.timezone)
-        # Twilio filters by UTC date, both ends included: every date the day touches
-        last_date = (end - dt.timedelta(microseconds=1)).astimezone(dt.UTC).date()
-        listed = await self._twilio.list_calls(start.astimezone(dt.UTC).date(), last_date)
+        # Both sides are read with a margin around the day (clocks a few seconds apart at
+        # midnight); Twilio filters by UTC date, and whether `StartTime<` keeps its date is not
+        # worth betting on: ask for one date more, `reconcile` keeps the day
+        first_date = (start - MARGIN).astimezone(dt.UTC).date()
+        last_date = (end + MARGIN).astimezone(dt.UTC).date() + dt.timedelta(days=1)
+        listed = await self._twilio.list_calls(first_date, last_date)
         async with self._database.read() as connection:
-            rows = await reconciliation_store.calls_started(connection, start, end)
+            rows = await reconciliation_store.calls_started(
+                connection, start - MARGIN, end + MARGIN
+            )
             inbound = sorted({c.sid for c in listed if c.direction == "inbound"})
             agents = await reconciliation_store.participants_among(connection, inbound)
         ours = [MeterdCall(r.call_sid, r.started_at, r.ended_at, r.status) for r in rows]
@@ -102,7 +117,8 @@ class ReconciliationService:
             end=end,
             tolerance_seconds=self._tolerance_seconds,
         )
-        report = self._report(day, start, end, found, len(listed), len(ours))
+        in_day = sum(1 for c in ours if start <= c.started_at < end)
+        report = self._report(day, start, end, found, len(listed), in_day)
         now = self._clock()
         async with self._database.write() as connection:
             await reconciliation_store.save(connection, day, json.dumps(report), now)

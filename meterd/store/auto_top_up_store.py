@@ -41,7 +41,7 @@ async def bought(connection: AsyncConnection, account_id: str, since: dt.datetim
     count = await connection.scalar(
         select(func.count()).where(
             operations.account_id == account_id,
-            operations.operation_key.like(key_prefix(account_id) + "%"),
+            operations.operation_key.startswith(key_prefix(account_id), autoescape=True),
             operations.created_at > since,
         )
     )
@@ -51,7 +51,10 @@ async def bought(connection: AsyncConnection, account_id: str, since: dt.datetim
 async def all_bought(connection: AsyncConnection, account_id: str) -> int:
     operations = payment_operations.c
     count = await connection.scalar(
-        select(func.count()).where(operations.operation_key.like(key_prefix(account_id) + "%"))
+        select(func.count()).where(
+            operations.account_id == account_id,
+            operations.operation_key.startswith(key_prefix(account_id), autoescape=True),
+        )
     )
     return int(count or 0)
 

@@ -23,7 +23,8 @@ async def list_calls(
 ) -> Sequence[Row[Any]]:
     """Calls still open (no end yet) or ended, oldest start first (then by sid), of one
     account if given, started (open) or ended (ended) at or after `since`, after the call
-    `after_sid` in that order (the last of the previous page; unknown: from the start)."""
+    `after_sid` in that order (the last of the previous page; raises LookupError if there is no
+    such call)."""
     query = select(calls).where(
         calls.c.ended_at.is_not(None) if ended else calls.c.ended_at.is_(None)
     )
@@ -37,12 +38,13 @@ async def list_calls(
                 select(calls.c.started_at).where(calls.c.call_sid == after_sid)
             )
         ).scalar_one_or_none()
-        if after is not None:
-            query = query.where(
-                or_(
-                    calls.c.started_at > after,
-                    and_(calls.c.started_at == after, calls.c.call_sid > after_sid),
-                )
+        if after is None:
+            raise LookupError(after_sid)
+        query = query.where(
+            or_(
+                calls.c.started_at > after,
+                and_(calls.c.started_at == after, calls.c.call_sid > after_sid),
             )
+        )
     query = query.order_by(calls.c.started_at, calls.c.call_sid).limit(limit)
     return (await connection.execute(query)).all()

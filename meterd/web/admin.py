@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from meterd.core.usage import InvalidBusinessDay, parse_business_day
+from meterd.core.usage.statement import StatementDoesNotReconcile
 from meterd.core.usage.statement_render import statement_csv, statement_html, statement_json
 from meterd.services.accounts import MoneyIn
 from meterd.services.errors import InvalidRequest
@@ -105,6 +106,8 @@ async def get_statement(request: web.Request) -> web.StreamResponse:
         return json_error(404, "usage_not_ready", str(error))
     except UsageRefused as error:
         return json_error(409, "usage_refused", str(error))
+    except StatementDoesNotReconcile as error:  # the days do not chain: say so, never a 500
+        return json_error(409, "statement_does_not_reconcile", str(error))
     name = f"statement-{account_id}-{first_day.isoformat()}-{last_day.isoformat()}"
     if shown == "csv":
         return web.Response(

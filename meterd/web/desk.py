@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
+from meterd.core.usage.statement import StatementDoesNotReconcile
 from meterd.core.usage.statement_render import statement_html
 from meterd.logs import get_logger
 from meterd.services.errors import InvalidRequest, ServiceError
@@ -200,7 +201,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     quiet_seconds = 0.0
     closing = request.app[DESK_CLOSING]
     while session.expires_at > services.clock().timestamp() and not closing.is_set():
-        board = await services.desk.board()
+        board = await services.desk.board(shared=True)
         region = render.calls_region(board, session, csrf, reasons)
         # the moment shown changes every time: compare what is below it
         body = region.split("</p>", 1)[-1]
@@ -263,7 +264,7 @@ async def account_statement(request: web.Request) -> web.Response:
         statement = await services.statements.statement(
             request.match_info["account_id"], last_day.replace(day=1), last_day
         )
-    except (ServiceError, UsageNotReady, UsageRefused) as error:
+    except (ServiceError, UsageNotReady, UsageRefused, StatementDoesNotReconcile) as error:
         return _refused(escape(f"No statement: {error}"), 404)
     return _html(statement_html(statement))
 

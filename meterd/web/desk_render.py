@@ -9,7 +9,7 @@ from html import escape
 from typing import Any
 
 from meterd.core.money import format_minor
-from meterd.services.desk import Board
+from meterd.services.desk import CALLS_SHOWN_MAX, Board
 from meterd.web.desk_session import Session
 
 PREFIX = "/desk"
@@ -141,6 +141,8 @@ def calls_region(board: Board, session: Session, csrf: str, reasons: Sequence[st
             for c in calls
         )
         empty = "<tr><td colspan='8'>none</td></tr>"
+        if len(calls) >= CALLS_SHOWN_MAX:
+            caption += f": the oldest {CALLS_SHOWN_MAX} (all of them: GET /admin/calls)"
         return (
             f"<table id='{name}'><caption><h2>{escape(caption)}</h2></caption>"
             f"<thead>{_HEAD}</thead><tbody>{rows or empty}</tbody></table>"

@@ -5,8 +5,9 @@ session cookie instead of keeping the token in the browser. The cookie is
 `<payload>.<signature>`: the payload (base64url JSON: role, expiry, a random id) signed with
 HMAC-SHA256 under a key derived from the server's `pin_secret` and the admin and agents tokens,
 so every meterd sharing the configuration accepts it, nobody without the secrets can make or
-change one, and rotating a token ends every session. No session is
-stored: a session ends when its cookie expires (`SESSION_HOURS`) or the browser signs out.
+change one, and rotating a token ends every session. No session is stored: a session ends when
+its cookie expires (`SESSION_HOURS`) or a token is rotated; signing out deletes the cookie from
+that browser, but a copy of it stays good until it expires.
 
 Every form carries a CSRF token: HMAC of the session's id under the same key (before sign-in,
 of a random id kept in a short-lived cookie of its own), checked on every POST. The cookies are

@@ -6,6 +6,7 @@ decline is unresolved, at most `auto_top_up_per_day` in 24 hours, outside calls 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import pytest
 from sqlalchemy import update
@@ -134,3 +135,33 @@ async def test_off_without_a_threshold(client):
     assert await services.auto_top_up.run() == 0
     await _auto(client, 0)
     assert await services.auto_top_up.run() == 0
+
+
+async def test_a_block_bought_by_auto_top_up_during_a_call_keeps_the_deposit(client):
+    """Settlement moves banked minutes onto the deposit when meterd bought a block for a call
+    while the deposit could still pay (bank first, then deposit, then card). A block the
+    customer asked for by auto top-up is not such a block: its minutes stay banked."""
+    await account(client)
+    services = client.app[SERVICES]
+    assert (await services.payments.save_card("acme", "pm_card_visa")).ok
+    await admin(client, "POST", "/admin/accounts/acme/minutes", {"minutes": 4, "reference": "g"})
+    body = {"amount_minor": 500, "reference": "d1"}
+    await admin(client, "POST", "/admin/accounts/acme/deposits", body)
+    await _auto(client, 2)
+    script = CallScript(1, START)
+    assert (
+        "<Conference" in await (await post_twilio(client, "/twilio/voice", script.voice())).text()
+    )
+    script.join("customer", 0).join("agent:alice", 0)
+    await deliver(client, script.events)
+    while client.clock.now < START + dt.timedelta(seconds=130):
+        client.clock.advance(1)
+        await services.metering.tick()  # minutes 1-3 from the bank: 1 left, below 2
+    assert await services.auto_top_up.run() == 1
+    await services.payments.send_queued()
+    assert await balances(client) == (31, 500)
+    script.leave("agent:alice", 350).end(350)
+    await deliver(client, script.events[-4:] + script.status_events)
+    client.clock.now = START + dt.timedelta(seconds=350 + 61)
+    await services.metering.tick()  # settled: 6 minutes, all banked
+    assert await balances(client) == (28, 500)

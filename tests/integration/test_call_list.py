@@ -82,6 +82,7 @@ async def test_since_keeps_the_calls_started_from_then(client, clock):
         ("?limit=zero", "limit must be a whole number"),
         ("?limit=0", "limit must be at least 1"),
         ("?since=yesterday", "since is not an ISO 8601 time"),
+        ("?after=CAnosuchcall", "after names no call"),
     ],
 )
 async def test_a_bad_query_is_a_clear_400(client, query, says):

@@ -76,7 +76,7 @@ START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
 MINUTE_KEY = re.compile(
-    r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank|:from-deposit|:from-card|:repriced)?$"
+    r"^call:(?P<sid>[^:]+):agent:(?P<agent>.+):minute:(?P<n>\d+)(:from-bank|:from-deposit|:from-card|:repriced|:owed|:on-debt)?$"
 )
 MONEY_MINUTES = {"minute_deposit", "minute_debt", "minute_receivable", "minute_card"}
 

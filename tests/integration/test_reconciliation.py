@@ -94,7 +94,9 @@ async def test_each_finding_is_reported_once_across_three_pages(client, twilio):
     assert report["matched"] == 2 and report["clean"] is False
     pages = [r for r in twilio.requests if r.path.endswith("/Calls.json")]
     assert len(pages) == 3  # 5 calls of the asked dates, 2 to a page
-    assert dict(pages[0].query)["StartTime>"] == "2026-11-20"
+    # the day with a margin of 10 minutes, and a date more at the end
+    assert dict(pages[0].query)["StartTime>"] == "2026-11-19"
+    assert dict(pages[0].query)["StartTime<"] == "2026-11-22"
 
     response = await _finance(client, "/finance/reconciliation/2026-11-20.json")
     assert response.status == 200 and await response.json() == report

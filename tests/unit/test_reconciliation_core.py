@@ -36,7 +36,8 @@ meterd_calls = st.lists(
         started_at=st.integers(-2, 26).map(_moment),
         ended_at=st.none(),
         status=st.just("ended"),
-    )
+    ),
+    unique_by=lambda call: call.sid,  # a call sid is meterd's primary key
 )
 
 

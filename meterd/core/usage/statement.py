@@ -4,8 +4,9 @@ Pure, no I/O. A statement is the account's rows of the published daily usage, on
 added up: so its per-day figures are the nightly usage's by construction, and it reconciles
 the way each day does (opening + movements = closing, in minutes and in money), checked here
 again over the whole period, and day to day (each day opens where the day before closed).
-A day the account does not appear in had no movement and every balance at zero (the nightly
-usage leaves such an account out).
+A day the account does not appear in (it did not exist yet, or it held nothing and nothing moved:
+the nightly usage leaves out an account whose books are all at zero with no movement) counts as
+no movement and every balance at zero.
 """
 
 from __future__ import annotations
