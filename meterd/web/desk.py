@@ -284,7 +284,7 @@ def subapp() -> web.Application:
     authentication (no bearer token)."""
     app = web.Application()
     app[DESK_CLOSING] = asyncio.Event()
-    app.on_shutdown.append(_end_event_streams)
+    app.on_shutdown.append(_end_event_streams)  # type: ignore[arg-type, unused-ignore]  # aiohttp 3.12 mistypes it
     app.router.add_get("/", page)
     app.router.add_get("/events", events)
     app.router.add_get("/sign-in", sign_in_form)
