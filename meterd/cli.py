@@ -112,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--date", required=True, type=_business_day, help="the business day, YYYY-MM-DD"
     )
-    reconcile.add_argument("--format", choices=["json", "csv"], default="json")
+    reconcile.add_argument(
+        "--format", choices=["json", "csv"], default="json", help="what to print (default json)"
+    )
     _add_account_commands(command("account", "manage accounts"))
     _add_simulate_and_demo(command)
     return parser

@@ -12,9 +12,25 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import structlog
 
 from meterd.store.database import Database, open_database
 from tests.stripe_server import LocalStripe
+
+# In-process tests log through structlog's console renderer (the daemon logs JSON). With `rich`
+# installed (schemathesis brings it) that renderer draws every logged traceback with rich, which
+# takes hundreds of milliseconds each: slow enough to change which webhooks share a batch in the
+# group-commit tests. Plain tracebacks, as without rich.
+structlog.configure(
+    processors=[
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.StackInfoRenderer(),
+        structlog.dev.set_exc_info,
+        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+    ]
+)
 
 POSTGRES_URL = os.environ.get(
     "METERD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
