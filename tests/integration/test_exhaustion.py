@@ -8,7 +8,6 @@ import datetime as dt
 import pytest
 from sqlalchemy import select
 
-from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.services.ledger_check import check_ledger
 from meterd.store.schema import outbox
 from meterd.web.app import SERVICES
@@ -16,7 +15,7 @@ from tests.recording_server import RecordingTwilio
 from tests.twilio_payloads import ACCOUNT_SID
 
 from .test_metering import START, account, balances, call_view, deliver, start_call
-from .twilio_app import TWILIO_TOKEN, ManualClock, admin, build_app
+from .twilio_app import ManualClock, admin, build_app, recorded_rest
 
 
 @pytest.fixture
@@ -27,14 +26,7 @@ async def twilio():
 
 @pytest.fixture
 async def client(aiohttp_client, database, tmp_path, twilio):
-    rest = TwilioRest(
-        TwilioRestSettings(
-            account_sid=ACCOUNT_SID,
-            auth_token=TWILIO_TOKEN,
-            api_base_url=twilio.base_url,
-            retry_backoff_seconds=0.01,
-        )
-    )
+    rest = recorded_rest(twilio)
     clock = ManualClock(START)
     app = build_app(
         database,

@@ -11,7 +11,6 @@ import datetime as dt
 import pytest
 from sqlalchemy import select
 
-from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.services.ledger_check import check_ledger
 from meterd.store.schema import calls
 from meterd.web.app import SERVICES
@@ -21,7 +20,14 @@ from tests.twilio_payloads import ACCOUNT_SID
 
 from .test_exhaustion import outbox_created
 from .test_metering import START, account, balances, call_view, deliver, start_call
-from .twilio_app import TWILIO_TOKEN, ManualClock, admin, agents, build_app, post_twilio
+from .twilio_app import (
+    ManualClock,
+    admin,
+    agents,
+    build_app,
+    post_twilio,
+    recorded_rest,
+)
 
 SKEWS = [-30, -15, -2, -1, 0, 1, 2, 15, 30]  # Twilio's clock minus meterd's, in seconds
 
@@ -46,14 +52,7 @@ async def twilio():
 @pytest.fixture
 async def announcing(aiohttp_client, database, tmp_path, twilio):
     """A client whose hang-ups and announcements go to the recording Twilio."""
-    rest = TwilioRest(
-        TwilioRestSettings(
-            account_sid=ACCOUNT_SID,
-            auth_token=TWILIO_TOKEN,
-            api_base_url=twilio.base_url,
-            retry_backoff_seconds=0.01,
-        )
-    )
+    rest = recorded_rest(twilio)
     clock = ManualClock(START)
     client = await aiohttp_client(
         build_app(

@@ -12,13 +12,11 @@ import io
 
 import pytest
 
-from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.web.app import SERVICES
 from tests.call_scripts import CallScript
 from tests.recording_server import RecordingTwilio, listed_call
-from tests.twilio_payloads import ACCOUNT_SID
 
-from .twilio_app import TWILIO_TOKEN, ManualClock, build_app, post_twilio
+from .twilio_app import ManualClock, build_app, post_twilio, recorded_rest
 
 FINANCE = "finance-token-0123456789abcdef"
 DAY = dt.date(2026, 11, 20)
@@ -36,14 +34,7 @@ async def twilio():
 
 @pytest.fixture
 async def client(aiohttp_client, database, tmp_path, twilio):
-    rest = TwilioRest(
-        TwilioRestSettings(
-            account_sid=ACCOUNT_SID,
-            auth_token=TWILIO_TOKEN,
-            api_base_url=twilio.base_url,
-            retry_backoff_seconds=0.01,
-        )
-    )
+    rest = recorded_rest(twilio)
     clock = ManualClock(at(9))
     app = build_app(database, tmp_path, clock, twilio_rest=rest, METERD_FINANCE_TOKEN=FINANCE)
     client = await aiohttp_client(app)

@@ -7,10 +7,11 @@ from typing import Any
 
 from yarl import URL
 
+from meterd.adapters.twilio_rest import TwilioRest, TwilioRestSettings
 from meterd.clock import ManualClock
 from meterd.config import load_settings
 from meterd.web.app import create_app
-from tests.twilio_payloads import encode_form, sign
+from tests.twilio_payloads import ACCOUNT_SID, encode_form, sign
 
 TWILIO_TOKEN = "twilio-auth-token-0123456789abcdef"
 PUBLIC_BASE_URL = "https://calls.example.com/meterd"
@@ -74,3 +75,16 @@ async def admin(client: Any, method: str, path: str, body: Any = None) -> Any:
 
 async def agents(client: Any, path: str, body: Any) -> Any:
     return await client.post(path, json=body, headers={"Authorization": f"Bearer {AGENTS}"})
+
+
+def recorded_rest(server: Any) -> TwilioRest:
+    """meterd's Twilio REST adapter pointed at a RecordingTwilio (tests/recording_server.py),
+    with the app's auth token and quick retries."""
+    return TwilioRest(
+        TwilioRestSettings(
+            account_sid=ACCOUNT_SID,
+            auth_token=TWILIO_TOKEN,
+            api_base_url=server.base_url,
+            retry_backoff_seconds=0.01,
+        )
+    )
