@@ -269,7 +269,7 @@ REBOOKED_FROM_CARD_SUFFIX = ":from-card"  # ... or onto the call's card authoris
 REPRICED_SUFFIX = ":repriced"  # settlement priced a minute taken early at its final due moment
 # ... or, its banked minute given to another call's minute due earlier, owed or on debt
 _REBOOKED_SUFFIXES = {"bank": REBOOKED_SUFFIX, "card": REBOOKED_FROM_CARD_SUFFIX}  # else deposit
-_REBOOKED_SUFFIXES |= {"receivable": ":owed", "debt": ":on-debt"}  # (services/bank_shares.py)
+_REBOOKED_SUFFIXES |= {"receivable": ":owed", "debt": ":on-debt"}  # (services/call_shares.py)
 SETTLEMENT_SUFFIXES = (*_REBOOKED_SUFFIXES.values(), REBOOKED_FROM_DEPOSIT_SUFFIX, REPRICED_SUFFIX)
 
 

@@ -16,7 +16,7 @@ from meterd.core import ledger, rating
 from meterd.core.plans import Plan
 from meterd.core.timeline import Timeline
 from meterd.logs import get_logger
-from meterd.services.bank_shares import BankShares
+from meterd.services.call_shares import CallShares
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority, lock_account
 from meterd.services.funding_order import FundingOrder
@@ -60,7 +60,7 @@ class SettlementService:
         self._payments = payments
         self._funding = funding
         self._funding_order = FundingOrder(rates, funding, increment_seconds=increment_seconds)
-        self._bank_shares = BankShares(
+        self._call_shares = CallShares(
             rates,
             increment_seconds=increment_seconds,
             research_max_seconds=research_max_minutes * 60,
@@ -112,7 +112,7 @@ class SettlementService:
                     await self._funding_order.apply(
                         connection, call, account, timeline, given_back, now
                     )
-                    await self._bank_shares.apply(connection, call, account, timeline, now)
+                    await self._call_shares.apply(connection, call, account, timeline, now)
                 if call.plan == Plan.PER_INCIDENT.value and call.waived_at is None:
                     await self._charge_incidents(connection, call, account, timeline)
                 # card: capture what was used, release the rest; a waived call (or one that

@@ -72,7 +72,6 @@ from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 EXAMPLES = int(os.environ.get("METERD_MODEL_EXAMPLES", "15"))
 SKIP = set(filter(None, os.environ.get("METERD_MODEL_SKIP", "").split(",")))
 LEDGER_SHOWN = bool(os.environ.get("METERD_MODEL_LEDGER"))
-DEPOSIT_SHARES = "meterd defect: the deposit's minutes between two calls are not traded by due time"
 START = dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC)
 ACCOUNT = "acme"
 AGENT_IDS = ("a0", "a1", "a2")
@@ -1591,12 +1590,12 @@ PAST_FAILURES = [
         ),
         id="two-calls-shares-of-the-bank-with-twilio-30-s-behind",
     ),
-    # A meterd defect, not fixed yet (2,000 examples on PostgreSQL at a568339, this session):
-    # Twilio's clock 27 s behind, bank 1, deposit 150, no card, two calls. The account is right
-    # (bank 0, deposit 50, owed 1300), but the deposit's minute went to call 1 where the
-    # funding order gives it to call 0: meterd (0, 0, 600) and (1, 100, 700), the model
-    # (0, 100, 500) and (1, 0, 800). The deposit's share between calls of one account is not
-    # traded at settlement the way the bank's is (services/bank_shares.py).
+    # Found by 2,000 examples on PostgreSQL at a568339: Twilio's clock 27 s behind, bank 1,
+    # deposit 150, no card, two calls. The account was right (bank 0, deposit 50, owed 1300),
+    # but the deposit's minute went to call 1 where the funding order gives it to call 0:
+    # meterd (0, 0, 600) and (1, 100, 700), the model (0, 100, 500) and (1, 0, 800).
+    # Settlement traded the bank's minutes between calls by due time, not the deposit's
+    # (fixed in services/call_shares.py).
     pytest.param(
         Scenario(
             skew=-27,
@@ -1624,7 +1623,6 @@ PAST_FAILURES = [
             ticks=(),
         ),
         id="two-calls-shares-of-the-deposit-with-twilio-27-s-behind",
-        marks=pytest.mark.xfail(strict=True, reason=DEPOSIT_SHARES),
     ),
 ]
 
