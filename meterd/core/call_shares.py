@@ -26,10 +26,12 @@ class Payer(enum.StrEnum):
     DEBT = "debt"  # the deposit allowed into debt
 
 
-# The trades settlement makes, in this order: the bank's minutes against every later payer,
-# then the deposit's against the owed (a deposit-paid and a debt minute cost the deposit alike).
+# The trades settlement makes, in this order: the bank's minutes against the owed and the debt
+# ones, then the deposit's against the owed (a deposit-paid and a debt minute cost the deposit
+# alike). The bank does not trade with the deposit: a banked minute due late is often one of a
+# block bought because the deposit ran out, which the earlier minute could not have had.
 TRADES: tuple[tuple[Payer, frozenset[Payer]], ...] = (
-    (Payer.BANK, frozenset({Payer.DEPOSIT, Payer.RECEIVABLE, Payer.DEBT})),
+    (Payer.BANK, frozenset({Payer.RECEIVABLE, Payer.DEBT})),
     (Payer.DEPOSIT, frozenset({Payer.RECEIVABLE})),
 )
 
@@ -50,11 +52,15 @@ def payer_trades(
     settling_call_sid: str,
     better: Payer,
     worse: Collection[Payer],
+    refilled_seconds: Collection[int] = (),
 ) -> list[tuple[TakenMinute, TakenMinute]]:
     """Pairs (paid, unpaid): `paid` paid by `better`, `unpaid` by one of `worse`, of different
     calls, one of them the settling call's, where `unpaid` fell due strictly before `paid`:
     `better` should have paid it. The earliest unpaid minute is matched with the latest paid one
-    of another call, and so on while the order is wrong; each minute trades at most once."""
+    of another call, and so on while the order is wrong; each minute trades at most once.
+    `refilled_seconds`: moments `better` was paid into (a deposit); a pair with one between
+    its due moments does not trade, since `paid` may have been paid with money that came after
+    `unpaid` fell due."""
     paid_minutes = sorted(
         (m for m in minutes if m.payer == better),
         key=lambda m: (m.due_seconds, m.key),
@@ -72,6 +78,8 @@ def payer_trades(
             if paid.key in used or paid.call_sid == unpaid.call_sid:
                 continue
             if settling_call_sid not in (paid.call_sid, unpaid.call_sid):
+                continue
+            if any(unpaid.due_seconds < at <= paid.due_seconds for at in refilled_seconds):
                 continue
             used.add(paid.key)
             trades.append((paid, unpaid))

@@ -2,8 +2,9 @@
 (`core/call_shares.py`): when two calls of one account ran at once and a late Twilio event made
 one call's minute fall due before a minute of the other that the bank (or the deposit) paid,
 the minute due first takes that payer and the later one its payer, each at the rate in force
-when it fell due. The bank's minutes trade first, then the deposit's; a trade the deposit
-cannot hold (its price rose) is not made.
+when it fell due. The bank's minutes trade first (with owed and debt minutes), then the
+deposit's (with owed ones); a deposit trade is not made when the deposit cannot hold it (the
+rate rose) or money was paid into the deposit between the two minutes' due moments.
 
 Only calls that are settled trade (their timelines are final; an open call's minutes are
 still moving and its own settlement comes later), and only minutes under the key they were
@@ -89,8 +90,11 @@ class CallShares:
             if due_seconds is not None and (m.call_sid, agent_id) not in late:
                 payer = _PAYER_BY_KIND[ledger.TransactionKind(m.kind)]
                 taken[m.key] = TakenMinute(m.key, m.call_sid or "", due_seconds, payer)
+        refilled = {Payer.DEPOSIT: await _deposits_since(connection, account, began)}
         for better, worse in TRADES:
-            for paid, unpaid in payer_trades(list(taken.values()), call.call_sid, better, worse):
+            for paid, unpaid in payer_trades(
+                list(taken.values()), call.call_sid, better, worse, refilled.get(better, ())
+            ):
                 traded = await self._trade(connection, calls, account, paid, unpaid, now)
                 if traded is not None:
                     del taken[paid.key], taken[unpaid.key]
@@ -173,6 +177,17 @@ class CallShares:
             currency="" if payer == Payer.BANK else account.currency,
             price=price,
         )
+
+
+async def _deposits_since(
+    connection: Transaction, account: Record, since: dt.datetime
+) -> list[int]:
+    """When money was paid into the account's deposit since `since` (epoch seconds)."""
+    kinds = frozenset({ledger.TransactionKind.DEPOSIT})
+    paid_in = await ledger_store.account_transactions(
+        connection, account.account_id, kinds, posted_since=since
+    )
+    return [int(t.posted_at.timestamp()) for t in paid_in]
 
 
 async def _minutes_since(

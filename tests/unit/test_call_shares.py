@@ -48,12 +48,23 @@ def test_the_deposit_s_minute_goes_to_the_call_whose_minute_fell_due_first():
     assert [(paid.key, unpaid.key) for paid, unpaid in trades] == [("c1:a1:2", "c0:a0:3")]
 
 
-def test_the_bank_trades_with_deposit_and_debt_minutes_and_the_deposit_never_with_debt():
+def test_the_bank_trades_with_debt_but_not_deposit_minutes_and_the_deposit_not_with_debt():
+    """A late banked minute may be one of a block bought once the deposit ran out (issue 11,
+    found at 4f1052f): the bank does not trade with the deposit."""
     late_banked = [_minute(f"x:{d}", SETTLING, d, BANK) for d in (400, 500)]
     earlier = [_minute("y:1", "CA-o", 100, DEPOSIT), _minute("y:2", "CA-o", 200, DEBT)]
-    assert len(_bank_trades(late_banked + earlier)) == 2
+    assert [unpaid.key for _, unpaid in _bank_trades(late_banked + earlier)] == ["y:2"]
     late_deposit = [_minute("x:1", SETTLING, 400, DEPOSIT)]
     assert payer_trades(late_deposit + earlier[1:], SETTLING, *DEPOSIT_TRADES) == []
+
+
+def test_money_paid_in_between_the_two_minutes_stops_a_deposit_trade():
+    late_deposit = _minute("x:1", SETTLING, 400, DEPOSIT)
+    early_owed = _minute("y:1", "CA-o", 100, OWED)
+    trades = payer_trades([late_deposit, early_owed], SETTLING, *DEPOSIT_TRADES, [250])
+    assert trades == []
+    before_both = payer_trades([late_deposit, early_owed], SETTLING, *DEPOSIT_TRADES, [50, 100])
+    assert before_both == [(late_deposit, early_owed)]
 
 
 def test_ties_and_minutes_of_one_call_do_not_trade():
