@@ -33,6 +33,7 @@ from meterd.services.alerts import AlertService
 from meterd.services.answering import AnsweringService, AnsweringSettings
 from meterd.services.auto_top_up import AutoTopUp
 from meterd.services.call_view import CallViewService
+from meterd.services.callbacks import CallbackService, CallbackSettings, CallPlacer
 from meterd.services.desk import DeskService
 from meterd.services.errors import InvariantBroken
 from meterd.services.funding import FundingAuthority
@@ -67,6 +68,7 @@ class Services:
     clock: Clock
     accounts: AccountService
     answering: AnsweringService
+    callbacks: CallbackService  # calls the desk places to customers, metered as any call
     ingest: IngestService
     intake: WebhookIntake  # conference and call-status callbacks: database, else journal
     research: ResearchService
@@ -218,12 +220,24 @@ def build_services(
     usage = usage_service(settings, database, clock)
     accounts = account_service(settings, database, clock)
     call_view = call_view_service(settings, database, clock)
+    answering = answering_service(settings, database, clock, payments, funding)
     return Services(
         settings=settings,
         database=database,
         clock=clock,
         accounts=accounts,
-        answering=answering_service(settings, database, clock, payments, funding),
+        answering=answering,
+        callbacks=CallbackService(
+            database,
+            clock,
+            funding,
+            answering,
+            twilio_rest if isinstance(twilio_rest, CallPlacer) else None,
+            CallbackSettings(
+                public_base_url=settings.public_base_url,
+                from_number=settings.callback_from_number,
+            ),
+        ),
         ingest=ingest,
         intake=webhook_intake(settings, database, clock, ingest, metrics),
         research=ResearchService(

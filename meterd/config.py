@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import secrets
 import stat
 import tomllib
@@ -85,6 +86,12 @@ def _check_public_base_url(value: str) -> str:
             "expected an absolute http(s) URL with no query, e.g. https://calls.example.com"
         )
     return value.rstrip("/")
+
+
+def _check_phone_number(value: str) -> str:
+    if value and not re.fullmatch(r"\+[1-9][0-9]{6,14}", value):
+        raise ValueError("expected a phone number in E.164 form, e.g. +15005550006")
+    return value
 
 
 def _check_timezone(value: str) -> str:
@@ -522,6 +529,15 @@ class Settings:
             "https://api.twilio.com",
             "Twilio's REST API address (tests point it at a local server)",
             check=_check_public_base_url,
+        )
+    )
+    callback_from_number: str = field(
+        metadata=_setting(
+            "twilio",
+            "",
+            "the desk's Twilio number (E.164) that callbacks (POST /agents/callbacks) ring the "
+            "customer from. Empty: callbacks are off (503), as they are with no Twilio account",
+            check=_check_phone_number,
         )
     )
     twilio_clock_skew_seconds_max: int = field(

@@ -26,10 +26,11 @@ class CallScript:
     events: list[dict[str, str]] = field(default_factory=list)
     status_events: list[dict[str, str]] = field(default_factory=list)
     _legs: dict[str, str] = field(default_factory=dict)
+    given_call_sid: str = ""  # a callback's: the sid Twilio gave the call meterd placed
 
     @property
     def call_sid(self) -> str:
-        return sid("CA", self.n)
+        return self.given_call_sid or sid("CA", self.n)
 
     @property
     def conference_sid(self) -> str:

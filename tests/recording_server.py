@@ -28,6 +28,7 @@ import datetime as dt
 import email.utils
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -205,6 +206,8 @@ class RecordingTwilio:
         # the Calls list: Twilio-shaped call resources, answered `list_page_size` to a page
         self.listed_calls: list[dict[str, Any]] = []
         self.list_page_size = 50
+        # calls created (POST Calls.json), each answered with a new sid: (sid, form) in order
+        self._created_calls: list[tuple[str, dict[str, str]]] = []
 
     # -- inspection and faults (safe from any thread) --
 
@@ -220,10 +223,17 @@ class RecordingTwilio:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def created_calls(self) -> list[tuple[str, dict[str, str]]]:
+        """Every call created so far: (the sid it was given, the request's form), in order."""
+        with self._lock:
+            return list(self._created_calls)
+
     def clear(self) -> None:
         with self._lock:
             self._requests.clear()
             self._faults.clear()
+            self._created_calls.clear()
 
     def fail_next(self, count: int, *, status: int = 500) -> None:
         """Answer the next `count` requests with `status` and a Twilio-style error body."""
@@ -250,6 +260,7 @@ class RecordingTwilio:
     async def start(self) -> RecordingTwilio:
         app = web.Application(middlewares=[self._record_and_inject_faults])
         app.router.add_get(_ACCOUNT + "/Calls.json", self._calls_list)
+        app.router.add_post(_ACCOUNT + "/Calls.json", self._create_call)
         app.router.add_route("*", _ACCOUNT + "/Calls/{sid}.json", self._call)
         app.router.add_route("*", _ACCOUNT + "/Conferences/{sid}.json", self._conference)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -319,6 +330,17 @@ class RecordingTwilio:
 
     async def _call(self, request: web.Request) -> web.Response:
         return await self._resource(request, _call_resource)
+
+    async def _create_call(self, request: web.Request) -> web.Response:
+        """Twilio's Calls create: a new outbound-api call, queued, with a sid of its own."""
+        form = {key: str(value) for key, value in (await request.post()).items()}
+        sid = "CA" + uuid.uuid4().hex
+        with self._lock:
+            self._created_calls.append((sid, form))
+        resource = _call_resource(request.match_info["account_sid"], sid, {"Status": "queued"})
+        resource |= {"direction": "outbound-api", "to": form.get("To"), "from": form.get("From")}
+        resource |= {"start_time": None, "duration": None}
+        return web.json_response(resource, status=201)
 
     async def _calls_list(self, request: web.Request) -> web.Response:
         """Twilio's Calls list: `listed_calls` whose start date (UTC) is within StartTime> and
@@ -416,6 +438,10 @@ class ThreadedRecordingTwilio:
     @property
     def requests(self) -> list[RecordedRequest]:
         return self.server.requests
+
+    @property
+    def created_calls(self) -> list[tuple[str, dict[str, str]]]:
+        return self.server.created_calls
 
     def clear(self) -> None:
         self.server.clear()

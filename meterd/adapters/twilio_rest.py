@@ -165,7 +165,8 @@ def _twilio_call(record: Any) -> TwilioCall:
 
 
 class TwilioRest:
-    """Announce into a conference, hang up a call. Create it anywhere; the HTTP session is opened
+    """Announce into a conference, hang up a call, place a callback, list the day's calls.
+    Create it anywhere; the HTTP session is opened
     on first use (aiohttp needs a running loop). Call `close()` when done."""
 
     def __init__(self, settings: TwilioRestSettings) -> None:
@@ -192,6 +193,27 @@ class TwilioRest:
             {"call_sid": call_sid},
             lambda client: client.calls(call_sid).update_async(status="completed"),
         )
+
+    async def place_call(self, *, to: str, from_: str, url: str, status_callback: str) -> str:
+        """POST .../Calls.json: call `to` from `from_`; when answered, Twilio asks `url` (POST)
+        for the call's TwiML and tells `status_callback` (POST) how the call ended. The new
+        call's sid. One attempt only: Twilio's Calls create has no idempotency key, so a retry
+        after a timeout could ring the customer twice (the caller records the outcome)."""
+        record = await self._call(
+            "place_call",
+            {},
+            lambda client: client.calls.create_async(
+                to=to,
+                from_=from_,
+                url=url,
+                method="POST",
+                status_callback=status_callback,
+                status_callback_method="POST",
+                status_callback_event=["completed"],
+            ),
+            attempts_max=1,
+        )
+        return str(record.sid)
 
     async def list_calls(self, first_day: dt.date, last_day: dt.date) -> list[TwilioCall]:
         """GET .../Calls.json: every call that started on `first_day` to `last_day` (UTC dates,
@@ -243,12 +265,15 @@ class TwilioRest:
         operation: str,
         sids: dict[str, str],
         send: Callable[[Client], Awaitable[Any]],
+        *,
+        attempts_max: int | None = None,
     ) -> Any:
         client = self._twilio_client()
         settings = self._settings
+        attempts_max = attempts_max or settings.attempts_max
         log = self._log.bind(operation=operation, **sids)
         backoff_seconds = settings.retry_backoff_seconds
-        for attempt in range(1, settings.attempts_max + 1):
+        for attempt in range(1, attempts_max + 1):
             try:
                 async with asyncio.timeout(settings.timeout_seconds):
                     result = await send(client)
@@ -256,11 +281,11 @@ class TwilioRest:
                 failure = _classify(error)
                 if failure is None:
                     raise
-                will_retry = failure.retryable and attempt < settings.attempts_max
+                will_retry = failure.retryable and attempt < attempts_max
                 log.warning(
                     "twilio_rest_attempt_failed",
                     attempt=attempt,
-                    attempts_max=settings.attempts_max,
+                    attempts_max=attempts_max,
                     reason=failure.reason,
                     status=failure.status,
                     twilio_code=failure.twilio_code,

@@ -29,7 +29,7 @@ from meterd.services.payments import PaymentService
 from meterd.store import accounts_store, calls_store
 from meterd.store.calls_store import CallStatus, EventRecord
 from meterd.store.database import Database
-from meterd.store.transaction import Transaction
+from meterd.store.transaction import Record, Transaction
 
 log = get_logger("meterd.answering")
 
@@ -199,6 +199,29 @@ class AnsweringService:
             return Answer(Action.PAY_GOODBYE, call_sid, reason=reason)
         return Answer(Action.COLLECT_CARD, call_sid, attempt=attempt + 1, retry=True, reason=reason)
 
+    async def callback_answered(self, call_sid: str, account_id: str) -> Answer:
+        """A callback's customer picked up (`meterd/services/callbacks.py`): the connect gate
+        as for an incoming call, the card on file charged if the account has no funds, but no
+        `<Pay>`, since an outbound leg is never asked for a card: without funds, NO_FUNDS and
+        the call is not connected."""
+        async with self._database.write() as connection:
+            answer = await self._gate(connection, call_sid, account_id, self._clock())
+        answer = await self._pay_if_needed(answer)
+        if answer.action is not Action.COLLECT_CARD:
+            return answer
+        async with self._database.write() as connection:
+            call = await calls_store.get_call(connection, call_sid, for_update=True)
+            if call is not None and call.status == CallStatus.MENU:
+                await calls_store.update_call(
+                    connection,
+                    call_sid,
+                    status=CallStatus.REJECTED,
+                    ended_at=self._clock(),
+                    end_reason="no_payment",
+                )
+        log.info("callback answered but the card on file did not pay", call_sid=call_sid)
+        return Answer(Action.NO_FUNDS, call_sid)
+
     async def _pay_if_needed(self, answer: Answer) -> Answer:
         """A per-minute caller with no funds: charge the card on file if there is one, else
         ask for a card with <Pay>. Never connected unless the gateway said yes."""
@@ -341,18 +364,23 @@ class AnsweringService:
         )
         return failures >= PIN_LOCKOUT_CALLS
 
+    def plan_in_force(self, account: Record, now: dt.datetime) -> Plan:
+        """The plan that governs a call of `account` now, on the business day's calendar (a
+        service agreement past its `valid_until` falls back)."""
+        return effective_plan(
+            Plan(account.plan),
+            account.valid_until,
+            Plan(account.fallback_plan),
+            now.astimezone(ZoneInfo(self._settings.business_timezone)).date(),
+        )
+
     async def _gate(
         self, connection: Transaction, call_sid: str, account_id: str, now: dt.datetime
     ) -> Answer:
         account = await accounts_store.get_account(connection, account_id)
         if account is None:
             raise InvariantBroken(f"account {account_id} was found and then was not")
-        plan = effective_plan(
-            Plan(account.plan),
-            account.valid_until,
-            Plan(account.fallback_plan),
-            now.astimezone(ZoneInfo(self._settings.business_timezone)).date(),
-        )
+        plan = self.plan_in_force(account, now)
         if plan is Plan.PER_MINUTE and not await self._funding.can_connect(
             connection, account_id, call_sid, now
         ):

@@ -101,6 +101,7 @@ class CallViewService:
             "plan": call.plan,
             "status": call.status,
             "from": call.from_number,
+            "direction": call.direction,  # inbound, or outbound: a callback the desk placed
             "started_at": call.started_at.isoformat(),
             "ended_at": call.ended_at and call.ended_at.isoformat(),
             "end_reason": call.end_reason,

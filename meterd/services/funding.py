@@ -157,6 +157,24 @@ class FundingAuthority:
         account = await locked_account(self._repositories(connection), account_id)
         return (await self.funds(connection, account, call_sid, now)).can_pay_a_minute
 
+    async def why_no_callback(
+        self, connection: Transaction, account_id: str, now: dt.datetime
+    ) -> str | None:
+        """Why a per-minute account's callback cannot be placed, or None if it can: as the
+        connect gate, a banked minute or one agent-minute at the rate in force in the deposit;
+        or a card on file, charged (or authorised) by the gate when the customer answers, as
+        for a caller with no funds. An outbound leg has no `<Pay>`: no card, no callback."""
+        account = await locked_account(self._repositories(connection), account_id)
+        funds = await self.funds(connection, account, "", now)
+        if funds.can_pay_a_minute or (self._payments.available and has_card(account)):
+            return None
+        card = "no card on file" if self._payments.available else "card payments are off"
+        return (
+            f"account {account_id} cannot pay a minute: {funds.bank_minutes} banked minutes, "
+            f"{funds.deposit_minor} in the deposit (a minute costs {funds.rate_minor} "
+            f"{account.currency} minor units) and {card}"
+        )
+
     # --- each minute --------------------------------------------------------------------------
 
     async def fund_minute(

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from meterd.core.usage.render import ACCOUNT_COLUMNS, Cell
-from meterd.core.usage.statement import Statement, build_statement, zero_row
+from meterd.core.usage.statement import Statement, build_statement, with_direction, zero_row
 from meterd.services.errors import InvalidRequest, NotFound
 from meterd.services.usage import UsageFile, UsageService
 from meterd.store import accounts_store
@@ -60,6 +60,11 @@ class StatementService:
         return zero_row(account_id, currency)
 
     def _calls_of(self, day: dt.date, account_id: str) -> list[dict[str, str]]:
-        """The account's rows of the day's calls file, as the file writes them."""
+        """The account's rows of the day's calls file, as the file writes them; a file published
+        before the calls had a `direction` column says none, and its calls were all inbound."""
         text = self._usage.path(day, UsageFile.CALLS_CSV).read_text(encoding="utf-8")
-        return [row for row in csv.DictReader(io.StringIO(text)) if row["account_id"] == account_id]
+        return [
+            with_direction(row)
+            for row in csv.DictReader(io.StringIO(text))
+            if row["account_id"] == account_id
+        ]

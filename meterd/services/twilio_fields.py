@@ -317,6 +317,7 @@ RULES: dict[str, _Rule] = {
 # participant's CallSid on participant-* events.
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "voice": ("CallSid",),
+    "callback": ("CallSid",),  # a callback answered: the voice webhook of an outbound call
     "pin": ("CallSid",),
     "pay": ("CallSid",),
     "pay-status": ("CallSid",),

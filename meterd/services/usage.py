@@ -29,6 +29,8 @@ files `usage_publish`, the queries `meterd.store.usage_store`. Decisions:
   before the run is recorded as published with the files' SHA-256. A file depends only on the
   database, so any daemon can rebuild a day: when a file is missing here (another daemon built
   it) or damaged, it is rebuilt and must hash to what was published (`UsageMismatch` if not).
+  A day published before the calls file had its last column, `direction`, is rebuilt without
+  it (`render.CALL_COLUMNS_BEFORE_DIRECTION`): a published file never changes.
 """
 
 from __future__ import annotations
@@ -43,13 +45,13 @@ from meterd.clock import Clock
 from meterd.config import Settings
 from meterd.core.usage.business_days import business_day_of, day_bounds, last_closed_day
 from meterd.core.usage.reconciliation import UsageDoesNotReconcile
-from meterd.core.usage.render import iso_utc
+from meterd.core.usage.render import CALL_COLUMNS, CALL_COLUMNS_BEFORE_DIRECTION, Columns, iso_utc
 from meterd.logs import get_logger
 from meterd.services.errors import InvariantBroken
 from meterd.services.ledger_check import CheckReport, check_ledger
 from meterd.services.usage_build import UsageBuilder
 from meterd.services.usage_lease import LEASE_SECONDS, UsageLease
-from meterd.services.usage_publish import UsageFile, sha256_of
+from meterd.services.usage_publish import BuiltFiles, UsageFile, sha256_of
 from meterd.store import usage_store
 from meterd.store.database import Database
 from meterd.store.transaction import Record
@@ -310,18 +312,18 @@ class UsageService:
             detail = "the ledger fails its invariants: " + _breaches(report)
             log.critical("usage cannot be rebuilt", business_day=str(day), reason=detail)
             raise LedgerBroken(f"usage of {day} cannot be rebuilt: {detail}")
-        try:
-            built = await self._builder.build(day, heartbeat=None)
-        except UsageDoesNotReconcile as error:
-            log.critical("usage cannot be rebuilt", business_day=str(day), reason=str(error))
-            raise UsageRefused(f"usage of {day} cannot be rebuilt: {error}") from error
-        differs = [
-            kind.file_name(day)
-            for kind, digest in built.sha256.items()
-            if digest != getattr(run, kind.sha_column)
-        ]
+        built = await self._rebuild(day, CALL_COLUMNS)
+        differs = _differs(day, built, run)
         if differs:
+            # a day published before the calls file had `direction` (0009) rebuilds in that
+            # layout: its published bytes stay what finance fetched
             built.discard()
+            built = await self._rebuild(day, CALL_COLUMNS_BEFORE_DIRECTION)
+            if _differs(day, built, run):
+                built.discard()
+            else:
+                differs = []
+        if differs:
             log.critical(
                 "usage rebuilds differently from what was published",
                 business_day=str(day),
@@ -336,6 +338,22 @@ class UsageService:
         except BaseException:
             built.discard()
             raise
+
+    async def _rebuild(self, day: dt.date, call_columns: Columns) -> BuiltFiles:
+        try:
+            return await self._builder.build(day, heartbeat=None, call_columns=call_columns)
+        except UsageDoesNotReconcile as error:
+            log.critical("usage cannot be rebuilt", business_day=str(day), reason=str(error))
+            raise UsageRefused(f"usage of {day} cannot be rebuilt: {error}") from error
+
+
+def _differs(day: dt.date, built: BuiltFiles, run: Record) -> list[str]:
+    """The names of the built files whose SHA-256 is not what was published."""
+    return [
+        kind.file_name(day)
+        for kind, digest in built.sha256.items()
+        if digest != getattr(run, kind.sha_column)
+    ]
 
 
 def _breaches(report: CheckReport) -> str:

@@ -42,6 +42,8 @@ from meterd.core.usage.reconciliation import (
     time_facts,
 )
 from meterd.core.usage.render import (
+    CALL_COLUMNS,
+    Columns,
     call_csv_header,
     call_csv_lines,
     render_accounts_csv,
@@ -61,6 +63,7 @@ from meterd.store.usage_store import STREAM_ROWS
 
 HEARTBEAT_SECONDS = 60  # how often a build renews its claim
 CALLS_PER_BATCH = 2000  # calls whose columns, events and marks are loaded by one query each
+INBOUND = "inbound"  # `calls.direction` of a call meterd did not place (the column's default)
 
 Heartbeat = Callable[[], Awaitable[None]]
 Accounts = dict[str, tuple[str, dt.datetime]]  # account -> (currency, created at)
@@ -96,6 +99,7 @@ class _CallRows:
     waived_at: dt.datetime | None
     waiver_reason: str | None
     closed_by_sweeper: bool
+    direction: str
     movements: Movements = field(default_factory=Movements)
 
 
@@ -138,6 +142,7 @@ def _call_rows(
             waived_at=None,
             waiver_reason=None,
             closed_by_sweeper=False,
+            direction=INBOUND,  # as the column's default: every call not placed by meterd
             movements=movements,
         )
     return _CallRows(
@@ -150,6 +155,7 @@ def _call_rows(
         waived_at=call.waived_at,
         waiver_reason=call.waiver_reason,
         closed_by_sweeper=bool(call.closed_by_sweeper),
+        direction=call.direction,
         movements=movements,
     )
 
@@ -185,6 +191,7 @@ def _call_usage(
         waiver_reason=call.waiver_reason if waived else None,
         time=time if status is RowStatus.SETTLED else None,
         movements=call.movements,
+        direction=call.direction,
     )
 
 
@@ -209,13 +216,19 @@ class UsageBuilder:
         self._increment_seconds = increment_seconds
         self._research_max_seconds = research_max_minutes * 60
 
-    async def build(self, day: dt.date, *, heartbeat: Heartbeat | None) -> BuiltFiles:
+    async def build(
+        self, day: dt.date, *, heartbeat: Heartbeat | None, call_columns: Columns = CALL_COLUMNS
+    ) -> BuiltFiles:
         """Write the day's three files to temporary files; raise `UsageDoesNotReconcile` (and
-        keep nothing) unless every account reconciles and the calls tie to the accounts."""
+        keep nothing) unless every account reconciles and the calls tie to the accounts.
+        `call_columns`: the calls file's layout; an earlier one only to rebuild a day published
+        in it (`render.CALL_COLUMNS_BEFORE_DIRECTION`)."""
         with _gc_passes_over_new_objects_only():
-            return await self._build_files(day, heartbeat=heartbeat)
+            return await self._build_files(day, heartbeat=heartbeat, call_columns=call_columns)
 
-    async def _build_files(self, day: dt.date, *, heartbeat: Heartbeat | None) -> BuiltFiles:
+    async def _build_files(
+        self, day: dt.date, *, heartbeat: Heartbeat | None, call_columns: Columns
+    ) -> BuiltFiles:
         start, end = day_bounds(day, self.timezone)
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True, mode=0o700)
         await asyncio.to_thread(remove_stale_temporaries, self.directory, day, LEASE_SECONDS)
@@ -228,7 +241,7 @@ class UsageBuilder:
                 known = await usage_store.account_currencies(connection)
                 balances = await usage_store.customer_book_balances(connection, end)
                 stream = await _CallsWriter(
-                    self, connection, day, (start, end), known, built, heartbeat
+                    self, connection, day, (start, end), known, built, heartbeat, call_columns
                 ).write()
             usages = self._account_usages(end, known, balances, stream)
             self._check(usages, stream)
@@ -351,8 +364,10 @@ class _CallsWriter:
         known: Accounts,
         built: BuiltFiles,
         heartbeat: Heartbeat | None,
+        columns: Columns,
     ) -> None:
         self._builder = builder
+        self._columns = columns
         self._connection = connection
         self._day = day
         self._start, self._end = bounds
@@ -367,7 +382,7 @@ class _CallsWriter:
 
     async def write(self) -> _Stream:
         query = usage_store.day_postings_query(self._connection, self._start, self._end)
-        self._calls_file.write(call_csv_header())
+        self._calls_file.write(call_csv_header(self._columns))
         account_groups, day_by_book = self._stream.account_groups, self._stream.day_by_book
         pending = self._pending
         result = await self._connection.stream(query)
@@ -444,7 +459,7 @@ class _CallsWriter:
             [c for c in batch if c.settled_at is not None and start <= c.settled_at < end],
         )
         try:
-            lines = call_csv_lines(self._day, self._usages(batch, times))
+            lines = call_csv_lines(self._day, self._usages(batch, times), self._columns)
         except UsageDoesNotReconcile as error:
             # raised after the accounts' own checks, which come first
             stream.call_error = error

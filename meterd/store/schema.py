@@ -211,6 +211,25 @@ calls = Table(
     Column("warned_at", UtcDateTime, nullable=True),
     Column("exhausted_at", UtcDateTime, nullable=True),
     Column("pay_attempts", Integer, nullable=False, server_default="0"),  # (0004)
+    Column("direction", String(16), nullable=False, server_default="inbound"),  # (0009)
+)
+
+# Callbacks the desk asked meterd to place (0009), one per client reference; `call_sid` once
+# Twilio gave the call one. `status`: see meterd/services/callbacks.py.
+callbacks = Table(
+    "callbacks",
+    metadata,
+    Column("callback_id", String(40), primary_key=True),
+    Column("client_reference", String(128), nullable=False, unique=True),
+    Column("request_sha256", String(64), nullable=False),
+    Column("account_id", String(64), ForeignKey("accounts.account_id"), nullable=False),
+    Column("agent_id", String(64), nullable=False),
+    Column("to_number", String(64), nullable=False),
+    Column("call_sid", String(64), nullable=True, unique=True),
+    Column("status", String(24), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("requested_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )
 
 webhook_events = Table(

@@ -310,6 +310,7 @@ async def calls_of(connection: AsyncConnection, call_sids: Sequence[str]) -> dic
             calls.c.waived_at,
             calls.c.waiver_reason,
             calls.c.closed_by_sweeper,
+            calls.c.direction,
         ).where(calls.c.call_sid.in_(call_sids))
     )
     return {row.call_sid: row for row in rows}

@@ -75,7 +75,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ServiceError as error:
-        return json_error(_STATUS_FOR_ERROR.get(type(error), 400), error.code, error.detail)
+        status = next((s for t, s in _STATUS_FOR_ERROR.items() if isinstance(error, t)), 400)
+        return json_error(status, error.code, error.detail)
     except web.HTTPRequestEntityTooLarge:
         return json_error(
             413,

@@ -26,6 +26,7 @@ a{color:#0645ad}
 a:focus,button:focus,input:focus,select:focus{outline:3px solid #1a5fb4;outline-offset:2px}
 button{padding:.2rem .6rem}label{margin-right:.3rem}
 .error{color:#8a0000;font-weight:bold}
+.callback{border:1px solid #1a5fb4;color:#1a5fb4;border-radius:3px;padding:0 .25rem;font-size:.8em}
 nav form{display:inline}
 """
 
@@ -92,6 +93,14 @@ def _agents(call: dict[str, Any]) -> str:
     return f"<ul>{''.join(items)}</ul>" if items else "none yet"
 
 
+def _callback_tag(call: dict[str, Any]) -> str:
+    """An outbound call is one the desk placed to call a customer back: tagged so, beside the
+    number, for a lead reading the board (who called whom changes nothing else it shows)."""
+    if call.get("direction") != "outbound":
+        return ""
+    return " <span class='callback' title='outbound: the desk called back'>callback</span>"
+
+
 def _row(
     call: dict[str, Any], funds: dict[str, Any], session: Session, csrf: str, reasons: Sequence[str]
 ) -> str:
@@ -111,7 +120,8 @@ def _row(
     state = escape(call["state"])
     return (
         f"<tr id='call-{escape(call['call_sid'])}' data-state='{state}'>"
-        f"<td>{escape(call.get('from') or '')}<br><small>{escape(call['call_sid'])}</small></td>"
+        f"<td>{escape(call.get('from') or '')}{_callback_tag(call)}"
+        f"<br><small>{escape(call['call_sid'])}</small></td>"
         f"<td>{account}<br>{escape(call.get('plan') or '')}</td>"
         f"<td class='state state-{state.replace(' ', '-')}'>{state}</td>"
         f"<td>{_agents(call)}</td>"

@@ -53,6 +53,7 @@ def _finance() -> dict[str, Any]:
 def _twilio() -> dict[str, Any]:
     routes = {
         "voice": "A call comes in: TwiML (menu, <Pay> or the conference)",
+        "callback": "A callback answered: TwiML (the conference, or why not)",
         "pin": "The caller's PIN digits",
         "pay": "The result of <Pay>",
         "pay-status": "<Pay> progress",

@@ -14,6 +14,7 @@ from meterd.web.openapi_parts import (
     TEXT,
     answer,
     errors,
+    json_content,
     object_schema,
     operation,
     path_param,
@@ -62,9 +63,39 @@ _MONEY_IN = object_schema(
     ("account_id", "transaction_id", "replayed"),
     closed=False,
 )
+_DIRECTION = {"type": "string", "enum": ["inbound", "outbound"]}  # outbound: a callback
 _CALL = object_schema(
-    {"call_sid": TEXT, "status": TEXT, "charges": JSON_OBJECT, "agents": JSON_OBJECT},
-    ("call_sid", "status", "charges", "agents"),
+    {
+        "call_sid": TEXT,
+        "status": TEXT,
+        "direction": _DIRECTION,
+        "charges": JSON_OBJECT,
+        "agents": JSON_OBJECT,
+    },
+    ("call_sid", "status", "direction", "charges", "agents"),
+    closed=False,
+)
+_COUNT = {"type": "integer", "minimum": 0}
+_STATEMENT = object_schema(
+    {
+        "account_id": TEXT,
+        "currency": TEXT,
+        "reconciled": {"type": "boolean"},
+        "totals": object_schema(
+            {"calls": _COUNT, "inbound_calls": _COUNT, "outbound_calls": _COUNT},
+            ("calls", "inbound_calls", "outbound_calls"),
+            closed=False,
+        ),
+        "days": {"type": "array", "items": JSON_OBJECT},
+        # the calls files' rows, as the files write them (text), each with its direction
+        "calls": {
+            "type": "array",
+            "items": object_schema(
+                {"call_sid": TEXT, "direction": _DIRECTION}, ("call_sid", "direction"), closed=False
+            ),
+        },
+    },
+    ("account_id", "currency", "reconciled", "totals", "days", "calls"),
     closed=False,
 )
 
@@ -151,7 +182,7 @@ def admin_money() -> dict[str, Any]:
                     "200": {
                         "description": "the statement, as `format` asks",
                         "content": {
-                            "application/json": {"schema": JSON_OBJECT},
+                            "application/json": {"schema": _STATEMENT},
                             "text/csv": {"schema": TEXT},
                             "text/html": {"schema": TEXT},
                         },
@@ -288,6 +319,7 @@ def agents() -> dict[str, Any]:
                 tag="agents",
             )
         },
+        **_callbacks(),
         "/agents/incident-link": {
             "post": operation(
                 "Link a follow-up call to an earlier incident",
@@ -296,6 +328,64 @@ def agents() -> dict[str, Any]:
                 body=object_schema(
                     {"call_sid": SID, "incident_call_sid": SID}, ("call_sid", "incident_call_sid")
                 ),
+                tag="agents",
+            )
+        },
+    }
+
+
+def _callbacks() -> dict[str, Any]:
+    """`POST /agents/callbacks` and the callback's view (`meterd/services/callbacks.py`)."""
+    nullable = {"type": "string", "nullable": True}
+    view = object_schema(
+        {
+            "callback_id": TEXT,
+            "client_reference": TEXT,
+            "account_id": TEXT,
+            "agent_id": TEXT,
+            "to": TEXT,
+            "status": {"type": "string", "enum": ["placing", "placed", "not_placed"]},
+            "reason": nullable,
+            "call_sid": nullable,
+            "conference": nullable,
+            "participant_label": TEXT,
+            "outcome": TEXT,
+            "requested_at": ISO_TIME,
+        },
+        ("callback_id", "client_reference", "status", "call_sid", "outcome"),
+    )
+    asked = object_schema(
+        {
+            "client_reference": TEXT,
+            "account_id": TEXT,
+            "caller_number": TEXT,
+            "agent_id": TEXT,
+            "to": TEXT,
+        },
+        ("client_reference", "agent_id"),
+    )
+    not_placed = object_schema(
+        {"error": TEXT, "detail": TEXT, "callback": view}, ("error", "callback"), closed=False
+    )
+    return {
+        "/agents/callbacks": {
+            "post": operation(
+                "Ring a customer back: metered like an incoming call",
+                "agents",
+                answer(view, "201")
+                | answer(view)
+                | {"502": {"description": "Twilio did not place it", **json_content(not_placed)}}
+                | errors(400, 401, 403, 404, 409, 413, 503),
+                body=asked,
+                tag="agents",
+            )
+        },
+        "/agents/callbacks/{callback_id}": {
+            "get": operation(
+                "A callback and its outcome",
+                "agents",
+                answer(view) | errors(401, 403, 404),
+                parameters=[path_param("callback_id")],
                 tag="agents",
             )
         },

@@ -155,6 +155,15 @@ async def voice(request: web.Request, form: MultiDict[str]) -> web.Response:
     return _twiml(answer, request)
 
 
+async def callback(request: web.Request, form: MultiDict[str]) -> web.Response:
+    """A callback the customer answered (`meterd/services/callbacks.py`): the URL meterd gave
+    Twilio when it placed the call names the callback."""
+    answer = await request.config_dict[SERVICES].callbacks.answered(
+        form, request.query.get("callback", "")
+    )
+    return _twiml(answer, request)
+
+
 async def pin(request: web.Request, form: MultiDict[str]) -> web.Response:
     attempt_text = request.query.get("attempt", "1")
     if not re.fullmatch(r"[0-9]{1,2}", attempt_text):
@@ -237,6 +246,7 @@ def subapp() -> web.Application:
     relative to it), behind the signature check."""
     app = web.Application(middlewares=[twilio_signature])
     app.router.add_post("/voice", _twilio_route("voice", _apologising(voice)))
+    app.router.add_post("/callback", _twilio_route("callback", _apologising(callback)))
     app.router.add_post("/pin", _twilio_route("pin", _apologising(pin)))
     app.router.add_post("/pay", _twilio_route("pay", _apologising(pay)))
     app.router.add_post("/pay-status", _twilio_route("pay-status", pay_status))

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
 from .test_metering import START, account, deliver, finish, run_until, start_call
 from .twilio_app import ManualClock, admin, build_app
+
+
+async def make_outbound(database, call_sid: str) -> None:
+    """The call as a callback the desk placed (issue 17): until the callback feature places
+    one, the direction is set in the database, as the feature will record it."""
+    async with database.write() as connection:
+        done = await connection.execute(
+            text("UPDATE calls SET direction = 'outbound' WHERE call_sid = :sid"), {"sid": call_sid}
+        )
+        assert done.rowcount == 1
 
 
 @pytest.fixture
@@ -51,6 +62,26 @@ async def test_open_calls_then_ended_with_their_live_charges(client, clock):
     assert [c["call_sid"] for c in ended["calls"]] == [second.call_sid]
     assert ended["calls"][0]["settled_at"] is not None
     assert (await _calls(client, "?state=ended&account_id=other"))["calls"] == []
+
+
+async def test_the_view_and_the_list_say_each_call_s_direction(client, clock, database):
+    await account(client)
+    inbound, outbound = [await start_call(client, n) for n in (1, 2)]
+    await make_outbound(database, outbound.call_sid)
+    for script in (inbound, outbound):
+        view = await (await admin(client, "GET", f"/admin/calls/{script.call_sid}")).json()
+        assert view["direction"] == ("outbound" if script is outbound else "inbound"), view
+    listed = (await _calls(client, "?state=open"))["calls"]
+    assert [(c["call_sid"], c["direction"]) for c in listed] == [
+        (inbound.call_sid, "inbound"),
+        (outbound.call_sid, "outbound"),
+    ]
+    # and still once it ended: the list of ended calls says it too
+    outbound.join("customer", 0).end(30)
+    await deliver(client, outbound.events + outbound.status_events)
+    await finish(client, clock, outbound, 30)
+    (ended,) = (await _calls(client, "?state=ended"))["calls"]
+    assert (ended["call_sid"], ended["direction"]) == (outbound.call_sid, "outbound")
 
 
 async def test_pages_follow_each_other_without_gaps_or_repeats(client, clock):

@@ -14,6 +14,7 @@ import pytest
 from meterd.web.desk_session import SESSION_COOKIE, desk_key, new_session
 from tests.e2e.daemon import free_port
 
+from .test_call_list import make_outbound
 from .test_metering import START, account, deliver, run_until, start_call
 from .twilio_app import ADMIN, AGENTS, ManualClock, build_app
 
@@ -120,6 +121,24 @@ async def test_the_page_shows_open_calls_and_a_waiver_needs_the_csrf_token(clien
     assert done.status == 303 and "waived" in done.headers["Location"]
     page = await (await client.get("/desk/")).text()
     assert "45 min" in page and "waived" in page
+
+
+def _row_of(page: str, call_sid: str) -> str:
+    found = re.search(f"<tr id='call-{call_sid}'.*?</tr>", page)
+    assert found, page
+    return found.group(0)
+
+
+async def test_a_callback_is_tagged_so_beside_its_number(client, database):
+    await account(client)
+    inbound, outbound = [await start_call(client, n) for n in (1, 2)]
+    await make_outbound(database, outbound.call_sid)
+    await sign_in(client)
+    for path in ("/desk/", "/desk/accounts/acme"):
+        page = await (await client.get(path)).text()
+        tagged = _row_of(page, outbound.call_sid)
+        assert "<span class='callback'" in tagged and ">callback</span>" in tagged, path
+        assert "callback" not in _row_of(page, inbound.call_sid), path
 
 
 async def test_agents_see_calls_admins_also_accounts(client):

@@ -38,7 +38,7 @@ async def test_upgrading_twice_changes_nothing(database, database_url):
             version = (
                 await connection.execute(text("SELECT version_num FROM alembic_version"))
             ).scalar_one()
-        assert version == "0008"
+        assert version == "0009"
     finally:
         await again.close()
 

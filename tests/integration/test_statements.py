@@ -10,13 +10,17 @@ import datetime as dt
 import io
 
 import pytest
+from sqlalchemy import update
 
 from meterd.adapters.stripe_gateway import StripeGateway, StripeSettings
 from meterd.core.usage.statement import BALANCES
+from meterd.services.usage_publish import UsageFile, sha256_of
+from meterd.store.usage_schema import usage_runs
 from meterd.web.app import SERVICES
 from tests.call_scripts import CUSTOMER_NUMBER, CallScript
 from tests.stripe_server import SECRET_KEY
 
+from .test_call_list import make_outbound
 from .test_payments import pay_params
 from .twilio_app import ManualClock, admin, agents, build_app, post_twilio
 
@@ -192,3 +196,79 @@ async def test_an_unknown_account_is_404(client):
     client.clock.now = utc(2026, 12, 1, 0, 30)
     response = await admin(client, "GET", "/admin/accounts/nobody/statement")
     assert response.status == 404
+
+
+# --- direction (issue 17): a callback is a call line like any other, and moves no money -------
+
+DAY = "?from=2026-11-02&to=2026-11-02"
+
+
+async def _a_day_of_two_calls(client) -> tuple[CallScript, CallScript]:
+    """Nov 2: acme pays in 20.00; alice talks 150 s (3 minutes, 3.00), then 90 s (2, 2.00)."""
+    body = {"account_id": "acme", "name": "Acme", "plan": "per_minute"}
+    await _admin_ok(client, "POST", "/admin/accounts", body | {"caller_ids": [CUSTOMER_NUMBER]})
+    await _admin_ok(
+        client, "POST", "/admin/accounts/acme/deposits", {"amount_minor": 2000, "reference": "d1"}
+    )
+    first = await _call(client, 1, utc(2026, 11, 2, 10, 0), 150)
+    second = await _call(client, 2, utc(2026, 11, 2, 11, 0), 90)
+    client.clock.now = utc(2026, 11, 3, 0, 30)
+    return first, second
+
+
+async def test_a_day_of_an_inbound_and_an_outbound_call_lists_counts_and_reconciles(
+    client, database
+):
+    inbound, outbound = await _a_day_of_two_calls(client)
+    await make_outbound(database, outbound.call_sid)
+    statement = await _admin_ok(client, "GET", f"/admin/accounts/acme/statement{DAY}")
+    assert [(c["call_sid"], c["direction"]) for c in statement["calls"]] == [
+        (inbound.call_sid, "inbound"),
+        (outbound.call_sid, "outbound"),
+    ]
+    totals = statement["totals"]
+    assert (totals["calls"], totals["inbound_calls"], totals["outbound_calls"]) == (2, 1, 1)
+    # direction moves no money: 20.00 in, 5.00 used, and opening + movements = closing
+    assert (totals["deposit_paid_in_minor"], totals["deposit_used_minor"]) == (2000, 500)
+    assert statement["reconciled"] is True
+    for balance, (_, _, movements) in BALANCES.items():
+        moved = sum(sign * _minor(totals, name) for name, sign in movements)
+        assert statement["opening"][balance] + moved == statement["closing"][balance], balance
+    assert statement["closing"]["deposit_minor"] == 1500
+
+    response = await admin(client, "GET", f"/admin/accounts/acme/statement{DAY}&format=csv")
+    rows = list(csv.DictReader(io.StringIO(await response.text())))
+    assert [(r["line"], r["inbound_calls"], r["outbound_calls"]) for r in rows] == [
+        ("opening", "", ""),
+        ("day", "1", "1"),
+        ("total", "1", "1"),
+        ("closing", "", ""),
+    ]
+    response = await admin(client, "GET", f"/admin/accounts/acme/statement{DAY}&format=html")
+    page = await response.text()
+    assert "2 calls settled: 1 inbound, 1 outbound (callbacks)." in page
+    assert f"<td>{outbound.call_sid}</td><td>outbound</td>" in page
+    assert f"<td>{inbound.call_sid}</td><td>inbound</td>" in page
+
+
+async def test_a_calls_file_published_without_direction_counts_its_calls_inbound(client, database):
+    await _a_day_of_two_calls(client)
+    usage = client.app[SERVICES].usage
+    day = dt.date(2026, 11, 2)
+    await usage.build(day)
+    # the calls file as a meterd before issue 17 published it, recorded so: no direction column
+    path = usage.path(day, UsageFile.CALLS_CSV)
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][-1] == "direction"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\r\n").writerows(row[:-1] for row in rows)
+    async with database.write() as connection:
+        await connection.execute(update(usage_runs).values(calls_csv_sha256=sha256_of(path)))
+
+    statement = await _admin_ok(client, "GET", f"/admin/accounts/acme/statement{DAY}")
+    assert b"direction" not in path.read_bytes()  # served as it was published, not rebuilt
+    assert [c["direction"] for c in statement["calls"]] == ["inbound", "inbound"]
+    totals = statement["totals"]
+    assert (totals["calls"], totals["inbound_calls"], totals["outbound_calls"]) == (2, 2, 0)
+    assert statement["reconciled"] is True

@@ -18,7 +18,13 @@ from sqlalchemy import select, text, update
 
 from meterd.config import load_settings
 from meterd.core import ledger
-from meterd.core.usage import ACCOUNT_COLUMNS, CALL_COLUMNS, Cell, last_closed_day
+from meterd.core.usage import (
+    ACCOUNT_COLUMNS,
+    CALL_COLUMNS,
+    CALL_COLUMNS_BEFORE_DIRECTION,
+    Cell,
+    last_closed_day,
+)
 from meterd.scheduler import Scheduler
 from meterd.services.accounts import AccountService, AccountSettings
 from meterd.services.errors import InvariantBroken
@@ -31,6 +37,7 @@ from meterd.services.usage import (
     UsageService,
     UsageSettings,
 )
+from meterd.services.usage_build import UsageBuilder
 from meterd.store import ledger_store
 from meterd.store.database import open_database
 from meterd.store.usage_schema import usage_runs
@@ -38,6 +45,7 @@ from meterd.web.app import SERVICES
 from tests.call_scripts import CallScript
 from tests.e2e.daemon import Daemon, run_cli
 
+from .test_call_list import make_outbound
 from .twilio_app import ADMIN, AGENTS, ManualClock, admin, agents, build_app, post_twilio
 
 FINANCE = "finance-token-0123456789abcdef"
@@ -161,6 +169,7 @@ def call_row(day, call_sid, account_id, plan, status, started_at, **values) -> d
         ended_at="",
         settled_at="",
         waiver_reason="",
+        direction="inbound",
         **dict.fromkeys(TIME_FACTS, ""),
     )
     row.update({name: str(value) for name, value in values.items()})
@@ -895,3 +904,116 @@ async def test_temporary_files_left_by_a_dead_build_are_cleared(client, clock, t
         "2026-11-19.csv",
         "2026-11-19.json",
     ]
+
+
+# --- 6. direction: a callback's row (issue 17) ---------------------------------------------------
+
+
+def builder_into(database, clock, directory: Path) -> UsageBuilder:
+    """A builder as the service's (UTC, 60 s increments, research up to 120 minutes)."""
+    return UsageBuilder(
+        database,
+        clock,
+        directory,
+        timezone="UTC",
+        increment_seconds=60,
+        research_max_minutes=120,
+    )
+
+
+async def _two_calls_settled(client, clock) -> tuple[CallScript, CallScript]:
+    """acme pays in 10.00 on D0; alice talks 150 s (3 minutes, 3.00) on call 1 and 90 s (2
+    minutes, 2.00) on call 2, both settled on D0."""
+    await create_account(client, "acme", "per_minute", ACME)
+    await deposit(client, "acme", 1000, "d0")
+    scripts = []
+    for n, hour, talk_seconds in ((1, 10, 150), (2, 11, 90)):
+        script = await place_call(client, clock, n, ACME, utc(2026, 11, 19, hour))
+        script.join("customer", 0).join("agent:alice", 0).leave("agent:alice", talk_seconds)
+        script.end(talk_seconds)
+        await deliver(client, script.events + script.status_events)
+        await settle_at(client, clock, script, utc(2026, 11, 19, hour, 5))
+        scripts.append(script)
+    clock.now = utc(2026, 11, 20, 0, 30)
+    return scripts[0], scripts[1]
+
+
+async def test_a_callback_s_row_says_outbound_and_the_accounts_are_unchanged(
+    client, clock, database, tmp_path
+):
+    inbound, outbound = await _two_calls_settled(client, clock)
+    # the same day built while both calls were inbound, to compare with
+    before = await builder_into(database, clock, tmp_path / "before").build(D0, heartbeat=None)
+    before.commit()
+    await make_outbound(database, outbound.call_sid)
+    usage = usage_of(client)
+    assert await usage.catch_up() == [D0]
+
+    calls_path = usage.path(D0, UsageFile.CALLS_CSV)
+    header = calls_path.read_bytes().split(b"\r\n")[0].decode().split(",")
+    assert header == [name for name, _ in CALL_COLUMNS] and header[-1] == "direction"
+    calls = read_rows(calls_path)
+    assert [(c["call_sid"], c["direction"]) for c in calls] == [
+        (inbound.call_sid, "inbound"),
+        (outbound.call_sid, "outbound"),
+    ]
+    # nothing but the direction differs from the rows of the day built before
+    assert calls == [
+        row | {"direction": "outbound" if row["call_sid"] == outbound.call_sid else "inbound"}
+        for row in read_rows(tmp_path / "before" / "2026-11-19.calls.csv")
+    ]
+    accounts = read_rows(usage.path(D0, UsageFile.ACCOUNTS_CSV))
+    assert accounts == [
+        account_row(
+            D0,
+            "acme",
+            calls=2,
+            agent_minutes=5,
+            deposit_paid_in="10.00",
+            deposit_used="5.00",
+            deposit_closing="5.00",
+        )
+    ]
+    assert_reconciles(accounts, calls)
+    # the accounts files are the same bytes, but for the calls file's own digest in the JSON
+    assert usage.path(D0, UsageFile.ACCOUNTS_CSV).read_bytes() == (
+        (tmp_path / "before" / "2026-11-19.csv").read_bytes()
+    )
+    document = json.loads(usage.path(D0, UsageFile.ACCOUNTS_JSON).read_text())
+    earlier = json.loads((tmp_path / "before" / "2026-11-19.json").read_text())
+    assert document["calls_csv"]["sha256"] != earlier["calls_csv"]["sha256"]
+    assert document | {"calls_csv": None} == earlier | {"calls_csv": None}
+    assert document["totals"][0]["calls"] == 2 and document["totals"][0]["deposit_used"] == "5.00"
+
+
+async def test_a_day_published_before_direction_is_served_and_rebuilt_as_it_was(
+    client, clock, database
+):
+    await _two_calls_settled(client, clock)
+    usage = usage_of(client)
+    assert await usage.catch_up() == [D0]
+    # the day as a meterd before issue 17 published it: no direction column
+    legacy = await builder_into(database, clock, usage.directory).build(
+        D0, heartbeat=None, call_columns=CALL_COLUMNS_BEFORE_DIRECTION
+    )
+    legacy.commit()
+    async with database.write() as connection:
+        await connection.execute(
+            update(usage_runs).values(
+                {kind.sha_column: digest for kind, digest in legacy.sha256.items()}
+            )
+        )
+    published = {kind: usage.path(D0, kind).read_bytes() for kind in UsageFile}
+    assert b"direction" not in published[UsageFile.CALLS_CSV]
+    finance = {"Authorization": f"Bearer {FINANCE}"}
+    response = await client.get("/finance/usage/2026-11-19/calls.csv", headers=finance)
+    assert response.status == 200 and await response.read() == published[UsageFile.CALLS_CSV]
+
+    # lost here (or built by another daemon): rebuilt in the layout it was published in
+    for kind in UsageFile:
+        usage.path(D0, kind).unlink()
+    response = await client.get("/finance/usage/2026-11-19/calls.csv", headers=finance)
+    assert response.status == 200, await response.text()
+    assert await response.read() == published[UsageFile.CALLS_CSV]
+    await usage.build(D0, regenerate=True)
+    assert {kind: usage.path(D0, kind).read_bytes() for kind in UsageFile} == published

@@ -62,3 +62,45 @@ def test_a_day_whose_movements_do_not_explain_its_closing_is_refused():
     says = "opening 0 \\+ movements 500 != closing 499"
     with pytest.raises(StatementDoesNotReconcile, match=says):
         build_statement("acme", "USD", [(DAY0, row)], [])
+
+
+def _settled(sid: str, direction: str | None) -> dict[str, str]:
+    """A settled call's row of a calls file; `None`: a file published before `direction`."""
+    row = {"business_day": DAY0.isoformat(), "call_sid": sid, "status": "settled"}
+    return row if direction is None else row | {"direction": direction}
+
+
+def test_the_calls_by_direction_add_up_to_the_calls_and_move_no_money():
+    row = _day({b: 0 for b in BALANCES}, {"deposit_paid_in": 500, "deposit_used": 300})
+    row["calls"] = 2
+    calls = [_settled("CA1", "inbound"), _settled("CA2", "outbound")]
+    calls.append(_settled("CA0", "inbound") | {"status": "adjusted"})  # settled another day
+    statement = build_statement("acme", "USD", [(DAY0, row)], calls)
+    assert statement.directions == {"inbound_calls": 1, "outbound_calls": 1}
+    assert statement.day_directions == [{"inbound_calls": 1, "outbound_calls": 1}]
+    assert [(c["call_sid"], c["direction"]) for c in statement.calls] == [
+        ("CA1", "inbound"),
+        ("CA2", "outbound"),
+        ("CA0", "inbound"),
+    ]
+    assert statement.closing["deposit_minor"] == 200 and statement.totals["calls"] == 2
+
+
+def test_a_calls_file_published_before_direction_counts_its_calls_inbound():
+    row = _day({b: 0 for b in BALANCES}, {})
+    row["calls"] = 2
+    statement = build_statement(
+        "acme", "USD", [(DAY0, row)], [_settled("CA1", None), _settled("CA2", None)]
+    )
+    assert statement.directions == {"inbound_calls": 2, "outbound_calls": 0}
+    assert [c["direction"] for c in statement.calls] == ["inbound", "inbound"]
+
+
+def test_calls_by_direction_that_do_not_add_up_to_the_calls_are_refused():
+    row = _day({b: 0 for b in BALANCES}, {})
+    row["calls"] = 3
+    says = "calls of acme: 1 inbound \\+ 1 outbound settled in the calls files, but the "
+    with pytest.raises(StatementDoesNotReconcile, match=says + "accounts files count 3"):
+        build_statement(
+            "acme", "USD", [(DAY0, row)], [_settled("CA1", "inbound"), _settled("CA2", "outbound")]
+        )

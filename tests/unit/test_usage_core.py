@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from meterd.core import ledger
 from meterd.core.usage import (
+    CALL_COLUMNS,
+    CALL_COLUMNS_BEFORE_DIRECTION,
     AccountUsage,
     BookBalance,
     CallsDoNotTie,
@@ -30,6 +32,7 @@ from meterd.core.usage import (
     business_day_of,
     call_csv_header,
     call_csv_line,
+    call_csv_lines,
     day_bounds,
     last_closed_day,
     parse_business_day,
@@ -419,7 +422,7 @@ def test_a_float_never_reaches_a_file():
         render_accounts_json(DAY, "UTC", [usage], calls_rows=0, calls_sha256="")
 
 
-def _call(sid="CA1", waiver_reason=None) -> CallUsage:
+def _call(sid="CA1", waiver_reason=None, direction="inbound") -> CallUsage:
     return CallUsage(
         call_sid=sid,
         account_id=A,
@@ -432,6 +435,7 @@ def _call(sid="CA1", waiver_reason=None) -> CallUsage:
         waiver_reason=waiver_reason,
         time=TimeFacts(("alice", "bob"), 30, 210, 60, 240, 5),
         movements=Movements(agent_minutes=5, deposit_used=500),
+        direction=direction,
     )
 
 
@@ -451,7 +455,34 @@ def test_a_call_row_has_utc_times_to_the_second_and_its_time_facts():
 def test_a_text_cell_a_spreadsheet_would_run_as_a_formula_is_defused():
     line = call_csv_line(DAY, _call(waiver_reason='=HYPERLINK("http://x")'))
     row = next(csv.reader([line]))
-    assert row[-1] == '\'=HYPERLINK("http://x")'
+    assert row[-2] == '\'=HYPERLINK("http://x")' and row[-1] == "inbound"
+
+
+# The calls file's columns as published before `direction` (issue 17): a contract with finance,
+# so a column is only ever added at the end, never renamed or moved.
+PUBLISHED_BEFORE_DIRECTION = (
+    "business_day,call_sid,account_id,plan,currency,status,started_at,ended_at,settled_at,"
+    "agents,hold_seconds,active_seconds,research_seconds,billable_seconds,call_agent_minutes,"
+    "agent_minutes,bank_used_minutes,deposit_used,receivable_charged,card_charges,incidents,"
+    "bank_waived_minutes,deposit_waived,receivable_waived,card_waived,card_refunds,"
+    "incidents_waived,waiver_reason"
+)
+
+
+def test_direction_is_the_calls_file_s_last_column_after_the_published_ones():
+    assert call_csv_header() == PUBLISHED_BEFORE_DIRECTION + ",direction\r\n"
+    assert call_csv_header(CALL_COLUMNS_BEFORE_DIRECTION) == PUBLISHED_BEFORE_DIRECTION + "\r\n"
+    assert CALL_COLUMNS[:-1] == CALL_COLUMNS_BEFORE_DIRECTION
+    calls = [_call("CA1"), _call("CA2", direction="outbound")]
+    rows = list(csv.reader(io.StringIO(call_csv_lines(DAY, calls), newline="")))
+    assert [(row[1], row[-1]) for row in rows] == [("CA1", "inbound"), ("CA2", "outbound")]
+    # the earlier layout, to rebuild a day published in it: the same rows without direction
+    before = list(
+        csv.reader(
+            io.StringIO(call_csv_lines(DAY, calls, CALL_COLUMNS_BEFORE_DIRECTION), newline="")
+        )
+    )
+    assert before == [row[:-1] for row in rows]
 
 
 def test_rendering_twice_gives_the_same_bytes():

@@ -36,6 +36,7 @@ from meterd.core.usage.reconciliation import (
 from meterd.core.usage.render import (
     ACCOUNT_COLUMNS,
     CALL_COLUMNS,
+    CALL_COLUMNS_BEFORE_DIRECTION,
     Cell,
     call_csv_header,
     call_csv_line,
@@ -47,6 +48,7 @@ from meterd.core.usage.render import (
 __all__ = [
     "ACCOUNT_COLUMNS",
     "CALL_COLUMNS",
+    "CALL_COLUMNS_BEFORE_DIRECTION",
     "AccountUsage",
     "BookBalance",
     "CallUsage",

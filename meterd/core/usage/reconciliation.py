@@ -115,6 +115,7 @@ class CallUsage:
     waiver_reason: str | None  # only once waived by the day's end
     time: TimeFacts | None  # only on the settled row
     movements: Movements
+    direction: str  # "inbound", or "outbound" for a callback the desk placed (0009)
 
 
 class UsageDoesNotReconcile(Exception):

@@ -29,7 +29,9 @@ from meterd.core.usage.reconciliation import AccountUsage, CallUsage
 __all__ = [
     "ACCOUNT_COLUMNS",
     "CALL_COLUMNS",
+    "CALL_COLUMNS_BEFORE_DIRECTION",
     "Cell",
+    "Columns",
     "call_csv_header",
     "call_csv_line",
     "call_csv_lines",
@@ -109,7 +111,13 @@ CALL_COLUMNS: tuple[tuple[str, Cell], ...] = (
     ("card_refunds", Cell.MONEY),
     ("incidents_waived", Cell.INT),
     ("waiver_reason", Cell.TEXT),
+    ("direction", Cell.TEXT),  # inbound, or outbound for a callback (0009)
 )
+# The published files are a contract: a column is only ever added at the end. A day published
+# before `direction` was added has these columns (every call then was inbound), and is rebuilt
+# in them, so that its rebuild can prove the published bytes (`meterd.services.usage`).
+CALL_COLUMNS_BEFORE_DIRECTION = CALL_COLUMNS[:-1]
+Columns = Sequence[tuple[str, Cell]]  # a file's layout: its columns, in order
 
 Value = int | str | dt.date | dt.datetime | None
 
@@ -185,6 +193,7 @@ def call_record(day: dt.date, call: CallUsage) -> dict[str, Value]:
         "card_refunds": m.card_refunds,
         "incidents_waived": m.incidents_waived,
         "waiver_reason": call.waiver_reason,
+        "direction": call.direction,
     }
 
 
@@ -288,19 +297,22 @@ def render_accounts_csv(day: dt.date, accounts: Iterable[AccountUsage]) -> str:
     return "".join(out)
 
 
-def call_csv_header() -> str:
-    return _CsvLine()([name for name, _ in CALL_COLUMNS])
+def call_csv_header(columns: Columns = CALL_COLUMNS) -> str:
+    return _CsvLine()([name for name, _ in columns])
 
 
 def call_csv_line(day: dt.date, call: CallUsage, line: _CsvLine | None = None) -> str:
     return _csv_row(CALL_COLUMNS, call_record(day, call), line or _CsvLine())
 
 
-def call_csv_lines(day: dt.date, calls: Iterable[CallUsage]) -> str:
-    """The lines of many calls at once: the same text as `call_csv_line` of each, joined."""
+def call_csv_lines(
+    day: dt.date, calls: Iterable[CallUsage], columns: Columns = CALL_COLUMNS
+) -> str:
+    """The lines of many calls at once: the same text as `call_csv_line` of each, joined.
+    `columns`: CALL_COLUMNS, or CALL_COLUMNS_BEFORE_DIRECTION to rebuild a day published then."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerows(_csv_cells(CALL_COLUMNS, call_record(day, call)) for call in calls)
+    writer.writerows(_csv_cells(columns, call_record(day, call)) for call in calls)
     return buffer.getvalue()
 
 

@@ -7,6 +7,12 @@ again over the whole period, and day to day (each day opens where the day before
 A day the account does not appear in (it did not exist yet, or it held nothing and nothing moved:
 the nightly usage leaves out an account whose books are all at zero with no movement) counts as
 no movement and every balance at zero.
+
+Each call line says its direction (inbound, or outbound: a callback the desk placed), and the
+period counts its settled calls of each direction. Direction moves no money: the counts must add
+up to the accounts files' `calls` (each day's settled rows of the calls file), checked like the
+balances. A calls file published before it had `direction` has no such column: every call then
+was inbound.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ SUMMED = tuple(
 )
 
 
+INBOUND, OUTBOUND = "inbound", "outbound"
+DIRECTION_COUNTS = ("inbound_calls", "outbound_calls")  # the period's settled calls, by direction
+
+
 class StatementDoesNotReconcile(Exception):
     """The days do not chain or a balance does not reconcile: never shown as a statement."""
 
@@ -69,6 +79,21 @@ class Statement:
     days: list[dict[str, int | str]]  # per day: business_day and every SUMMED column
     day_closings: list[dict[str, int]]  # per day: its closing balances, as `closing`
     calls: list[Mapping[str, Any]]  # the calls file's rows of the account, day by day
+    directions: dict[str, int]  # DIRECTION_COUNTS over the period
+    day_directions: list[dict[str, int]]  # per day: DIRECTION_COUNTS
+
+
+def with_direction(call: Mapping[str, Any]) -> dict[str, Any]:
+    """A calls file's row with its direction; a file published before the column existed has
+    none, and every call then was inbound."""
+    return {**call, "direction": call.get("direction") or INBOUND}
+
+
+def direction_counts(calls: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The settled calls among `calls` (rows of the calls files), by direction: what the
+    accounts files count as `calls`, split."""
+    settled = [with_direction(call)["direction"] for call in calls if call["status"] == "settled"]
+    return {"inbound_calls": settled.count(INBOUND), "outbound_calls": settled.count(OUTBOUND)}
 
 
 def zero_row(account_id: str, currency: str) -> dict[str, Any]:
@@ -87,8 +112,10 @@ def build_statement(
     calls: Sequence[Mapping[str, Any]],
 ) -> Statement:
     """`rows_by_day`: consecutive business days, each with the account's row (integers: money
-    in minor units), in order. Raises StatementDoesNotReconcile if a day does not open where
-    the one before closed or the period's movements do not take the opening to the closing."""
+    in minor units), in order; `calls`: the account's rows of the days' calls files. Raises
+    StatementDoesNotReconcile if a day does not open where the one before closed, the period's
+    movements do not take the opening to the closing, or its calls by direction do not add up
+    to its `calls`."""
     if not rows_by_day:
         raise ValueError("a statement covers at least one day")
     days = [day for day, _ in rows_by_day]
@@ -119,6 +146,7 @@ def build_statement(
     day_closings = [
         {balance: int(row[c]) for balance, (_, c, _) in BALANCES.items()} for _, row in rows_by_day
     ]
+    directions, day_directions = _directions(account_id, days, calls, totals["calls"])
     return Statement(
         account_id,
         currency,
@@ -129,5 +157,25 @@ def build_statement(
         totals,
         per_day,
         day_closings,
-        list(calls),
+        [with_direction(call) for call in calls],
+        directions,
+        day_directions,
     )
+
+
+def _directions(
+    account_id: str, days: Sequence[dt.date], calls: Sequence[Mapping[str, Any]], settled: int
+) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """The period's and each day's settled calls by direction; the period's must add up to the
+    `settled` calls the accounts files count, or StatementDoesNotReconcile."""
+    directions = direction_counts(calls)
+    if sum(directions.values()) != settled:
+        raise StatementDoesNotReconcile(
+            f"calls of {account_id}: {directions['inbound_calls']} inbound + "
+            f"{directions['outbound_calls']} outbound settled in the calls files, but the "
+            f"accounts files count {settled}"
+        )
+    by_day: dict[str, list[Mapping[str, Any]]] = {}
+    for call in calls:
+        by_day.setdefault(call["business_day"], []).append(call)
+    return directions, [direction_counts(by_day.get(day.isoformat(), [])) for day in days]

@@ -3,7 +3,8 @@
 Money is written as the nightly usage writes it: decimal text in the account's currency, and in
 JSON `<name>_minor` beside it. The CSV is one table: an `opening` line, one line per business
 day, a `total` line and a `closing` line, each with the three balances (on the day lines: the
-day's closing balances) and every movement column."""
+day's closing balances), every movement column and, last, the settled calls by direction
+(`inbound_calls`, `outbound_calls`: per day on a day line, the period's on the total line)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from meterd.core.money import format_minor
 from meterd.core.usage.render import ACCOUNT_COLUMNS, Cell
-from meterd.core.usage.statement import BALANCES, SUMMED, Statement
+from meterd.core.usage.statement import BALANCES, DIRECTION_COUNTS, SUMMED, Statement
 
 _MONEY = {name for name, kind in ACCOUNT_COLUMNS if kind is Cell.MONEY}
 _BALANCE_NAMES = tuple(BALANCES)  # bank_minutes, deposit_minor, receivable_minor
@@ -44,7 +45,7 @@ def statement_json(statement: Statement) -> dict[str, Any]:
         "to": statement.last_day.isoformat(),
         "opening": statement.opening,
         "closing": statement.closing,
-        "totals": _with_minor(statement, statement.totals),
+        "totals": _with_minor(statement, statement.totals) | statement.directions,
         "reconciled": True,
         "days": [
             {"business_day": day["business_day"], **_with_minor(statement, _numbers(day))}
@@ -61,7 +62,9 @@ def _numbers(day: dict[str, int | str]) -> dict[str, int]:
 def statement_csv(statement: Statement) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(["line", "business_day", "currency", *_BALANCE_NAMES, *SUMMED])
+    writer.writerow(
+        ["line", "business_day", "currency", *_BALANCE_NAMES, *SUMMED, *DIRECTION_COUNTS]
+    )
 
     def line(kind: str, day: str, balances: dict[str, int], moved: dict[str, int]) -> None:
         writer.writerow(
@@ -71,13 +74,16 @@ def statement_csv(statement: Statement) -> str:
                 statement.currency,
                 *(_money(statement, b, balances[b]) for b in _BALANCE_NAMES),
                 *(_money(statement, n, moved[n]) if n in moved else "" for n in SUMMED),
+                *(moved.get(n, "") for n in DIRECTION_COUNTS),
             ]
         )
 
     line("opening", statement.first_day.isoformat(), statement.opening, {})
-    for day, closing in zip(statement.days, statement.day_closings, strict=True):
-        line("day", str(day["business_day"]), closing, _numbers(day))
-    line("total", "", statement.closing, statement.totals)
+    for day, closing, directions in zip(
+        statement.days, statement.day_closings, statement.day_directions, strict=True
+    ):
+        line("day", str(day["business_day"]), closing, _numbers(day) | directions)
+    line("total", "", statement.closing, statement.totals | statement.directions)
     line("closing", statement.last_day.isoformat(), statement.closing, {})
     return out.getvalue()
 
@@ -85,6 +91,7 @@ def statement_csv(statement: Statement) -> str:
 _CALL_COLUMNS = (
     ("business_day", "Day"),
     ("call_sid", "Call"),
+    ("direction", "Direction"),
     ("plan", "Plan"),
     ("agents", "Agents"),
     ("agent_minutes", "Agent-minutes"),
@@ -123,6 +130,11 @@ def statement_html(statement: Statement) -> str:
         + "</tr>"
         for call in statement.calls
     )
+    counted = statement.directions
+    summary = (
+        f"{counted['inbound_calls'] + counted['outbound_calls']} calls settled: "
+        f"{counted['inbound_calls']} inbound, {counted['outbound_calls']} outbound (callbacks)."
+    )
     title = (
         f"Statement of {statement.account_id}, {statement.first_day.isoformat()} to "
         f"{statement.last_day.isoformat()} ({statement.currency})"
@@ -140,7 +152,8 @@ def statement_html(statement: Statement) -> str:
         f"<tbody>{rows}</tbody></table>"
         "<h2>Movements in the period</h2><table><tbody>"
         f"{movements or '<tr><td>none</td></tr>'}</tbody></table>"
-        f"<h2>Calls</h2><table><thead><tr>{head}</tr></thead><tbody>{calls}</tbody></table>"
+        f"<h2>Calls</h2><p id='calls-by-direction'>{e(summary)}</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{calls}</tbody></table>"
         "<p>Opening + movements = closing, in minutes and in money; each day's figures are "
         "the nightly usage's.</p></body></html>"
     )
