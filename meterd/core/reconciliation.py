@@ -8,9 +8,12 @@ nobody can prove. What is compared:
   legs Twilio dials to agents are children of the conference, not calls of their own) that
   started within the day; an inbound call that meterd knows only as a participant of a
   conference (an agent who dialled in, not a call meterd answered) is an agent, not a caller.
+  A call placed through the REST API (`outbound-api`) is compared only if meterd has it (a
+  callback meterd placed): the desk's own routing places agents' legs that way too.
 - meterd's side: the calls it recorded (the voice webhook) that started within the day.
 - Both: a call on one side only is reported; a call on both whose lengths (Twilio's `duration`;
-  meterd's end minus start) differ by more than the tolerance is reported with both.
+  meterd's end minus start, a callback's start being its answer) differ by more than the
+  tolerance is reported with both. A callback never answered has no length to compare.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+# Twilio's statuses of a call that was never answered: a callback that rang out.
+NEVER_ANSWERED = frozenset({"busy", "no-answer", "failed", "canceled"})
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,14 @@ def reconcile(
     callers_anywhere: Mapping[str, TwilioCall] = {
         call.sid: call
         for call in twilio_calls
-        if call.direction == "inbound"
-        and not call.parent_call_sid
-        and (call.sid in ours_anywhere or call.sid not in participant_sids)  # a caller joins too
+        if not call.parent_call_sid
+        and (
+            (
+                call.direction == "inbound"
+                and (call.sid in ours_anywhere or call.sid not in participant_sids)
+            )  # a caller joins too
+            or (call.direction == "outbound-api" and call.sid in ours_anywhere)  # a callback
+        )
     }
     days = {sid for sid, call in ours_anywhere.items() if _within(call.started_at, start, end)}
     days |= {
@@ -108,7 +119,8 @@ def reconcile(
             result.matched += 1
             twilio_seconds, meterd_seconds = theirs.duration_seconds, mine.duration_seconds
             if (
-                twilio_seconds is not None
+                theirs.status not in NEVER_ANSWERED  # a callback that rang out has no length
+                and twilio_seconds is not None
                 and meterd_seconds is not None
                 and abs(twilio_seconds - meterd_seconds) > tolerance_seconds
             ):

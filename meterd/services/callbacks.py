@@ -231,6 +231,12 @@ class CallbackService:
             )
             await _link(connection, callback, call_sid, now)
             call = await calls_store.get_call(connection, call_sid)
+            if new and call is not None and call.status == CallStatus.MENU:
+                # a callback's call begins when the customer answers, as an incoming call's
+                # does (its ringing is not the call's length: Twilio's `duration` neither)
+                await calls_store.update_call(
+                    connection, call_sid, started_at=now, last_event_at=now
+                )
             if not new or call is None or call.status != CallStatus.MENU:
                 connected = call is not None and call.status == CallStatus.CONNECTED
                 return Answer(Action.CONNECT if connected else Action.HANG_UP, call_sid)

@@ -11,12 +11,14 @@ import datetime as dt
 import io
 
 import pytest
+from sqlalchemy import text
 
 from meterd.web.app import SERVICES
-from tests.call_scripts import CallScript
+from tests.call_scripts import CUSTOMER_NUMBER, CallScript
 from tests.recording_server import RecordingTwilio, listed_call
+from tests.twilio_payloads import SUPPORT_NUMBER, call_status_params, voice_params
 
-from .twilio_app import ManualClock, build_app, post_twilio, recorded_rest
+from .twilio_app import ManualClock, admin, agents, build_app, post_twilio, recorded_rest
 
 FINANCE = "finance-token-0123456789abcdef"
 DAY = dt.date(2026, 11, 20)
@@ -119,3 +121,69 @@ async def test_with_no_twilio_account_it_says_it_is_off(aiohttp_client, database
     assert await client.app[SERVICES].reconciliation.nightly() == []
     response = await _finance(client, "/finance/reconciliation/2026-11-19.json")
     assert response.status == 404 and (await response.json())["error"] == "reconciliation_off"
+
+
+async def test_callbacks_are_compared_from_their_answer_and_rest_placed_legs_are_not(
+    aiohttp_client, database, tmp_path, twilio
+):
+    """Issue 17: a callback meterd placed is Twilio's `outbound-api` call, compared by its
+    length from the answer (it rang for 20 s first); one that rang out has no length; an
+    agent's leg the desk placed through the REST API is not meterd's to have."""
+    rest = recorded_rest(twilio)
+    clock = ManualClock(at(9))
+    app = build_app(
+        database,
+        tmp_path,
+        clock,
+        twilio_rest=rest,
+        METERD_FINANCE_TOKEN=FINANCE,
+        METERD_CALLBACK_FROM_NUMBER=SUPPORT_NUMBER,
+    )
+    client = await aiohttp_client(app)
+    body = {
+        "account_id": "acme",
+        "name": "Acme",
+        "plan": "service_agreement",
+        "caller_ids": [CUSTOMER_NUMBER],
+        "products": [],
+    }
+    assert (await admin(client, "POST", "/admin/accounts", body)).status == 201
+    placed = []
+    for reference in ("answered", "rang-out"):
+        asked = {"client_reference": reference, "account_id": "acme", "agent_id": "alice"}
+        response = await agents(client, "/agents/callbacks", asked | {"to": CUSTOMER_NUMBER})
+        assert response.status == 201, await response.text()
+        placed.append((await response.json())["call_sid"])
+    answered, rang_out = placed
+    clock.now = at(9, 1) - dt.timedelta(seconds=40)  # it rang for 20 s
+    script = CallScript(1, clock.now, given_call_sid=answered)
+    form = voice_params(
+        answered,
+        SUPPORT_NUMBER,
+        CUSTOMER_NUMBER,
+        Direction="outbound-api",
+        CallStatus="in-progress",
+    )
+    path = f"/twilio/callback?callback={(await _callbacks(client))['answered']}"
+    assert "<Conference" in await (await post_twilio(client, path, form)).text()
+    script.join("customer", 0).join("agent:alice", 0).end(300)
+    ended = call_status_params(rang_out, "no-answer", 0, at(9, 1), Direction="outbound-api")
+    for params in [*script.events, *script.status_events, ended]:
+        route = "/twilio/conference" if "ConferenceSid" in params else "/twilio/call-status"
+        assert (await post_twilio(client, route, params)).status == 204
+    twilio.listed_calls = [
+        listed_call(answered, script.base, 300, direction="outbound-api"),
+        listed_call(rang_out, at(9), 0, direction="outbound-api", status="no-answer"),
+        listed_call("CA" + "6" * 32, at(9), 300, direction="outbound-api"),  # an agent's leg
+    ]
+    clock.now = dt.datetime(2026, 11, 21, 0, 40, tzinfo=dt.UTC)
+    report = await client.app[SERVICES].reconciliation.run(DAY)
+    assert report["clean"] is True and report["matched"] == 2, report
+    await rest.close()
+
+
+async def _callbacks(client) -> dict[str, str]:
+    """The callbacks' ids by client reference, read back from the database."""
+    async with client.app[SERVICES].database.read() as connection:
+        rows = await connection.execute(text("SELECT client_reference, callback_id FROM callbacks"))
+        return {row[0]: row[1] for row in rows}

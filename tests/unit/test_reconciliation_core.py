@@ -58,6 +58,30 @@ def test_every_call_is_reported_at_most_once_and_every_one_is_accounted_for(
         assert call.sid not in ours_in_day and call.sid not in participants
 
 
+def test_a_callback_is_compared_and_other_rest_placed_calls_are_not_missing():
+    """Issue 17: a callback meterd placed is Twilio's `outbound-api` call; an agent's leg the
+    desk placed through the REST API is one too, and is not meterd's to have."""
+    placed = _moment(2) + dt.timedelta(seconds=20)
+    theirs = [
+        TwilioCall(SIDS[1], _moment(2), 300, "outbound-api", "completed"),
+        TwilioCall(SIDS[2], _moment(3), 600, "outbound-api", "completed"),  # an agent's leg
+        TwilioCall(SIDS[3], _moment(4), 0, "outbound-api", "no-answer"),
+    ]
+    ours = [
+        MeterdCall(SIDS[1], placed, placed + dt.timedelta(seconds=300), "ended"),
+        MeterdCall(SIDS[3], _moment(4), _moment(4) + dt.timedelta(seconds=30), "rejected"),
+    ]
+    found = reconcile(
+        theirs, ours, participant_sids={SIDS[2]}, start=START, end=END, tolerance_seconds=5
+    )
+    assert found.clean and found.matched == 2
+    longer = [MeterdCall(SIDS[1], placed, placed + dt.timedelta(seconds=400), "ended")]
+    found = reconcile(
+        theirs, longer, participant_sids=set(), start=START, end=END, tolerance_seconds=5
+    )
+    assert [d.sid for d in found.duration_differs] == [SIDS[1]] and not found.missing_in_meterd
+
+
 def test_a_length_within_the_tolerance_matches():
     theirs = [TwilioCall(SIDS[1], _moment(1), 125, "inbound", "completed")]
     ours = [MeterdCall(SIDS[1], _moment(1), _moment(1) + dt.timedelta(seconds=120), "ended")]
