@@ -238,8 +238,7 @@ class CallbackService:
                     connection, call_sid, started_at=now, last_event_at=now
                 )
             if not new or call is None or call.status != CallStatus.MENU:
-                connected = call is not None and call.status == CallStatus.CONNECTED
-                return Answer(Action.CONNECT if connected else Action.HANG_UP, call_sid)
+                return _answer_from_state(call_sid, call)
         log.info("callback answered", call_sid=call_sid, callback_id=callback_id)
         return await self._answering.callback_answered(call_sid, callback.account_id)
 
@@ -316,6 +315,16 @@ class CallbackService:
             "outcome": outcome(callback, call),
             "requested_at": callback.requested_at.isoformat(),
         }
+
+
+def _answer_from_state(call_sid: str, call: Record | None) -> Answer:
+    """What a repeated answer webhook hears: what the first one did, as far as the call's state
+    tells (a call still being paid for hears a hang-up: Twilio retries only a lost answer)."""
+    if call is not None and call.status == CallStatus.CONNECTED:
+        return Answer(Action.CONNECT, call_sid)
+    if call is not None and _OUTCOME_OF_END.get(call.end_reason or "") == "no_funds":
+        return Answer(Action.NO_FUNDS, call_sid)
+    return Answer(Action.HANG_UP, call_sid)
 
 
 def outcome(callback: Record, call: Record | None) -> str:

@@ -10,16 +10,19 @@ import re
 
 import pytest
 
+from meterd.adapters.stripe_gateway import StripeGateway, StripeSettings
 from meterd.services.ledger_check import check_ledger
 from meterd.store import ledger_store
 from meterd.web.app import SERVICES
 from tests.call_scripts import CUSTOMER_NUMBER, CallScript
 from tests.recording_server import RecordingTwilio
+from tests.stripe_server import SECRET_KEY
 from tests.twilio_payloads import ACCOUNT_SID, SUPPORT_NUMBER, call_status_params, voice_params
 
 from .helpers import use_minutes
 from .test_exhaustion import outbox_created, tick_until
 from .test_metering import START, account, balances, deliver
+from .test_payments import intents
 from .twilio_app import (
     AGENTS,
     PUBLIC_BASE_URL,
@@ -282,3 +285,80 @@ async def test_callbacks_are_off_without_a_from_number(aiohttp_client, database,
         assert response.status == 503 and (await response.json())["error"] == "callbacks_off"
         assert twilio.requests == []
         await rest.close()
+
+
+@pytest.fixture
+async def card_client(aiohttp_client, database, tmp_path, twilio, localstripe):
+    """The app with both Twilio's REST API (the recording server) and cards (localstripe)."""
+    localstripe.reset()
+    rest = recorded_rest(twilio)
+    gateway = StripeGateway(
+        StripeSettings(secret_key=SECRET_KEY, api_base_url=localstripe.base_url)
+    )
+    clock = ManualClock(START)
+    app = build_app(
+        database,
+        tmp_path,
+        clock,
+        twilio_rest=rest,
+        gateway=gateway,
+        METERD_CALLBACK_FROM_NUMBER=SUPPORT_NUMBER,
+        METERD_SETTLE_DELAY_SECONDS="60",
+    )
+    client = await aiohttp_client(app)
+    client.clock = clock
+    yield client
+    await rest.close()
+    await gateway.close()
+
+
+@pytest.mark.parametrize(
+    ("card", "connected", "bank_minutes"),
+    [("pm_card_visa", True, 30), ("pm_card_chargeCustomerFail", False, 0)],
+)
+async def test_a_card_on_file_funds_a_callback_charged_once_when_answered(
+    card_client, localstripe, database, card, connected, bank_minutes
+):
+    """No bank, no deposit, a card on file: the callback is placed, and the card is charged
+    for a block when the customer answers (never before, at most once); a declined card means
+    the customer is told and not connected, nothing kept. No <Pay> on an outbound leg."""
+    client = card_client
+    await account(client, products=[])
+    assert (await client.app[SERVICES].payments.save_card("acme", card)).ok
+    response = await agents(client, "/agents/callbacks", _asked())
+    assert response.status == 201, await response.text()
+    callback = await response.json()
+    assert await intents(localstripe, callback["call_sid"]) == []  # not charged before answering
+    twiml = await _answer(client, callback)
+    assert "<Pay" not in twiml and ("<Conference" in twiml) is connected, twiml
+    assert await _answer(client, callback) == twiml  # Twilio's retry charges nothing more
+    succeeded = [
+        i for i in await intents(localstripe, callback["call_sid"]) if i.status == "succeeded"
+    ]
+    assert len(succeeded) == (1 if connected else 0)
+    assert await balances(client) == (bank_minutes, 0)
+    outcome = (await _callback_view(client, callback["callback_id"]))["outcome"]
+    assert outcome == ("connected" if connected else "no_funds")
+    assert (await check_ledger(database)).ok
+
+
+async def test_a_waived_callback_leaves_the_account_as_before(client, twilio, database):
+    await account(client, products=[])
+    await _grant(client, 3)
+    callback = await (await agents(client, "/agents/callbacks", _asked())).json()
+    await _answer(client, callback)
+    script = CallScript(1, START, given_call_sid=callback["call_sid"])
+    script.join("customer", 0).join("agent:alice", 0)
+    await deliver(client, script.events)
+    await tick_until(client, 70)
+    assert await balances(client) == (1, 0)  # minutes 1 and 2 taken live
+    waiver = {"call_sid": callback["call_sid"], "agent_id": "alice", "reason": "goodwill"}
+    response = await agents(client, "/agents/waiver", waiver)
+    assert response.status == 200, await response.text()
+    script.leave("agent:alice", 90).end(90)
+    await deliver(client, script.events[3:] + script.status_events)
+    await tick_until(client, 300)
+    view = await (await admin(client, "GET", f"/admin/calls/{callback['call_sid']}")).json()
+    assert view["settled_at"] is not None and view["direction"] == "outbound"
+    assert await balances(client) == (3, 0)
+    assert (await check_ledger(database)).ok
