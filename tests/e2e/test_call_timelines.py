@@ -32,6 +32,10 @@ def daemon(tmp_path_factory):
             "METERD_TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
             "METERD_AGENTS_TOKEN": AGENTS_TOKEN,
             "METERD_PUBLIC_BASE_URL": PUBLIC_BASE_URL,
+            # the calls ended an hour ago by their timestamps: without a longer delay a tick
+            # could settle one between its end and research posted after it (a loaded machine
+            # made test_research_after_the_caller_hung_up get 409 "settled")
+            "METERD_SETTLE_DELAY_SECONDS": "7200",
         },
     ).start()
     status, _ = daemon.admin(
